@@ -1,0 +1,110 @@
+"""The runtime protocol: the whole surface the engine needs from a model backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+LogitRows = Literal["last", "all", "none"]
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How to run one model.
+
+    Attributes:
+        n_ctx: context size in tokens (KV cache length).
+        n_threads: threads for single-token decoding; None picks the number of physical cores.
+        n_threads_batch: threads for batched evaluation (prompt, verification); None = n_threads.
+        n_batch: most tokens sent to the backend in one call; longer inputs are split.
+        gpu_layers: layers offloaded to a GPU (0 = CPU only, -1 = all).
+        flash_attn: "auto", "on" or "off".
+        kernels: "exact" (default) makes a batched forward pass compute every row bit for bit as a
+            single-token pass would, so speculative output is identical to target-only output;
+            "fast" uses the backend's fastest kernels, whose results depend on the batch size.
+        verbose: let the backend's own log lines through to stderr.
+    """
+
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+    n_batch: int = 512
+    gpu_layers: int = 0
+    flash_attn: Literal["auto", "on", "off"] = "auto"
+    kernels: Literal["exact", "fast"] = "exact"
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class VocabInfo:
+    """What the engine and the compatibility check need to know about a model's vocabulary.
+
+    Attributes:
+        kind: tokenizer family as llama.cpp names it ("spm", "bpe", "wpm", ...).
+        n_vocab: number of tokens, which is also the width of a logits row.
+        bos, eos, eot: special token ids, or None when the model has none.
+        add_bos: whether tokenizing a prompt prepends BOS.
+        eog: every token that ends generation (EOS, EOT, <|im_end|>, ...).
+    """
+
+    kind: str
+    n_vocab: int
+    bos: int | None
+    eos: int | None
+    eot: int | None
+    add_bos: bool
+    eog: frozenset[int] = field(default_factory=frozenset)
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """One loaded model with one sequence of tokens in its KV cache.
+
+    The cache holds `n_past` tokens at positions 0 … n_past-1. `eval` appends tokens after them;
+    `truncate` forgets everything from a position on.
+    """
+
+    path: Path
+    settings: RuntimeSettings
+    vocab: VocabInfo
+
+    @property
+    def n_ctx(self) -> int: ...
+
+    @property
+    def n_past(self) -> int: ...
+
+    def eval(self, tokens: Sequence[int], logits: LogitRows = "last") -> np.ndarray:
+        """Append `tokens` to the cache and return logits.
+
+        Args:
+            tokens: token ids to evaluate at positions n_past … n_past+len-1.
+            logits: which rows to return: the last token's, every token's, or none.
+
+        Returns:
+            float32 array of shape (rows, n_vocab): rows = 1, len(tokens) or 0. It may be a view of
+            backend memory, valid only until the next call to `eval`.
+        """
+        ...
+
+    def truncate(self, n: int) -> None:
+        """Forget every cached token at position >= n."""
+        ...
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token contributes to generated text (empty for control tokens)."""
+        ...
+
+    def token_text(self, token: int) -> bytes:
+        """The token's raw text as stored in the vocabulary (for compatibility checks)."""
+        ...
+
+    def metadata(self, key: str) -> str | None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,376 @@
+"""A runtime over llama-cpp-python's low-level C API.
+
+Exact kernels. On the CPU, llama.cpp (0.3.36) picks kernels by batch size, and they round
+differently: repacked K-quant weights use a gemv for fewer than 4 rows and a gemm from 4; the
+tiled K-quant matmul starts at 8 rows; single-query flash attention splits the KV cache across
+threads once it holds 512 cells. A verification pass of k + 1 tokens then gives logits up to ~0.5
+away from single-token decoding, enough to flip a near-tie and make "speculative == target-only"
+false. Measured here on the default pair, every row of a batch of 1 … 17 tokens matches
+single-token decoding bit for bit when: weights are not repacked (`use_extra_bufts = false`),
+flash attention is on, the K and V caches have different types (F16 and BF16, which keeps
+attention on its one per-row path: the split and tiled paths need equal types), and a batch that
+needs logits for every row is sent in pieces of at most 7 tokens (below the tiled matmul's 8).
+The prompt, which needs only its last row, still gets the fast tiled path. This is
+`kernels="exact"`, the default; `kernels="fast"` keeps llama.cpp's defaults.
+
+Why not `llama_cpp.Llama`: with `logits_all=True` it keeps an n_ctx × n_vocab float table (about
+2.5 GB for a 152k vocabulary at a 4k context) and copies rows into it. Here one `llama_batch` is
+reused, only the rows the caller asks for are computed (`batch.logits[i]`), and they are read in
+place with `llama_get_logits_ith`. Rolling back is `llama_memory_seq_rm` on sequence 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelLoadError, PromptError, RuntimeFailure, SettingsError
+from .base import LogitRows, RuntimeSettings, VocabInfo
+
+try:
+    import llama_cpp as _ll
+except ImportError as exc:  # pragma: no cover - llama-cpp-python is a hard dependency
+    raise ModelLoadError(
+        f"llama-cpp-python is not importable ({exc}); reinstall edgespec with pip"
+    ) from exc
+
+_VOCAB_KINDS = {
+    _ll.LLAMA_VOCAB_TYPE_NONE: "none",
+    _ll.LLAMA_VOCAB_TYPE_SPM: "spm",
+    _ll.LLAMA_VOCAB_TYPE_BPE: "bpe",
+    _ll.LLAMA_VOCAB_TYPE_WPM: "wpm",
+    _ll.LLAMA_VOCAB_TYPE_UGM: "ugm",
+    _ll.LLAMA_VOCAB_TYPE_RWKV: "rwkv",
+}
+# Largest batch that needs every row's logits and still runs on the row-invariant kernels.
+EXACT_MAX_ROWS = 7
+_GGML_TYPE_F16 = 1
+_GGML_TYPE_BF16 = 30
+
+_FLASH_ATTN = {
+    "auto": _ll.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": _ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": _ll.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
+class _Log:
+    """llama.cpp's log sink: silent unless verbose, but keeps recent warnings and errors.
+
+    llama.cpp reports *why* a load failed only through its log (e.g. "tensor data is not within the
+    file bounds"), so the last lines are kept to put the reason into our own one-line error.
+    """
+
+    def __init__(self) -> None:
+        self.verbose = False
+        self.recent: collections.deque[str] = collections.deque(maxlen=16)
+        self._lock = threading.Lock()
+        self._partial = ""
+        # The ctypes callback object must outlive every call llama.cpp makes through it.
+        self._callback = _ll.llama_log_callback(self._on_log)
+        _ll.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _on_log(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        message = text.decode("utf-8", errors="replace")
+        if self.verbose:
+            os.write(2, text)
+        with self._lock:
+            self._partial += message
+            while "\n" in self._partial:
+                line, self._partial = self._partial.split("\n", 1)
+                line = line.strip()
+                # GGML_LOG_LEVEL_WARN = 2, ERROR = 3, CONT = 5 (continuation of the previous level).
+                if line and level in (2, 3, 5):
+                    self.recent.append(line)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.recent.clear()
+
+    def reason(self) -> str:
+        """The most telling recent log line, for an error message."""
+        with self._lock:
+            lines = list(self.recent)
+        for line in reversed(lines):
+            lowered = line.lower()
+            if any(word in lowered for word in ("error", "failed", "invalid", "unknown", "not within")):
+                return line
+        return lines[-1] if lines else "no reason given by llama.cpp"
+
+
+_init_lock = threading.Lock()
+_log: _Log | None = None
+
+
+def _backend() -> _Log:
+    global _log
+    with _init_lock:
+        if _log is None:
+            _log = _Log()
+            _ll.llama_backend_init()
+        return _log
+
+
+def _check_gguf_file(path: Path) -> None:
+    """Refuse what llama.cpp would refuse with a worse message (or abort on)."""
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelLoadError(f"model path is not a file: {path}")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(
+            f"{path} is not a GGUF model file (it starts with {magic!r}, a GGUF file starts with b'GGUF')"
+        )
+
+
+def default_threads() -> int:
+    """Physical cores: llama.cpp's decoding is memory-bound and slows down on hyper-threads."""
+    import psutil
+
+    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
+class LlamaCppRuntime:
+    """One GGUF model and one llama.cpp context holding sequence 0.
+
+    Args:
+        path: GGUF file.
+        settings: context size, threads, offload, flash attention, verbosity.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], settings: RuntimeSettings | None = None) -> None:
+        self.path = Path(path)
+        self.settings = settings or RuntimeSettings()
+        if self.settings.n_ctx < 8:
+            raise SettingsError(f"context size must be at least 8 tokens, got {self.settings.n_ctx}")
+        if self.settings.n_batch < 1:
+            raise SettingsError(f"batch size must be at least 1, got {self.settings.n_batch}")
+        exact = self.settings.kernels == "exact"
+        if exact and self.settings.flash_attn == "off":
+            raise SettingsError("exact kernels need flash attention; use --flash-attn auto/on or --kernels fast")
+        self._model = None
+        self._ctx = None
+        self._batch = None
+        _check_gguf_file(self.path)
+        log = _backend()
+        log.verbose = self.settings.verbose
+        log.clear()
+
+        mparams = _ll.llama_model_default_params()
+        mparams.n_gpu_layers = self.settings.gpu_layers
+        mparams.use_extra_bufts = not exact
+        self._model = _ll.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model:
+            raise ModelLoadError(f"llama.cpp could not load {self.path}: {log.reason()}")
+
+        threads = self.settings.n_threads or default_threads()
+        threads_batch = self.settings.n_threads_batch or threads
+        cparams = _ll.llama_context_default_params()
+        cparams.n_ctx = self.settings.n_ctx
+        cparams.n_batch = self.settings.n_batch
+        cparams.n_ubatch = self.settings.n_batch
+        cparams.n_seq_max = 1
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads_batch
+        cparams.flash_attn_type = _FLASH_ATTN["on" if exact else self.settings.flash_attn]
+        if exact:
+            cparams.type_k = _GGML_TYPE_F16
+            cparams.type_v = _GGML_TYPE_BF16
+        cparams.no_perf = True
+        self._ctx = _ll.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise ModelLoadError(f"llama.cpp could not create a context for {self.path}: {log.reason()}")
+        self._mem = _ll.llama_get_memory(self._ctx)
+        # llama.cpp may round the context up (to 256 cells); the limit is what the user asked for.
+        self._n_ctx = min(self.settings.n_ctx, int(_ll.llama_n_ctx(self._ctx)))
+        self._vocab_p = _ll.llama_model_get_vocab(self._model)
+        self.vocab = self._read_vocab()
+        self._n_batch = self.settings.n_batch
+        self._max_rows = EXACT_MAX_ROWS if exact else self._n_batch
+        self._batch = _ll.llama_batch_init(self._n_batch, 0, 1)
+        for i in range(self._n_batch):
+            self._batch.n_seq_id[i] = 1
+            self._batch.seq_id[i][0] = 0
+        self._n_past = 0
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    # ----------------------------------------------------------------------------------- vocab
+
+    def _read_vocab(self) -> VocabInfo:
+        v = self._vocab_p
+        n_vocab = int(_ll.llama_vocab_n_tokens(v))
+
+        def special(value: int) -> int | None:
+            return value if 0 <= value < n_vocab else None
+
+        eog = frozenset(t for t in range(n_vocab) if _ll.llama_vocab_is_eog(v, t))
+        return VocabInfo(
+            kind=_VOCAB_KINDS.get(int(_ll.llama_vocab_type(v)), f"type-{_ll.llama_vocab_type(v)}"),
+            n_vocab=n_vocab,
+            bos=special(int(_ll.llama_vocab_bos(v))),
+            eos=special(int(_ll.llama_vocab_eos(v))),
+            eot=special(int(_ll.llama_vocab_eot(v))),
+            add_bos=bool(_ll.llama_vocab_get_add_bos(v)),
+            eog=eog,
+        )
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            buf = (_ll.llama_token * capacity)()
+            n = _ll.llama_tokenize(self._vocab_p, data, len(data), buf, capacity, add_special, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            capacity = -n
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = self._piece_buf
+            n = _ll.llama_token_to_piece(self._vocab_p, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = _ll.llama_token_to_piece(self._vocab_p, token, buf, len(buf), 0, False)
+            piece = buf.raw[:n]
+            self._pieces[token] = piece
+        return piece
+
+    def token_text(self, token: int) -> bytes:
+        return _ll.llama_vocab_get_text(self._vocab_p, token) or b""
+
+    def token_attr(self, token: int) -> int:
+        return int(_ll.llama_vocab_get_attr(self._vocab_p, token))
+
+    def metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = _ll.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            _ll.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def chat_template(self) -> str | None:
+        raw = _ll.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    # ----------------------------------------------------------------------------------- state
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    @property
+    def n_past(self) -> int:
+        return self._n_past
+
+    def eval(self, tokens: Sequence[int], logits: LogitRows = "last") -> np.ndarray:
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("eval needs at least one token")
+        if self._n_past + n > self._n_ctx:
+            raise PromptError(
+                f"{self._n_past + n} tokens do not fit the context of {self._n_ctx} tokens"
+            )
+        n_vocab = self.vocab.n_vocab
+        for token in tokens:
+            if not 0 <= token < n_vocab:
+                raise ValueError(f"token id {token} is outside the vocabulary of {n_vocab} tokens")
+        if logits == "all" and n > self._max_rows:
+            # Pieces small enough for the row-invariant kernels; rows are copied out of each piece
+            # because the next llama_decode overwrites the logits buffer.
+            out = np.empty((n, n_vocab), dtype=np.float32)
+            for start in range(0, n, self._max_rows):
+                piece = tokens[start : start + self._max_rows]
+                out[start : start + len(piece)] = self._decode(piece, "all")
+            return out
+        return self._decode(tokens, logits)
+
+    def _decode(self, tokens: Sequence[int], logits: LogitRows) -> np.ndarray:
+        n = len(tokens)
+        n_vocab = self.vocab.n_vocab
+        batch = self._batch
+        start = 0
+        count = 0
+        while start < n:
+            count = min(self._n_batch, n - start)
+            last_chunk = start + count == n
+            pos = self._n_past
+            for i in range(count):
+                batch.token[i] = tokens[start + i]
+                batch.pos[i] = pos + i
+                batch.logits[i] = logits == "all" and last_chunk
+            if last_chunk and logits == "last":
+                batch.logits[count - 1] = True
+            batch.n_tokens = count
+            status = _ll.llama_decode(self._ctx, batch)
+            if status != 0:
+                # llama_decode leaves the cache as it was for status 1 / -1; drop partial ubatches
+                # for the fatal codes so that n_past stays true.
+                _ll.llama_memory_seq_rm(self._mem, 0, self._n_past, -1)
+                raise RuntimeFailure(f"llama_decode failed with status {status}: {_backend().reason()}")
+            self._n_past += count
+            start += count
+        if logits == "none":
+            return np.empty((0, n_vocab), dtype=np.float32)
+        rows = n if logits == "all" else 1
+        first = count - rows  # batch index of the first requested row, within the last chunk
+        ptr = _ll.llama_get_logits_ith(self._ctx, first)
+        if not ptr:
+            raise RuntimeFailure("llama.cpp returned no logits for the requested row")
+        # Rows flagged in one batch are stored contiguously, in batch order.
+        return np.ctypeslib.as_array(ptr, shape=(rows, n_vocab))
+
+    def truncate(self, n: int) -> None:
+        if n < 0:
+            raise ValueError("cannot truncate to a negative length")
+        if n >= self._n_past:
+            return
+        if not _ll.llama_memory_seq_rm(self._mem, 0, n, -1):
+            raise RuntimeFailure(f"llama.cpp could not roll the KV cache back to {n} tokens")
+        self._n_past = n
+
+    def close(self) -> None:
+        if self._batch is not None:
+            _ll.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            _ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            _ll.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> LlamaCppRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def system_info() -> str:
+    """llama.cpp's build flags as one line (CPU features, GPU backends)."""
+    _backend()
+    return _ll.llama_print_system_info().decode("utf-8", errors="replace").strip()
+
+
+def llama_cpp_version() -> str:
+    return str(getattr(_ll, "__version__", "unknown"))
