@@ -1,0 +1,153 @@
+"""Drafters: cheap proposals for the target to verify.
+
+A drafter is one small protocol: given the full context (prompt + accepted tokens), propose up to k
+next tokens; afterwards it is told how many the target accepted. A model drafter and an n-gram
+drafter are interchangeable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .runtimes.base import Runtime
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    name: str
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        """Up to k token ids likely to follow `context` (may be fewer, or none)."""
+        ...
+
+    def accepted(self, n_proposed: int, n_accepted: int) -> None:
+        """Feedback after verification: n_accepted of the n_proposed tokens were kept."""
+        ...
+
+    def reset(self) -> None:
+        """Forget any per-sequence state (a new prompt follows)."""
+        ...
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class ModelDrafter:
+    """Greedy drafts from a small model with its own runtime and KV cache.
+
+    The drafter's cache is kept in step with the context by prefix matching: before drafting it
+    rolls back to the longest common prefix of what it has evaluated and the context, then
+    evaluates only what is new (usually the target's correction or bonus token). Accepted draft
+    tokens are already in its cache, so they are never evaluated twice.
+
+    Args:
+        runtime: the draft model's runtime.
+        max_id: draft tokens must be < max_id (the target's vocabulary size); a draft that reaches
+            a token the target does not have stops there.
+    """
+
+    name = "draft"
+
+    def __init__(self, runtime: Runtime, max_id: int | None = None) -> None:
+        self.runtime = runtime
+        self.max_id = runtime.vocab.n_vocab if max_id is None else max_id
+        self._cached: list[int] = []  # tokens whose keys/values are in the draft cache
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
+        rt = self.runtime
+        room = rt.n_ctx - len(context)
+        k = min(k, room)
+        if k <= 0:
+            return []
+        keep = common_prefix(self._cached, context)
+        if keep == len(context):
+            keep -= 1  # logits are needed for the last context token, so evaluate it again
+        rt.truncate(keep)
+        del self._cached[keep:]
+        logits = rt.eval(context[keep:], logits="last")
+        self._cached.extend(context[keep:])
+        draft: list[int] = []
+        while True:
+            token = int(logits[0].argmax())
+            if token >= self.max_id:
+                break
+            draft.append(token)
+            if len(draft) == k:
+                break
+            logits = rt.eval([token], logits="last")
+            self._cached.append(token)
+        return draft
+
+    def accepted(self, n_proposed: int, n_accepted: int) -> None:
+        # Rejected tokens are dropped lazily, by the prefix match at the next propose.
+        pass
+
+    def reset(self) -> None:
+        self.runtime.truncate(0)
+        self._cached.clear()
+
+
+@dataclass
+class NgramDrafter:
+    """Prompt lookup: find the latest earlier occurrence of the context's last n tokens and
+    propose what followed it. Free to run; pays off when the answer repeats the prompt (code
+    edits, extraction, summaries that quote).
+
+    An index maps every n-gram (n_min ≤ n ≤ n_max) to the position just after its latest
+    occurrence that has a continuation. It is updated incrementally as the context grows.
+
+    Args:
+        n_min, n_max: n-gram lengths tried, longest first.
+    """
+
+    n_min: int = 2
+    n_max: int = 4
+    name: str = "ngram"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_min <= self.n_max:
+            raise ValueError(f"need 1 <= n_min <= n_max, got {self.n_min}, {self.n_max}")
+        self._tokens: list[int] = []
+        self._index: dict[tuple[int, ...], int] = {}
+
+    def _extend_index(self, context: Sequence[int]) -> None:
+        if common_prefix(self._tokens, context) < len(self._tokens):
+            self._tokens = []
+            self._index = {}
+        old = len(self._tokens)
+        self._tokens.extend(context[old:])
+        tokens = self._tokens
+        # An n-gram ending at position e (exclusive) is indexed once token e exists to follow it.
+        for end in range(max(old, 1), len(tokens)):
+            for n in range(self.n_min, self.n_max + 1):
+                if end - n < 0:
+                    break
+                self._index[tuple(tokens[end - n : end])] = end
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        if k <= 0 or len(context) < self.n_min + 1:
+            return []
+        self._extend_index(context)
+        tokens = self._tokens
+        for n in range(min(self.n_max, len(tokens) - 1), self.n_min - 1, -1):
+            start = self._index.get(tuple(tokens[-n:]))
+            if start is not None:
+                return tokens[start : start + k]
+        return []
+
+    def accepted(self, n_proposed: int, n_accepted: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        self._tokens = []
+        self._index = {}

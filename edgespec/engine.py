@@ -1,0 +1,250 @@
+"""The draft → verify loop, as a generator of accepted tokens.
+
+Invariant: the target's KV cache holds every context token except the newest one. Each step
+evaluates [newest token] + draft (k + 1 positions) in one target pass with logits for every row,
+keeps the longest draft prefix the target agrees with plus the target's own next token, and rolls
+the target cache back over the rejected positions. With no draft (k = 0) a step is one ordinary
+decoding step, so target-only decoding runs through the very same loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from .errors import PromptError, SettingsError
+from .text import TextStream
+from .verify import verify_greedy
+
+if TYPE_CHECKING:
+    from .drafting import Drafter
+    from .runtimes.base import Runtime
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Per-request settings.
+
+    Attributes:
+        max_tokens: most tokens to generate (>= 1).
+        draft_max: k, the most draft tokens proposed per step (0 disables drafting).
+        stop: strings that end generation; not included in the text.
+        seed: seed for sampling. Decoding is greedy (temperature 0) until sampling lands, so it
+            does not change the output yet; it is recorded with the result.
+    """
+
+    max_tokens: int = 256
+    draft_max: int = 4
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise SettingsError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.draft_max < 0:
+            raise SettingsError(f"draft_max must be 0 or more, got {self.draft_max}")
+        if self.draft_max > 64:
+            raise SettingsError(f"draft_max must be at most 64, got {self.draft_max}")
+
+
+@dataclass
+class Stats:
+    """What one generation cost and how well drafting worked.
+
+    Times are seconds from `time.perf_counter`. A "step" is one target forward pass after the
+    prompt; tokens_per_step (τ) counts the accepted draft tokens plus the target's own token.
+    """
+
+    n_prompt: int = 0
+    n_generated: int = 0
+    n_steps: int = 0
+    n_drafted: int = 0
+    n_accepted: int = 0
+    t_prompt: float = 0.0
+    t_draft: float = 0.0
+    t_verify: float = 0.0
+    t_total: float = 0.0
+    accepted_per_step: list[int] = field(default_factory=list)
+
+    @property
+    def t_decode(self) -> float:
+        """Time after the first token (which the prompt pass produces)."""
+        return max(self.t_total - self.t_prompt, 0.0)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decoding speed: tokens after the first over the time after the first."""
+        return (self.n_generated - 1) / self.t_decode if self.n_generated > 1 and self.t_decode > 0 else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """τ: tokens produced per target forward pass during decoding."""
+        return (self.n_generated - 1) / self.n_steps if self.n_steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.n_accepted / self.n_drafted if self.n_drafted else 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data.pop("accepted_per_step")
+        data.update(
+            t_decode=self.t_decode,
+            tokens_per_second=self.tokens_per_second,
+            tokens_per_step=self.tokens_per_step,
+            acceptance_rate=self.acceptance_rate,
+        )
+        return data
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token as it is accepted.
+
+    Attributes:
+        id: token id.
+        text: text that became safe to emit with this token (may be "", or several characters).
+        from_draft: True if a drafter proposed it and the target accepted it.
+    """
+
+    id: int
+    text: str
+    from_draft: bool
+
+
+class Generation:
+    """One generation: iterate for tokens as they are accepted; afterwards read the result.
+
+    Attributes (complete once iteration ends):
+        tokens: generated token ids (an end-of-generation token is not included).
+        text: generated text (stop strings excluded).
+        finish_reason: "stop" (end-of-generation token or stop string) or "length" (max_tokens or
+            a full context).
+        stats: timings and drafting statistics.
+    """
+
+    def __init__(self, engine: SpeculativeEngine, prompt: Sequence[int], settings: GenerationSettings) -> None:
+        self._engine = engine
+        self._prompt = list(prompt)
+        self.settings = settings
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: FinishReason | None = None
+        self.stats = Stats(n_prompt=len(prompt))
+        self._started = False
+
+    def __iter__(self) -> Iterator[Token]:
+        if self._started:
+            raise RuntimeError("a Generation can be iterated only once")
+        self._started = True
+        return self._run()
+
+    def run(self) -> Generation:
+        """Consume the whole generation and return self."""
+        for _ in self:
+            pass
+        return self
+
+    def _run(self) -> Iterator[Token]:
+        engine = self._engine
+        target, drafter = engine.target, engine.drafter
+        settings, stats = self.settings, self.stats
+        eog = target.vocab.eog
+        n_ctx = target.n_ctx
+        stream = TextStream(settings.stop)
+        context = list(self._prompt)
+        text_parts: list[str] = []
+        clock = time.perf_counter
+
+        start = clock()
+        target.truncate(0)
+        if drafter is not None:
+            drafter.reset()
+        p_logits = target.eval(context, logits="last")
+        pending = [(int(p_logits[0].argmax()), False)]  # accepted, not yet emitted
+        stats.t_prompt = clock() - start
+
+        try:
+            while True:
+                # Emit this step's accepted tokens one by one, checking every stop condition.
+                for token, from_draft in pending:
+                    if token in eog:
+                        self.finish_reason = "stop"
+                        return
+                    context.append(token)
+                    self.tokens.append(token)
+                    stats.n_generated += 1
+                    piece = stream.feed(target.token_bytes(token))
+                    if piece:
+                        text_parts.append(piece)
+                    yield Token(token, piece, from_draft)
+                    if stream.stopped:
+                        self.finish_reason = "stop"
+                        return
+                    if len(self.tokens) >= settings.max_tokens or len(context) >= n_ctx:
+                        self.finish_reason = "length"
+                        return
+
+                # Draft: at most k tokens, no more than the output and the context still allow.
+                k = min(settings.draft_max, settings.max_tokens - len(self.tokens) - 1, n_ctx - len(context))
+                draft: list[int] = []
+                if drafter is not None and k > 0:
+                    t0 = clock()
+                    draft = drafter.propose(context, k)[:k]
+                    stats.t_draft += clock() - t0
+
+                # Verify: the newest token plus the draft, in one target pass.
+                t0 = clock()
+                p_logits = target.eval([context[-1], *draft], logits="all")
+                n_accepted, next_token = verify_greedy(draft, p_logits)
+                # Keep the cache for the newest token and the accepted drafts; the correction or
+                # bonus token is evaluated at the next step.
+                target.truncate(len(context) + n_accepted)
+                stats.t_verify += clock() - t0
+
+                stats.n_steps += 1
+                stats.n_drafted += len(draft)
+                stats.n_accepted += n_accepted
+                stats.accepted_per_step.append(n_accepted)
+                if drafter is not None and draft:
+                    drafter.accepted(len(draft), n_accepted)
+                pending = [(t, True) for t in draft[:n_accepted]] + [(next_token, False)]
+        finally:
+            tail = stream.flush()
+            if tail:
+                text_parts.append(tail)
+            self.text = "".join(text_parts)
+            stats.t_total = clock() - start
+
+
+class SpeculativeEngine:
+    """A target runtime and an optional drafter.
+
+    Args:
+        target: the model whose output is reproduced exactly.
+        drafter: proposes tokens; None means plain target-only decoding.
+    """
+
+    def __init__(self, target: Runtime, drafter: Drafter | None = None) -> None:
+        self.target = target
+        self.drafter = drafter
+
+    def generate(self, prompt: Sequence[int], settings: GenerationSettings | None = None) -> Generation:
+        """Start generating after `prompt` (token ids). Nothing runs until the result is iterated.
+
+        Raises:
+            PromptError: the prompt is empty or leaves no room in the context.
+        """
+        settings = settings or GenerationSettings()
+        if not prompt:
+            raise PromptError("the prompt is empty")
+        if len(prompt) >= self.target.n_ctx:
+            raise PromptError(
+                f"the prompt has {len(prompt)} tokens but the context holds {self.target.n_ctx}; "
+                "shorten it or raise the context size (--ctx)"
+            )
+        return Generation(self, prompt, settings)
