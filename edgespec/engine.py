@@ -127,7 +127,9 @@ class Generation:
         stats: timings and drafting statistics.
     """
 
-    def __init__(self, engine: SpeculativeEngine, prompt: Sequence[int], settings: GenerationSettings) -> None:
+    def __init__(
+        self, engine: SpeculativeEngine, prompt: Sequence[int], settings: GenerationSettings
+    ) -> None:
         self._engine = engine
         self._prompt = list(prompt)
         self.settings = settings

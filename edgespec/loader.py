@@ -34,7 +34,9 @@ class LoadedPair:
         self.engine.target.close()
 
 
-def resolve_model_path(spec: str | os.PathLike[str] | None, role: str, progress: Callable | None = None) -> Path:
+def resolve_model_path(
+    spec: str | os.PathLike[str] | None, role: str, progress: Callable | None = None
+) -> Path:
     """A user's model argument as a GGUF path: "default"/None means the default model of `role`."""
     if spec is None or str(spec) == DEFAULT:
         return models.resolve(models.DEFAULT_MODELS[role], progress)

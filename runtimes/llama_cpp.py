@@ -22,6 +22,7 @@ place with `llama_get_logits_ith`. Rolling back is `llama_memory_seq_rm` on sequ
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import threading
@@ -36,9 +37,7 @@ from .base import LogitRows, RuntimeSettings, VocabInfo
 try:
     import llama_cpp as _ll
 except ImportError as exc:  # pragma: no cover - llama-cpp-python is a hard dependency
-    raise ModelLoadError(
-        f"llama-cpp-python is not importable ({exc}); reinstall edgespec with pip"
-    ) from exc
+    raise ModelLoadError(f"llama-cpp-python is not importable ({exc}); reinstall edgespec with pip") from exc
 
 _VOCAB_KINDS = {
     _ll.LLAMA_VOCAB_TYPE_NONE: "none",
@@ -155,7 +154,9 @@ class LlamaCppRuntime:
             raise SettingsError(f"batch size must be at least 1, got {self.settings.n_batch}")
         exact = self.settings.kernels == "exact"
         if exact and self.settings.flash_attn == "off":
-            raise SettingsError("exact kernels need flash attention; use --flash-attn auto/on or --kernels fast")
+            raise SettingsError(
+                "exact kernels need flash attention; use --flash-attn auto/on or --kernels fast"
+            )
         self._model = None
         self._ctx = None
         self._batch = None
@@ -281,9 +282,7 @@ class LlamaCppRuntime:
         if n == 0:
             raise ValueError("eval needs at least one token")
         if self._n_past + n > self._n_ctx:
-            raise PromptError(
-                f"{self._n_past + n} tokens do not fit the context of {self._n_ctx} tokens"
-            )
+            raise PromptError(f"{self._n_past + n} tokens do not fit the context of {self._n_ctx} tokens")
         n_vocab = self.vocab.n_vocab
         for token in tokens:
             if not 0 <= token < n_vocab:
@@ -360,10 +359,8 @@ class LlamaCppRuntime:
         self.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 def system_info() -> str:

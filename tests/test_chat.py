@@ -12,7 +12,9 @@ def test_renders_messages_and_generation_prompt():
 
 
 def test_template_helpers_and_bos():
-    template = "{{ bos_token }}{{ messages | tojson }}{% if not messages %}{{ raise_exception('none') }}{% endif %}"
+    template = (
+        "{{ bos_token }}{{ messages | tojson }}{% if not messages %}{{ raise_exception('none') }}{% endif %}"
+    )
     assert render_chat(template, [{"role": "user", "content": "é"}], bos_token="<s>") == (
         '<s>[{"role": "user", "content": "é"}]'
     )

@@ -16,9 +16,11 @@ def test_pair_sharing_a_vocabulary_is_compatible(tiny_runtimes):
 
 def test_changed_token_is_named(tiny_runtimes, tiny_changed_vocab):
     target, _ = tiny_runtimes
-    with LlamaCppRuntime(tiny_changed_vocab, TINY_SETTINGS) as draft:
-        with pytest.raises(IncompatibleModelsError, match=r"token 300 differs .*zebra"):
-            check_compatible(target, draft)
+    with (
+        LlamaCppRuntime(tiny_changed_vocab, TINY_SETTINGS) as draft,
+        pytest.raises(IncompatibleModelsError, match=r"token 300 differs .*zebra"),
+    ):
+        check_compatible(target, draft)
 
 
 def test_padding_rows_are_allowed(tiny_runtimes, tmp_path):
@@ -32,9 +34,11 @@ def test_padding_rows_are_allowed(tiny_runtimes, tmp_path):
 def test_more_than_padding_is_refused(tiny_runtimes, tmp_path):
     target, _ = tiny_runtimes
     big = build_tiny_model(tmp_path / "big.gguf", seed=4, vocab=vocab_with_padding(default_vocab(), 200))
-    with LlamaCppRuntime(big, TINY_SETTINGS) as draft:
-        with pytest.raises(IncompatibleModelsError, match="vocabulary sizes differ"):
-            check_compatible(target, draft)
+    with (
+        LlamaCppRuntime(big, TINY_SETTINGS) as draft,
+        pytest.raises(IncompatibleModelsError, match="vocabulary sizes differ"),
+    ):
+        check_compatible(target, draft)
 
 
 def test_different_tokenizer_type_is_refused(tiny_runtimes, tmp_path):
@@ -44,6 +48,8 @@ def test_different_tokenizer_type_is_refused(tiny_runtimes, tmp_path):
     if not models.parts_installed(models.DRAFT):
         pytest.skip("needs the default drafter for a BPE vocabulary")
     target, _ = tiny_runtimes
-    with LlamaCppRuntime(models.resolve(models.DRAFT), TINY_SETTINGS) as draft:
-        with pytest.raises(IncompatibleModelsError, match="tokenizer types differ"):
-            check_compatible(target, draft)
+    with (
+        LlamaCppRuntime(models.resolve(models.DRAFT), TINY_SETTINGS) as draft,
+        pytest.raises(IncompatibleModelsError, match="tokenizer types differ"),
+    ):
+        check_compatible(target, draft)

@@ -54,7 +54,9 @@ def test_self_drafting_accepts_every_token(tiny_pair):
         assert gen.stats.accepted_per_step == [4] * 8
         assert gen.stats.tokens_per_step == 5.0
         assert gen.stats.acceptance_rate == 1.0
-        flags = [t.from_draft for t in engine.generate(prompt, GenerationSettings(max_tokens=11, draft_max=4))]
+        flags = [
+            t.from_draft for t in engine.generate(prompt, GenerationSettings(max_tokens=11, draft_max=4))
+        ]
         assert flags == [False, True, True, True, True, False, True, True, True, True, False]
         assert gen.tokens == target_only(target, prompt, 41).tokens
     finally:
@@ -92,7 +94,11 @@ def test_end_of_generation_token_stops_without_text(tiny_runtimes):
     eog_token = full.tokens[5]
     cut = full.tokens.index(eog_token)
     target.vocab = replace(target.vocab, eog=target.vocab.eog | {eog_token})
-    gen = SpeculativeEngine(target, ModelDrafter(draft_rt)).generate(prompt, GenerationSettings(max_tokens=20)).run()
+    gen = (
+        SpeculativeEngine(target, ModelDrafter(draft_rt))
+        .generate(prompt, GenerationSettings(max_tokens=20))
+        .run()
+    )
     assert gen.finish_reason == "stop"
     assert gen.tokens == full.tokens[:cut]
 
@@ -101,9 +107,11 @@ def test_full_context_finishes_with_length(tiny_pair):
     settings = replace(TINY_SETTINGS, n_ctx=32)
     with LlamaCppRuntime(tiny_pair[0], settings) as target, LlamaCppRuntime(tiny_pair[1], settings) as draft:
         prompt = target.tokenize("the cat sat on the mat", add_special=True, parse_special=False)
-        gen = SpeculativeEngine(target, ModelDrafter(draft)).generate(
-            prompt, GenerationSettings(max_tokens=100, draft_max=8)
-        ).run()
+        gen = (
+            SpeculativeEngine(target, ModelDrafter(draft))
+            .generate(prompt, GenerationSettings(max_tokens=100, draft_max=8))
+            .run()
+        )
         assert gen.finish_reason == "length"
         assert len(prompt) + len(gen.tokens) == 32
         assert gen.tokens == target_only(target, prompt, 100).tokens
@@ -125,7 +133,9 @@ def test_bad_prompts_and_settings(tiny_runtimes):
 def test_streamed_text_matches_final_text(tiny_runtimes):
     target, draft_rt = tiny_runtimes
     prompt = target.tokenize("once upon a time", add_special=True, parse_special=False)
-    gen = SpeculativeEngine(target, ModelDrafter(draft_rt)).generate(prompt, GenerationSettings(max_tokens=30))
+    gen = SpeculativeEngine(target, ModelDrafter(draft_rt)).generate(
+        prompt, GenerationSettings(max_tokens=30)
+    )
     streamed = "".join(t.text for t in gen)
     assert streamed == gen.text and len(gen.tokens) == 30
     assert gen.stats.n_generated == 30 and gen.stats.t_total >= gen.stats.t_prompt > 0
