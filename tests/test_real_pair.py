@@ -1,0 +1,89 @@
+"""End to end on the default pair (Qwen2.5-Coder 1.5B target, 0.5B drafter, Q4_K_M).
+
+Skipped only when the pair's packages are absent; CI installs them, so there it runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from edgespec.cli import cli
+from edgespec.compat import check_compatible
+from edgespec.drafting import ModelDrafter, NgramDrafter
+from edgespec.engine import GenerationSettings, SpeculativeEngine
+from edgespec.loader import prompt_tokens
+from edgespec.runtimes.base import RuntimeSettings
+
+from .conftest import bench_prompts, real_pair_paths
+
+pytestmark = pytest.mark.real
+
+N_NEW = 96
+PROMPTS = bench_prompts(per_category=1, categories=12)  # 12 prompts, 12 categories
+SETTINGS = RuntimeSettings(n_ctx=2048)
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+@pytest.fixture(scope="module")
+def real_runtimes():
+    from edgespec.runtimes.llama_cpp import LlamaCppRuntime
+
+    target_path, draft_path = real_pair_paths()
+    target = LlamaCppRuntime(target_path, SETTINGS)
+    draft = LlamaCppRuntime(draft_path, SETTINGS)
+    yield target, draft
+    target.close()
+    draft.close()
+
+
+def test_prompt_set_is_broad_enough():
+    assert len(PROMPTS) >= 12 and len({p["category"] for p in PROMPTS}) >= 4
+
+
+def test_default_pair_is_compatible(real_runtimes):
+    check_compatible(*real_runtimes)
+
+
+@pytest.mark.parametrize("question", PROMPTS, ids=[f"{p['category']}-{p['question_id']}" for p in PROMPTS])
+def test_speculative_equals_target_only(real_runtimes, question):
+    target, draft = real_runtimes
+    prompt = prompt_tokens(target, question["turns"][0])
+    base = SpeculativeEngine(target).generate(prompt, GenerationSettings(max_tokens=N_NEW, draft_max=0)).run()
+    assert base.tokens, "target-only produced nothing"
+    configs = [("draft", ModelDrafter(draft, max_id=target.vocab.n_vocab), k) for k in (1, 4, 8)]
+    configs.append(("ngram", NgramDrafter(), 4))
+    for name, drafter, k in configs:
+        spec = (
+            SpeculativeEngine(target, drafter)
+            .generate(prompt, GenerationSettings(max_tokens=N_NEW, draft_max=k))
+            .run()
+        )
+        assert spec.tokens == base.tokens, (
+            f"{name} k={k} diverged at token {first_difference(spec.tokens, base.tokens)}"
+        )
+        assert spec.finish_reason == base.finish_reason
+        if name == "draft":
+            assert spec.stats.n_accepted > 0
+
+
+def test_cli_answers_the_readme_prompt(real_runtimes):
+    target_path, draft_path = real_pair_paths()
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "--max-tokens",
+            "80",
+            "--ctx",
+            "1024",
+            "--stats",
+            "Write a Python function that returns the n-th Fibonacci number.",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "def " in result.stdout and "fib" in result.stdout.lower()
+    assert "tokens per target pass" in result.stderr
