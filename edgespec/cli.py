@@ -220,7 +220,13 @@ def run(
         kernels=kernels,
         verbose=verbose,
     )  # type: ignore[arg-type]
-    pair = load(target, draft, rt_settings, replace(rt_settings, gpu_layers=draft_gpu_layers), _progress)
+    pair = load(
+        target,
+        draft,
+        rt_settings,
+        replace(rt_settings, gpu_layers=draft_gpu_layers, kernels="fast"),
+        _progress,
+    )
     try:
         tokens = prompt_tokens(pair.engine.target, text, raw=raw, system=system)
         generation = pair.engine.generate(tokens, settings)

@@ -56,7 +56,8 @@ def load(
         target: GGUF path, or None / "default" for the default target.
         draft: GGUF path, "default" (the default drafter), "ngram" (prompt lookup) or "none".
         settings: runtime settings for the target.
-        draft_settings: runtime settings for a draft model; defaults to the target's, on the CPU.
+        draft_settings: runtime settings for a draft model; defaults to the target's, on the CPU
+            and with llama.cpp's fast kernels (the draft's rounding cannot change the output).
         progress: progress factory for joining a default model on first use (see models.resolve).
     """
     from .runtimes.llama_cpp import LlamaCppRuntime
@@ -75,7 +76,9 @@ def load(
             label = "ngram"
         else:
             draft_path = resolve_model_path(draft_spec, "draft", progress)
-            draft_rt = LlamaCppRuntime(draft_path, draft_settings or replace(settings, gpu_layers=0))
+            draft_rt = LlamaCppRuntime(
+                draft_path, draft_settings or replace(settings, gpu_layers=0, kernels="fast")
+            )
             try:
                 check_compatible(target_rt, draft_rt)
             except BaseException:

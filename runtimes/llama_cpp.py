@@ -5,12 +5,12 @@ differently: repacked K-quant weights use a gemv for fewer than 4 rows and a gem
 tiled K-quant matmul starts at 8 rows; single-query flash attention splits the KV cache across
 threads once it holds 512 cells. A verification pass of k + 1 tokens then gives logits up to ~0.5
 away from single-token decoding, enough to flip a near-tie and make "speculative == target-only"
-false. Measured here on the default pair, every row of a batch of 1 … 17 tokens matches
-single-token decoding bit for bit when: weights are not repacked (`use_extra_bufts = false`),
-flash attention is on, the K and V caches have different types (F16 and BF16, which keeps
-attention on its one per-row path: the split and tiled paths need equal types), and a batch that
-needs logits for every row is sent in pieces of at most 7 tokens (below the tiled matmul's 8).
-The prompt, which needs only its last row, still gets the fast tiled path. This is
+false. Measured here on the default pair, every row of a batch matches single-token decoding bit
+for bit when flash attention is on, the K and V caches have different types (F16 and BF16, which
+keeps attention on its one per-row path: the split and tiled paths need equal types), and a batch
+that needs logits for every row is sent in pieces of at most 3 tokens (below the repacked gemm's
+4). Weights stay repacked, so single-token decoding keeps its speed. (Turning repacking off and
+using pieces of 7 is exact too, but decoding then runs about 16% slower here.) This is
 `kernels="exact"`, the default; `kernels="fast"` keeps llama.cpp's defaults.
 
 Why not `llama_cpp.Llama`: with `logits_all=True` it keeps an n_ctx × n_vocab float table (about
@@ -48,7 +48,7 @@ _VOCAB_KINDS = {
     _ll.LLAMA_VOCAB_TYPE_RWKV: "rwkv",
 }
 # Largest batch that needs every row's logits and still runs on the row-invariant kernels.
-EXACT_MAX_ROWS = 7
+EXACT_MAX_ROWS = 3
 _GGML_TYPE_F16 = 1
 _GGML_TYPE_BF16 = 30
 
@@ -167,7 +167,6 @@ class LlamaCppRuntime:
 
         mparams = _ll.llama_model_default_params()
         mparams.n_gpu_layers = self.settings.gpu_layers
-        mparams.use_extra_bufts = not exact
         self._model = _ll.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {self.path}: {log.reason()}")
