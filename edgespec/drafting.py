@@ -1,8 +1,9 @@
 """Drafters: cheap proposals for the target to verify.
 
-A drafter is one small protocol: given the full context (prompt + accepted tokens), propose up to k
-next tokens; afterwards it is told how many the target accepted. A model drafter and an n-gram
-drafter are interchangeable.
+A drafter is one small protocol: it is shown the prompt once (`begin`, timed as prompt processing,
+like the target's own prefill); then, given the full context (prompt + accepted tokens), it
+proposes up to k next tokens; afterwards it is told how many the target accepted. A model drafter
+and an n-gram drafter are interchangeable.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ class Drafter(Protocol):
         """Feedback after verification: n_accepted of the n_proposed tokens were kept."""
         ...
 
-    def reset(self) -> None:
-        """Forget any per-sequence state (a new prompt follows)."""
+    def begin(self, prompt: Sequence[int]) -> None:
+        """A new sequence starts with `prompt`: forget the old one and prepare for this one."""
         ...
 
 
@@ -92,9 +93,14 @@ class ModelDrafter:
         # Rejected tokens are dropped lazily, by the prefix match at the next propose.
         pass
 
-    def reset(self) -> None:
-        self.runtime.truncate(0)
-        self._cached.clear()
+    def begin(self, prompt: Sequence[int]) -> None:
+        # Process the prompt now, so that the first propose evaluates only the first new token.
+        keep = common_prefix(self._cached, prompt)
+        self.runtime.truncate(keep)
+        del self._cached[keep:]
+        if keep < len(prompt):
+            self.runtime.eval(prompt[keep:], logits="none")
+            self._cached.extend(prompt[keep:])
 
 
 @dataclass
@@ -148,6 +154,7 @@ class NgramDrafter:
     def accepted(self, n_proposed: int, n_accepted: int) -> None:
         pass
 
-    def reset(self) -> None:
+    def begin(self, prompt: Sequence[int]) -> None:
         self._tokens = []
         self._index = {}
+        self._extend_index(prompt)

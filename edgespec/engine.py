@@ -55,8 +55,9 @@ class GenerationSettings:
 class Stats:
     """What one generation cost and how well drafting worked.
 
-    Times are seconds from `time.perf_counter`. A "step" is one target forward pass after the
-    prompt; tokens_per_step (τ) counts the accepted draft tokens plus the target's own token.
+    Times are seconds from `time.perf_counter`. t_prompt is prompt processing up to the first
+    token, the drafter's own pass over the prompt included. A "step" is one target forward pass
+    after the prompt; tokens_per_step (τ) counts the accepted draft tokens plus the target's own.
     """
 
     n_prompt: int = 0
@@ -82,8 +83,8 @@ class Stats:
 
     @property
     def tokens_per_step(self) -> float:
-        """τ: tokens produced per target forward pass during decoding."""
-        return (self.n_generated - 1) / self.n_steps if self.n_steps else 0.0
+        """τ: mean accepted tokens per target forward pass (accepted drafts + the target's own)."""
+        return (self.n_steps + self.n_accepted) / self.n_steps if self.n_steps else 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -164,9 +165,9 @@ class Generation:
 
         start = clock()
         target.truncate(0)
-        if drafter is not None:
-            drafter.reset()
         p_logits = target.eval(context, logits="last")
+        if drafter is not None:
+            drafter.begin(context)
         pending = [(int(p_logits[0].argmax()), False)]  # accepted, not yet emitted
         stats.t_prompt = clock() - start
 

@@ -52,7 +52,8 @@ def test_model_drafter_keeps_its_cache_in_step(tiny_runtimes):
         reference.append(int(draft_rt.eval([reference[-1]])[0].argmax()))
     assert first == reference
     # pretend the target accepted 2 and corrected the third: the cache follows the new context
-    drafter.reset()
+    drafter.begin(prompt)
+    assert draft_rt.n_past == len(prompt)
     drafter.propose(prompt, 4)
     context = prompt + first[:2] + [42]
     second = drafter.propose(context, 3)
