@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from edgespec import models
+from edgespec.datasets import BenchPrompt, first_per_category, read_prompts
 from edgespec.runtimes.base import RuntimeSettings
 
 from .tinymodels import build_pair, build_tiny_model, default_vocab, vocab_with_changed_token
@@ -54,13 +54,6 @@ def real_pair_paths() -> tuple[Path, Path]:
     return models.resolve(models.TARGET), models.resolve(models.DRAFT)
 
 
-def bench_prompts(per_category: int, categories: int) -> list[dict]:
+def bench_prompts(per_category: int, categories: int) -> list[BenchPrompt]:
     """The first `per_category` prompts of the first `categories` Spec-Bench categories."""
-    rows = [json.loads(line) for line in BENCH_QUESTIONS.read_text().splitlines() if line.strip()]
-    by_category: dict[str, list[dict]] = {}
-    for row in rows:
-        by_category.setdefault(row["category"], []).append(row)
-    chosen = []
-    for category in sorted(by_category)[:categories]:
-        chosen.extend(by_category[category][:per_category])
-    return chosen
+    return first_per_category(read_prompts(BENCH_QUESTIONS), per_category, categories)

@@ -41,17 +41,17 @@ def real_runtimes():
 
 
 def test_prompt_set_is_broad_enough():
-    assert len(PROMPTS) >= 12 and len({p["category"] for p in PROMPTS}) >= 4
+    assert len(PROMPTS) >= 12 and len({p.category for p in PROMPTS}) >= 4
 
 
 def test_default_pair_is_compatible(real_runtimes):
     check_compatible(*real_runtimes)
 
 
-@pytest.mark.parametrize("question", PROMPTS, ids=[f"{p['category']}-{p['question_id']}" for p in PROMPTS])
+@pytest.mark.parametrize("question", PROMPTS, ids=[f"{p.category}-{p.id}" for p in PROMPTS])
 def test_speculative_equals_target_only(real_runtimes, question):
     target, draft = real_runtimes
-    prompt = prompt_tokens(target, question["turns"][0])
+    prompt = prompt_tokens(target, question.prompt)
     base = SpeculativeEngine(target).generate(prompt, GenerationSettings(max_tokens=N_NEW, draft_max=0)).run()
     assert base.tokens, "target-only produced nothing"
     configs = [("draft", ModelDrafter(draft, max_id=target.vocab.n_vocab), k) for k in (1, 4, 8)]

@@ -1,0 +1,60 @@
+"""Prompt sets for benchmarks and tests: Spec-Bench-style JSONL files.
+
+One JSON object per line with either `prompt` (a string) or `turns` (a list of user turns), an
+optional `category` and an optional id (`question_id` or `id`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EdgespecError
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    id: str
+    category: str
+    turns: tuple[str, ...]
+
+    @property
+    def prompt(self) -> str:
+        """The first turn."""
+        return self.turns[0]
+
+
+def read_prompts(path: str | Path) -> list[BenchPrompt]:
+    """Read a JSONL prompt file; a malformed line is an error naming the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise EdgespecError(f"cannot read prompt file {path}: {exc.strerror}") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            turns = row["turns"] if "turns" in row else [row["prompt"]]
+            if not turns or not all(isinstance(t, str) for t in turns):
+                raise ValueError("turns must be a non-empty list of strings")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EdgespecError(f"{path}:{number}: not a prompt record ({exc})") from None
+        ident = row.get("question_id", row.get("id", number))
+        prompts.append(BenchPrompt(str(ident), str(row.get("category", "all")), tuple(turns)))
+    return prompts
+
+
+def first_per_category(
+    prompts: list[BenchPrompt], per_category: int, categories: int | None = None
+) -> list[BenchPrompt]:
+    """The first `per_category` prompts of each category, categories in sorted order (the first
+    `categories` of them when given)."""
+    by_category: dict[str, list[BenchPrompt]] = {}
+    for item in prompts:
+        by_category.setdefault(item.category, []).append(item)
+    names = sorted(by_category)[:categories]
+    return [item for name in names for item in by_category[name][:per_category]]
