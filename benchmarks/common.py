@@ -1,0 +1,112 @@
+"""Helpers shared by the benchmark scripts: prompts, machine description, Markdown output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_QUESTIONS = ROOT.parent / "shared" / "bench" / "spec_bench_question.jsonl"
+
+CODE_REWRITE_PROMPT = """Rewrite the following Python code with type hints on every function.
+Keep everything else exactly as it is, and reply with the complete code only.
+
+```python
+import csv
+import statistics
+
+
+def load_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def column(rows, name):
+    values = []
+    for row in rows:
+        value = row.get(name, "").strip()
+        if value:
+            values.append(float(value))
+    return values
+
+
+def summarize(values):
+    if not values:
+        return {"count": 0, "mean": None, "median": None, "stdev": None}
+    return {
+        "count": len(values),
+        "mean": statistics.mean(values),
+        "median": statistics.median(values),
+        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
+
+
+def report(path, names):
+    rows = load_rows(path)
+    lines = []
+    for name in names:
+        stats = summarize(column(rows, name))
+        lines.append(f"{name}: n={stats['count']} mean={stats['mean']} median={stats['median']}")
+    return "\\n".join(lines)
+```"""
+
+
+def spec_bench_prompts(per_category: int = 1, categories: int = 12) -> list[dict]:
+    """First turns of Spec-Bench: the first `per_category` prompts of the first `categories` categories."""
+    from edgespec.datasets import first_per_category, read_prompts
+
+    chosen = first_per_category(read_prompts(BENCH_QUESTIONS), per_category, categories)
+    return [{"id": p.id, "category": p.category, "prompt": p.prompt} for p in chosen]
+
+
+def machine() -> dict:
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    from importlib.metadata import version
+
+    return {
+        "cpu": cpu,
+        "physical_cores": psutil.cpu_count(logical=False),
+        "logical_cores": psutil.cpu_count(logical=True),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "llama_cpp_python": version("llama-cpp-python"),
+        "git_commit": commit,
+    }
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically: a temporary file beside the target, renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
