@@ -202,14 +202,12 @@ def run(
       edgespec run --draft none --stats "Explain recursion"     # target only, for comparison
       edgespec run --target my.gguf --draft ngram --raw "def quicksort(xs):"
     """
-    from dataclasses import replace
-
     from .engine import GenerationSettings
     from .loader import load, prompt_tokens
     from .runtimes.base import RuntimeSettings
 
     text = _read_prompt(prompt)
-    if not text.strip():
+    if not text.strip():  # before loading gigabytes of models (prompt_tokens checks it too)
         raise EdgespecError("the prompt is empty")
     settings = GenerationSettings(max_tokens=max_tokens, draft_max=draft_max, stop=stop, seed=seed)
     rt_settings = RuntimeSettings(
@@ -220,13 +218,7 @@ def run(
         kernels=kernels,
         verbose=verbose,
     )  # type: ignore[arg-type]
-    pair = load(
-        target,
-        draft,
-        rt_settings,
-        replace(rt_settings, gpu_layers=draft_gpu_layers, kernels="fast"),
-        _progress,
-    )
+    pair = load(target, draft, rt_settings, draft_gpu_layers=draft_gpu_layers, progress=_progress)
     try:
         tokens = prompt_tokens(pair.engine.target, text, raw=raw, system=system)
         generation = pair.engine.generate(tokens, settings)

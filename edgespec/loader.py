@@ -16,7 +16,6 @@ from .errors import PromptError
 from .runtimes.base import Runtime, RuntimeSettings
 
 DEFAULT = "default"
-DRAFT_KEYWORDS = ("default", "ngram", "none")
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ def load(
     target: str | os.PathLike[str] | None = None,
     draft: str | os.PathLike[str] | None = DEFAULT,
     settings: RuntimeSettings | None = None,
-    draft_settings: RuntimeSettings | None = None,
+    draft_gpu_layers: int = 0,
     progress: Callable | None = None,
 ) -> LoadedPair:
     """Load a target and a drafter, checking that they are compatible.
@@ -56,8 +55,9 @@ def load(
         target: GGUF path, or None / "default" for the default target.
         draft: GGUF path, "default" (the default drafter), "ngram" (prompt lookup) or "none".
         settings: runtime settings for the target.
-        draft_settings: runtime settings for a draft model; defaults to the target's, on the CPU
-            and with llama.cpp's fast kernels (the draft's rounding cannot change the output).
+        draft_gpu_layers: layers of a draft model to offload to a GPU. Otherwise the draft model
+            runs with the target's settings, but always on llama.cpp's fast kernels: its rounding
+            cannot change the output, only which tokens are proposed.
         progress: progress factory for joining a default model on first use (see models.resolve).
     """
     from .runtimes.llama_cpp import LlamaCppRuntime
@@ -76,9 +76,8 @@ def load(
             label = "ngram"
         else:
             draft_path = resolve_model_path(draft_spec, "draft", progress)
-            draft_rt = LlamaCppRuntime(
-                draft_path, draft_settings or replace(settings, gpu_layers=0, kernels="fast")
-            )
+            draft_settings = replace(settings, gpu_layers=draft_gpu_layers, kernels="fast")
+            draft_rt = LlamaCppRuntime(draft_path, draft_settings)
             try:
                 check_compatible(target_rt, draft_rt)
             except BaseException:
