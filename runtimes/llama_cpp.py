@@ -249,9 +249,6 @@ class LlamaCppRuntime:
     def token_text(self, token: int) -> bytes:
         return _ll.llama_vocab_get_text(self._vocab_p, token) or b""
 
-    def token_attr(self, token: int) -> int:
-        return int(_ll.llama_vocab_get_attr(self._vocab_p, token))
-
     def metadata(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(4096)
         n = _ll.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
@@ -360,13 +357,3 @@ class LlamaCppRuntime:
     def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
         with contextlib.suppress(Exception):
             self.close()
-
-
-def system_info() -> str:
-    """llama.cpp's build flags as one line (CPU features, GPU backends)."""
-    _backend()
-    return _ll.llama_print_system_info().decode("utf-8", errors="replace").strip()
-
-
-def llama_cpp_version() -> str:
-    return str(getattr(_ll, "__version__", "unknown"))
