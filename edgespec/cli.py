@@ -287,6 +287,282 @@ def models(as_json: bool, verify: bool) -> None:
         click.echo(f"{row['role']:<7} {row['description']:<38} {state}; {parts}\n        {row['path']}")
 
 
+def _bench_runtimes(target: str, draft: str, threads: int | None, ctx: int, kernels: str, need_draft: bool):
+    from dataclasses import replace
+
+    from .compat import check_compatible
+    from .loader import resolve_model_path
+    from .runtimes.base import RuntimeSettings
+    from .runtimes.llama_cpp import LlamaCppRuntime
+
+    settings = RuntimeSettings(n_ctx=ctx, n_threads=threads, kernels=kernels)  # type: ignore[arg-type]
+    target_rt = LlamaCppRuntime(resolve_model_path(target, "target", _progress), settings)
+    draft_rt = None
+    if need_draft:
+        try:
+            draft_rt = LlamaCppRuntime(
+                resolve_model_path(draft, "draft", _progress), replace(settings, kernels="fast")
+            )
+            check_compatible(target_rt, draft_rt)
+        except BaseException:
+            target_rt.close()
+            if draft_rt is not None:
+                draft_rt.close()
+            raise
+    return target_rt, draft_rt
+
+
+_BENCH_MODEL_OPTIONS = [
+    click.option(
+        "--target", envvar="EDGESPEC_TARGET", default="default", show_default=True, help="Target GGUF."
+    ),
+    click.option(
+        "--draft", envvar="EDGESPEC_DRAFT", default="default", show_default=True, help="Draft GGUF."
+    ),
+    click.option("--threads", envvar="EDGESPEC_THREADS", type=click.IntRange(min=1), default=None),
+    click.option("--ctx", "ctx_size", type=click.IntRange(min=64), default=4096, show_default=True),
+    click.option("--kernels", type=click.Choice(["exact", "fast"]), default="exact", show_default=True),
+]
+
+
+def _model_options(func: Any) -> Any:
+    for option in reversed(_BENCH_MODEL_OPTIONS):
+        func = option(func)
+    return func
+
+
+@cli.group(invoke_without_command=True)
+@click.option(
+    "--dataset",
+    default="spec-bench",
+    show_default=True,
+    help="'spec-bench' (the shared Spec-Bench prompts) or a JSONL file with prompt/turns fields.",
+)
+@click.option(
+    "--per-category", type=click.IntRange(min=1), default=None, help="First N prompts per category."
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="First N prompts overall.")
+@click.option("--multi-turn", is_flag=True, help="Generate every turn of multi-turn prompts.")
+@click.option(
+    "--config",
+    "config_specs",
+    multiple=True,
+    help="Configuration, repeatable: target-only, draft[:k=N], ngram[:k=N,n_min=N,n_max=N].",
+)
+@click.option(
+    "--config-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help='TOML file with configs = ["target-only", "draft:k=4", ...].',
+)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option(
+    "--ceiling/--no-ceiling",
+    default=True,
+    show_default=True,
+    help="Measure the cost curve first and report each configuration's predicted ceiling.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write results.json and PNG plots (with the plot extra) here.",
+)
+@click.option(
+    "--peers/--no-peers",
+    default=True,
+    show_default=True,
+    help="Also run llama-cpp-python's prompt lookup and llama.cpp's llama-speculative-simple.",
+)
+@click.option(
+    "--peer-k", type=click.IntRange(1, 64), default=4, show_default=True, help="Draft length for peers."
+)
+@click.option(
+    "--llama-cpp-bin",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder holding llama.cpp's llama-speculative-simple (default: search PATH).",
+)
+@_model_options
+@click.pass_context
+def bench(
+    ctx: click.Context,
+    dataset: str,
+    per_category: int | None,
+    limit: int | None,
+    multi_turn: bool,
+    config_specs: tuple[str, ...],
+    config_file: str | None,
+    max_tokens: int,
+    repeat: int,
+    warmup: int,
+    ceiling: bool,
+    out: str | None,
+    peers: bool,
+    peer_k: int,
+    llama_cpp_bin: str | None,
+    target: str,
+    draft: str,
+    threads: int | None,
+    ctx_size: int,
+    kernels: str,
+) -> None:
+    """Measure configurations side by side on the same loaded models; fail on any output difference.
+
+    \b
+    Example:
+      edgespec bench --dataset spec-bench --per-category 2 --config target-only \\
+          --config draft:k=4 --config ngram --max-tokens 64 --out /tmp/b
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from . import bench as harness
+    from . import costs as cost_model
+    from .datasets import first_per_category, read_prompts, spec_bench_path
+
+    configs = [harness.BenchConfig.parse(s) for s in config_specs]
+    if config_file:
+        configs += harness.read_config_file(config_file)
+    if not configs:
+        configs = [
+            harness.TARGET_ONLY,
+            harness.BenchConfig.parse("draft:k=4"),
+            harness.BenchConfig.parse("ngram"),
+        ]
+    prompts = read_prompts(spec_bench_path() if dataset == "spec-bench" else dataset)
+    if per_category:
+        prompts = first_per_category(prompts, per_category)
+    if limit:
+        prompts = prompts[:limit]
+    if not prompts:
+        raise EdgespecError(f"no prompts in {dataset}")
+    need_draft = any(c.drafter == "draft" for c in configs) or ceiling
+    target_rt, draft_rt = _bench_runtimes(target, draft, threads, ctx_size, kernels, need_draft)
+    try:
+        n_runs = (
+            len(prompts) * repeat * (len(configs) + (0 if any(c.drafter == "none" for c in configs) else 1))
+        )
+        if multi_turn:
+            n_runs = sum(len(p.turns) for p in prompts) * repeat * len(configs)
+        measured = None
+        if ceiling:
+            click.echo("measuring the cost curve ...", err=True)
+            context = target_rt.tokenize(prompts[0].prompt * 4, add_special=True, parse_special=False)[:256]
+            measured = cost_model.measure(target_rt, draft_rt, context)
+        with click.progressbar(length=n_runs, label="bench", file=sys.stderr) as bar:
+            result = harness.run(
+                target_rt,
+                draft_rt,
+                prompts,
+                configs,
+                max_tokens=max_tokens,
+                repeat=repeat,
+                warmup=warmup,
+                multi_turn=multi_turn,
+                on_run=lambda: bar.update(1),
+            )
+        result.costs = measured
+        if peers:
+            click.echo("running peers ...", err=True)
+            result.peers = _run_peers(target_rt, draft_rt, prompts, result, max_tokens, peer_k, llama_cpp_bin)
+        click.echo(harness.markdown(result))
+        if out:
+            path = harness.write_results(
+                result,
+                Path(out),
+                {
+                    "dataset": dataset,
+                    "per_category": per_category,
+                    "limit": limit,
+                    "multi_turn": multi_turn,
+                    "max_tokens": max_tokens,
+                    "repeat": repeat,
+                    "warmup": warmup,
+                    "kernels": kernels,
+                    "threads": target_rt.settings.n_threads,
+                    "target": str(target_rt.path),
+                    "draft": str(draft_rt.path) if draft_rt else None,
+                },
+            )
+            click.echo(f"\nwrote {path}", err=True)
+            try:
+                from .plots import write_plots
+
+                for png in write_plots(result, Path(out)):
+                    click.echo(f"wrote {png}", err=True)
+            except ModuleNotFoundError:
+                click.echo(
+                    'plots skipped: matplotlib is not installed (pip install "edgespec[plot]")', err=True
+                )
+    finally:
+        target_rt.close()
+        if draft_rt is not None:
+            draft_rt.close()
+    if result.failures:
+        for failure in result.failures:
+            click.echo(f"mismatch: {failure}", err=True)
+        raise EdgespecError(f"{len(result.failures)} speculative outputs differ from target-only")
+
+
+def _run_peers(
+    target_rt: Any, draft_rt: Any, prompts: Any, result: Any, max_tokens: int, k: int, bin_dir: str | None
+) -> list[dict[str, Any]]:
+    from . import peers
+    from .chat import render_chat
+    from .runtimes.llama_cpp import default_threads
+
+    template = target_rt.chat_template()
+    peer_prompts = []
+    for item in prompts:
+        text = render_chat(template, [{"role": "user", "content": item.prompt}])
+        tokens = target_rt.tokenize(text, add_special=False, parse_special=True)
+        peer_prompts.append(peers.PeerPrompt(item.id, text, tokens, result.references.get(item.id, [])))
+    threads = target_rt.settings.n_threads or default_threads()
+    binary = peers.find_speculative_simple(bin_dir)
+    return [
+        peers.llama_cpp_python_lookup(
+            target_rt.path, peer_prompts, max_tokens=max_tokens, k=k, threads=threads, eog=target_rt.vocab.eog
+        ),
+        peers.llama_speculative_simple(
+            binary,
+            target_rt.path,
+            draft_rt.path if draft_rt else None,
+            peer_prompts,
+            max_tokens=max_tokens,
+            k=k,
+            threads=threads,
+            n_ctx=target_rt.n_ctx,
+            bin_dir=bin_dir,
+        ),
+    ]
+
+
+@bench.command("costs")
+@_model_options
+@click.option("--k-max", type=click.IntRange(1, 64), default=16, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+def bench_costs(
+    target: str, draft: str, threads: int | None, ctx_size: int, kernels: str, k_max: int, repeats: int
+) -> None:
+    """Measure draft and verification costs here and print the speed-up speculation could reach."""
+    from . import bench as harness
+    from . import costs as cost_model
+    from .datasets import read_prompts, spec_bench_path
+
+    target_rt, draft_rt = _bench_runtimes(target, draft, threads, ctx_size, kernels, True)
+    try:
+        text = read_prompts(spec_bench_path())[0].prompt * 4
+        context = target_rt.tokenize(text, add_special=True, parse_special=False)[:256]
+        measured = cost_model.measure(target_rt, draft_rt, context, k_max=k_max, repeats=repeats)
+    finally:
+        target_rt.close()
+        if draft_rt is not None:
+            draft_rt.close()
+    click.echo(harness.costs_markdown(measured))
+
+
 def main() -> None:
     cli.main(prog_name="edgespec")
 

@@ -7,6 +7,7 @@ optional `category` and an optional id (`question_id` or `id`).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,3 +59,21 @@ def first_per_category(
         by_category.setdefault(item.category, []).append(item)
     names = sorted(by_category)[:categories]
     return [item for name in names for item in by_category[name][:per_category]]
+
+
+SPEC_BENCH_ENV = "EDGESPEC_SPEC_BENCH"
+
+
+def spec_bench_path() -> Path:
+    """The Spec-Bench question file: `$EDGESPEC_SPEC_BENCH`, else `shared/bench/` beside the checkout."""
+    override = os.environ.get(SPEC_BENCH_ENV)
+    candidates = [Path(override)] if override else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "bench" / "spec_bench_question.jsonl")
+    candidates.append(Path.cwd().parent / "shared" / "bench" / "spec_bench_question.jsonl")
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise EdgespecError(
+        f"Spec-Bench prompts not found (looked at {', '.join(map(str, candidates))}); "
+        f"set {SPEC_BENCH_ENV} or pass --dataset FILE.jsonl"
+    )

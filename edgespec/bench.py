@@ -1,0 +1,420 @@
+"""`edgespec bench`: configurations side by side on the same loaded models, checked for identity.
+
+Fairness rules: every configuration runs on the same runtimes, interleaved prompt by prompt
+(A B C, A B C, ...) so drift in the machine's speed hits all alike; decoding is greedy; prompts are
+formatted the same way; warm-up runs are not counted. Every speculative configuration's token ids
+are compared with target-only's for the same prompt and turn; a difference is a failure.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .datasets import BenchPrompt
+from .errors import SettingsError
+
+if TYPE_CHECKING:
+    from .costs import Costs
+    from .runtimes.base import Runtime
+
+_CONFIG = re.compile(
+    r"^(?P<kind>target-only|none|draft|ngram)(?::(?P<params>[a-z_]+=\d+(?:,[a-z_]+=\d+)*))?$"
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One configuration to measure.
+
+    Spec syntax: `target-only`, `draft[:k=N]`, `ngram[:k=N,n_min=N,n_max=N]` (k defaults to 4).
+    """
+
+    label: str
+    drafter: str  # "none", "draft" or "ngram"
+    k: int = 0
+    n_min: int = 2
+    n_max: int = 4
+
+    @classmethod
+    def parse(cls, spec: str) -> BenchConfig:
+        match = _CONFIG.match(spec.strip())
+        if not match:
+            raise SettingsError(
+                f"unknown configuration {spec!r}; use target-only, draft[:k=N] or ngram[:k=N,n_min=N,n_max=N]"
+            )
+        kind = "none" if match["kind"] in ("target-only", "none") else match["kind"]
+        params = dict(p.split("=") for p in match["params"].split(",")) if match["params"] else {}
+        allowed = {"none": set(), "draft": {"k"}, "ngram": {"k", "n_min", "n_max"}}[kind]
+        unknown = set(params) - allowed
+        if unknown:
+            raise SettingsError(f"configuration {spec!r}: unknown parameter {sorted(unknown)[0]!r}")
+        values = {key: int(value) for key, value in params.items()}
+        k = values.pop("k", 0 if kind == "none" else 4)
+        if kind != "none" and not 1 <= k <= 64:
+            raise SettingsError(f"configuration {spec!r}: k must be between 1 and 64")
+        label = (
+            "target-only"
+            if kind == "none"
+            else f"{kind} k={k}" + "".join(f" {key}={value}" for key, value in sorted(values.items()))
+        )
+        config = cls(label=label, drafter=kind, k=k, **values)
+        if kind == "ngram" and not 1 <= config.n_min <= config.n_max:
+            raise SettingsError(f"configuration {spec!r}: need 1 <= n_min <= n_max")
+        return config
+
+
+TARGET_ONLY = BenchConfig(label="target-only", drafter="none")
+
+
+def read_config_file(path: str | Path) -> list[BenchConfig]:
+    """Configurations from TOML: `configs = ["target-only", "draft:k=4", ...]`."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML ({exc})") from None
+    specs = data.get("configs")
+    if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs) or not specs:
+        raise SettingsError(f'{path}: expected configs = ["target-only", "draft:k=4", ...]')
+    return [BenchConfig.parse(s) for s in specs]
+
+
+@dataclass
+class BenchResult:
+    """Every measurement of one bench run."""
+
+    configs: list[BenchConfig]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    peers: list[dict[str, Any]] = field(default_factory=list)
+    costs: Costs | None = None
+    # target-only's tokens for the first turn of each prompt (first repeat): what peers are compared with
+    references: dict[str, list[int]] = field(default_factory=dict)
+
+
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def run(
+    target: Runtime,
+    draft: Runtime | None,
+    prompts: Sequence[BenchPrompt],
+    configs: Sequence[BenchConfig],
+    *,
+    max_tokens: int = 128,
+    repeat: int = 1,
+    warmup: int = 1,
+    multi_turn: bool = False,
+    on_run: Callable[[], None] | None = None,
+) -> BenchResult:
+    """Run every configuration on every prompt, interleaved, and compare outputs with target-only.
+
+    Args:
+        target, draft: loaded runtimes (draft may be None when no configuration needs it).
+        prompts: the prompt set; with `multi_turn`, every turn of a prompt is generated in order,
+            each answer (target-only's, which every exact configuration reproduces) becoming
+            part of the next turn's conversation.
+        configs: configurations; target-only is added first when missing (it is the reference).
+        max_tokens: new tokens per generation.
+        repeat: runs per prompt and configuration (interleaved).
+        warmup: generations per configuration before measuring (on the first prompt, not counted).
+        on_run: called after each measured generation (for a progress bar).
+    """
+    from .drafting import Drafter, ModelDrafter, NgramDrafter
+    from .engine import GenerationSettings, SpeculativeEngine
+    from .loader import chat_tokens
+
+    configs = list(configs)
+    if all(c.drafter != "none" for c in configs):
+        configs.insert(0, TARGET_ONLY)
+    configs.sort(key=lambda c: c.drafter != "none")  # the reference runs first each round
+    if any(c.drafter == "draft" for c in configs) and draft is None:
+        raise SettingsError("a draft configuration needs a draft model")
+    model_drafter = ModelDrafter(draft, max_id=target.vocab.n_vocab) if draft is not None else None
+    ngram_drafters: dict[tuple[int, int], NgramDrafter] = {}
+    engines: dict[str, SpeculativeEngine] = {}
+    for config in configs:
+        drafter: Drafter | None = None
+        if config.drafter == "draft":
+            drafter = model_drafter
+        elif config.drafter == "ngram":
+            key = (config.n_min, config.n_max)
+            drafter = ngram_drafters.setdefault(key, NgramDrafter(n_min=config.n_min, n_max=config.n_max))
+        engines[config.label] = SpeculativeEngine(target, drafter)
+    template = target.chat_template() if hasattr(target, "chat_template") else None
+    if not template:
+        raise SettingsError(f"{target.path.name} has no chat template; bench formats prompts with it")
+
+    def generate(config: BenchConfig, messages: list[dict[str, str]]) -> Any:
+        tokens = chat_tokens(target, template, messages)
+        settings = GenerationSettings(max_tokens=max_tokens, draft_max=config.k)
+        return tokens, engines[config.label].generate(tokens, settings).run()
+
+    result = BenchResult(configs=configs)
+    if prompts:
+        for config in configs:
+            for _ in range(warmup):
+                generate(config, [{"role": "user", "content": prompts[0].prompt}])
+
+    for item in prompts:
+        turns = item.turns if multi_turn else item.turns[:1]
+        for rep in range(repeat):
+            conversation: list[dict[str, str]] = []
+            for turn_index, turn in enumerate(turns):
+                conversation.append({"role": "user", "content": turn})
+                reference = None
+                for config in configs:
+                    tokens, gen = generate(config, conversation)
+                    if reference is None:
+                        reference = gen
+                        if rep == 0 and turn_index == 0:
+                            result.references[item.id] = list(gen.tokens)
+                    identical = gen.tokens == reference.tokens
+                    result.records.append(
+                        {
+                            "prompt_id": item.id,
+                            "category": item.category,
+                            "turn": turn_index,
+                            "repeat": rep,
+                            "config": config.label,
+                            "k": config.k,
+                            "drafter": config.drafter,
+                            "prompt_tokens": len(tokens),
+                            "finish_reason": gen.finish_reason,
+                            "identical_to_target_only": identical,
+                            "rss_mib": _rss_mib(),
+                            **gen.stats.to_dict(),
+                        }
+                    )
+                    if not identical:
+                        result.failures.append(
+                            f"{config.label} differs from target-only on prompt {item.id} turn {turn_index}"
+                        )
+                    if on_run:
+                        on_run()
+                conversation.append({"role": "assistant", "content": reference.text})
+    return result
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    position = (len(ordered) - 1) * q
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(result: BenchResult, category: str | None = None) -> list[dict[str, Any]]:
+    """Per-configuration figures, over all prompts or one category.
+
+    tokens/s is first reduced to one median per prompt and turn (over repeats); the speed-up is
+    the geometric mean over prompts of that median divided by target-only's.
+    """
+    rows = [r for r in result.records if category is None or r["category"] == category]
+
+    def per_prompt(label: str, key: str) -> dict[tuple[str, int], float]:
+        values: dict[tuple[str, int], list[float]] = {}
+        for r in rows:
+            if r["config"] == label:
+                values.setdefault((r["prompt_id"], r["turn"]), []).append(r[key])
+        return {pid: statistics.median(v) for pid, v in values.items()}
+
+    base = per_prompt(TARGET_ONLY.label, "tokens_per_second")
+    summary = []
+    for config in result.configs:
+        mine = [r for r in rows if r["config"] == config.label]
+        if not mine:
+            continue
+        tps = per_prompt(config.label, "tokens_per_second")
+        ratios = [tps[p] / base[p] for p in tps if base.get(p, 0) > 0 and tps[p] > 0]
+        drafted = sum(r["n_drafted"] for r in mine)
+        accepted = sum(r["n_accepted"] for r in mine)
+        total = sum(r["t_total"] for r in mine)
+        draft_s, verify_s = sum(r["t_draft"] for r in mine), sum(r["t_verify"] for r in mine)
+        acceptance = accepted / drafted if drafted else None
+        ceiling = None
+        if result.costs is not None and acceptance is not None and config.k <= result.costs.k_max:
+            t_draft = 0.0 if config.drafter == "ngram" else None
+            ceiling = result.costs.expected_speedup(acceptance, config.k, t_draft)
+        values = list(tps.values())
+        summary.append(
+            {
+                "config": config.label,
+                "runs": len(mine),
+                "tokens_per_s_median": statistics.median(values),
+                "tokens_per_s_iqr": _quantile(values, 0.75) - _quantile(values, 0.25),
+                "speedup_geomean": statistics.geometric_mean(ratios) if ratios else math.nan,
+                "tau": sum(r["tokens_per_step"] for r in mine) / len(mine),
+                "acceptance": acceptance,
+                "share_drafting": draft_s / total if total else 0.0,
+                "share_verifying": verify_s / total if total else 0.0,
+                "share_other": (total - draft_s - verify_s) / total if total else 0.0,
+                "peak_rss_mib": max(r["rss_mib"] for r in mine),
+                "ceiling_speedup": ceiling,
+                "mismatches": sum(not r["identical_to_target_only"] for r in mine),
+            }
+        )
+    return summary
+
+
+def markdown(result: BenchResult, by_category: bool = True) -> str:
+    """The result as Markdown tables: overall, then per category."""
+
+    def table(summary: list[dict[str, Any]]) -> list[str]:
+        lines = [
+            "| configuration | tokens/s median (IQR) | speed-up (geo. mean) | ceiling | τ | acceptance "
+            "| drafting / verifying / other | peak RSS MiB | mismatches |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in summary:
+            acceptance = "–" if s["acceptance"] is None else f"{s['acceptance']:.1%}"
+            ceiling = "–" if s["ceiling_speedup"] is None else f"{s['ceiling_speedup']:.2f}x"
+            lines.append(
+                f"| {s['config']} | {s['tokens_per_s_median']:.2f} ({s['tokens_per_s_iqr']:.2f}) "
+                f"| {s['speedup_geomean']:.2f}x | {ceiling} | {s['tau']:.2f} | {acceptance} "
+                f"| {s['share_drafting']:.0%} / {s['share_verifying']:.0%} / {s['share_other']:.0%} "
+                f"| {s['peak_rss_mib']:.0f} | {s['mismatches']} |"
+            )
+        return lines
+
+    out = ["### All prompts", "", *table(summarize(result))]
+    categories = sorted({r["category"] for r in result.records})
+    if by_category and len(categories) > 1:
+        for category in categories:
+            out += ["", f"### {category}", "", *table(summarize(result, category))]
+    if result.peers:
+        out += [
+            "",
+            "### Peers (same prompts, run after edgespec's configurations)",
+            "",
+            "| peer | status | tokens/s median | notes |",
+            "|---|---|---|---|",
+        ]
+        for peer in result.peers:
+            tps = "–" if peer.get("tokens_per_s_median") is None else f"{peer['tokens_per_s_median']:.2f}"
+            out.append(f"| {peer['name']} | {peer['status']} | {tps} | {peer.get('notes', '')} |")
+    out += [
+        "",
+        "outputs identical to target-only: "
+        + ("all" if not result.failures else f"NO, {len(result.failures)} mismatches"),
+    ]
+    return "\n".join(out)
+
+
+def costs_markdown(costs: Costs, alphas: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9)) -> str:
+    """The measured cost curve and the ceiling it implies."""
+    lines = [
+        f"target pass cost after {costs.context_tokens} context tokens; draft token "
+        f"{costs.t_draft * 1000:.1f} ms = {costs.t_draft / costs.t_target[0]:.2f} of a target step",
+        "",
+        "| n tokens | T(n) ms | T(n)/T(1) | batch efficiency n·T(1)/T(n) |",
+        "|---|---|---|---|",
+    ]
+    for n in range(1, len(costs.t_target) + 1):
+        t = costs.t_target[n - 1]
+        lines.append(
+            f"| {n} | {t * 1000:.1f} | {t / costs.t_target[0]:.2f} | {costs.batch_efficiency(n):.2f} |"
+        )
+    lines += [
+        "",
+        "| acceptance rate | best k, model drafter | ceiling | best k, free drafter (n-gram) | ceiling |",
+        "|---|---|---|---|---|",
+    ]
+    for alpha in alphas:
+        k_model, s_model = costs.ceiling(alpha)
+        k_free, s_free = costs.ceiling(alpha, t_draft=0.0)
+        lines.append(f"| {alpha:.0%} | {k_model} | {s_model:.2f}x | {k_free} | {s_free:.2f}x |")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, RAM, OS and library versions, git commit: what a figure was measured on."""
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    versions = {}
+    for package in ("edgespec", "llama-cpp-python", "numpy"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {
+        "cpu": cpu,
+        "physical_cores": psutil.cpu_count(logical=False),
+        "logical_cores": psutil.cpu_count(logical=True),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": versions,
+        "git_commit": commit,
+    }
+
+
+def write_results(result: BenchResult, directory: Path, settings: dict[str, Any]) -> Path:
+    """Write `results.json` into `directory`: atomically, via a temporary file renamed into place."""
+    import json
+    import os
+    import tempfile
+    from dataclasses import asdict
+
+    categories = sorted({r["category"] for r in result.records})
+    data = {
+        "settings": settings,
+        "machine": machine_info(),
+        "configs": [asdict(c) for c in result.configs],
+        "summary": summarize(result),
+        "summary_by_category": {c: summarize(result, c) for c in categories},
+        "costs": result.costs.to_dict() if result.costs else None,
+        "peers": result.peers,
+        "failures": result.failures,
+        "records": result.records,
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "results.json"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, allow_nan=False, default=lambda v: None)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

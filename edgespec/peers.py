@@ -1,0 +1,201 @@
+"""Other runtimes' speculative decoding, run on the same prompts and models for comparison.
+
+Peers run with their own defaults (llama.cpp's fast kernels), so their output is compared with
+edgespec's target-only output for information only: a difference there is not an edgespec failure.
+A peer that cannot run here is reported as skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SPECULATIVE_SIMPLE = "llama-speculative-simple"
+_DECODED = re.compile(r"decoded\s+(\d+)\s+tokens in\s+([\d.]+)\s+seconds, speed:\s+([\d.]+)\s+t/s")
+_ACCEPT = re.compile(r"accept\s*=\s*([\d.]+)%")
+
+
+@dataclass(frozen=True)
+class PeerPrompt:
+    """One prompt as edgespec ran it: its formatted text and tokens, and target-only's answer."""
+
+    id: str
+    text: str
+    tokens: list[int]
+    reference: list[int]
+
+
+def _skipped(name: str, reason: str) -> dict[str, Any]:
+    return {"name": name, "status": "skipped", "notes": reason, "tokens_per_s_median": None, "runs": []}
+
+
+def llama_cpp_python_lookup(
+    target_path: Path,
+    prompts: Sequence[PeerPrompt],
+    *,
+    max_tokens: int,
+    k: int,
+    threads: int,
+    eog: frozenset[int],
+) -> dict[str, Any]:
+    """llama-cpp-python's own prompt-lookup speculation: `Llama(draft_model=LlamaPromptLookupDecoding)`.
+
+    Greedy (`temp=0, top_k=1`, no repetition penalty); tokens/s is measured like edgespec's:
+    tokens after the first over the time after the first.
+    """
+    name = f"llama-cpp-python prompt lookup (num_pred_tokens={k})"
+    try:
+        import llama_cpp
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    except ImportError as exc:  # pragma: no cover - llama-cpp-python is a dependency
+        return _skipped(name, f"llama-cpp-python not importable: {exc}")
+    n_ctx = max(len(p.tokens) for p in prompts) + max_tokens + 16
+    # draft_model forces logits_all=True: an n_ctx x n_vocab table, so keep n_ctx to what is needed.
+    llm = llama_cpp.Llama(
+        model_path=str(target_path),
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        draft_model=LlamaPromptLookupDecoding(num_pred_tokens=k),
+        verbose=False,
+    )
+    runs = []
+    try:
+        for prompt in prompts:
+            llm.reset()
+            out: list[int] = []
+            first = end = time.perf_counter()
+            for token in llm.generate(prompt.tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+                end = time.perf_counter()
+                if not out:
+                    first = end
+                if token in eog:
+                    break
+                out.append(token)
+                if len(out) >= max_tokens:
+                    break
+            tps = (len(out) - 1) / (end - first) if len(out) > 1 and end > first else 0.0
+            runs.append(
+                {
+                    "prompt_id": prompt.id,
+                    "tokens": len(out),
+                    "tokens_per_second": tps,
+                    "identical_to_target_only": out == prompt.reference,
+                }
+            )
+    finally:
+        llm.close()
+    same = sum(r["identical_to_target_only"] for r in runs)
+    return {
+        "name": name,
+        "status": "ran",
+        "runs": runs,
+        "tokens_per_s_median": statistics.median(r["tokens_per_second"] for r in runs),
+        "notes": f"output equal to edgespec target-only on {same}/{len(runs)} prompts",
+    }
+
+
+def find_speculative_simple(bin_dir: str | None) -> Path | None:
+    """llama.cpp's `llama-speculative-simple`: in `bin_dir` when given, else on PATH."""
+    if bin_dir:
+        candidate = Path(bin_dir) / SPECULATIVE_SIMPLE
+        return candidate if candidate.is_file() and os.access(candidate, os.X_OK) else None
+    found = shutil.which(SPECULATIVE_SIMPLE)
+    return Path(found) if found else None
+
+
+def parse_speculative_simple(output: str) -> dict[str, float]:
+    """Figures from llama-speculative-simple's closing report (its log goes to stderr)."""
+    decoded = _DECODED.findall(output)
+    if not decoded:
+        raise ValueError("no 'decoded N tokens in S seconds, speed: X t/s' line in its output")
+    n, seconds, speed = decoded[-1]
+    accept = _ACCEPT.search(output)
+    return {
+        "tokens": int(n),
+        "seconds": float(seconds),
+        "tokens_per_second": float(speed),
+        "acceptance": float(accept.group(1)) / 100 if accept else None,
+    }
+
+
+def llama_speculative_simple(
+    binary: Path | None,
+    target_path: Path,
+    draft_path: Path | None,
+    prompts: Sequence[PeerPrompt],
+    *,
+    max_tokens: int,
+    k: int,
+    threads: int,
+    n_ctx: int,
+    bin_dir: str | None,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """llama.cpp's own draft-model speculation, as a subprocess, greedy, on the same formatted prompts."""
+    name = f"llama.cpp {SPECULATIVE_SIMPLE} (--draft-max {k})"
+    if binary is None:
+        where = f"in {bin_dir}" if bin_dir else "on PATH"
+        return _skipped(
+            name, f"binary not found {where} (build llama.cpp's examples, or pass --llama-cpp-bin DIR)"
+        )
+    if draft_path is None:
+        return _skipped(name, "needs a draft model")
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="edgespec-peer-") as tmp:
+        for prompt in prompts:
+            prompt_file = Path(tmp) / "prompt.txt"
+            prompt_file.write_text(prompt.text, encoding="utf-8")
+            command = [
+                str(binary),
+                "-m",
+                str(target_path),
+                "-md",
+                str(draft_path),
+                "-f",
+                str(prompt_file),
+                "-n",
+                str(max_tokens),
+                "--draft-max",
+                str(k),
+                "--temp",
+                "0",
+                "--top-k",
+                "1",
+                "-t",
+                str(threads),
+                "-c",
+                str(n_ctx),
+                "-ngl",
+                "0",
+                "-ngld",
+                "0",
+            ]
+            try:
+                proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return _skipped(name, f"timed out after {timeout:.0f} s on prompt {prompt.id}")
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                return _skipped(name, f"exited with {proc.returncode} on prompt {prompt.id}: {last}")
+            try:
+                figures = parse_speculative_simple(proc.stderr + proc.stdout)
+            except ValueError as exc:
+                return _skipped(name, f"could not read its report: {exc}")
+            runs.append({"prompt_id": prompt.id, **figures})
+    return {
+        "name": name,
+        "status": "ran",
+        "runs": runs,
+        "tokens_per_s_median": statistics.median(r["tokens_per_second"] for r in runs),
+        "notes": "its own tokens/s (decode phase); output not compared",
+    }

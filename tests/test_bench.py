@@ -1,0 +1,181 @@
+"""`edgespec bench` end to end on the tiny models, its mismatch check, configs and the cost model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgespec import bench
+from edgespec.cli import cli
+from edgespec.costs import Costs
+from edgespec.errors import SettingsError
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt": "the cat sat on the mat and the dog sat on the log", "category": "animals"},
+        {"prompt": "once upon a time there was a king and a queen", "category": "stories"},
+        {"turns": ["hello world, the", "and then"], "category": "stories"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def bench_args(tiny_pair, dataset, out, *extra):
+    return [
+        "bench",
+        "--dataset",
+        str(dataset),
+        "--target",
+        str(tiny_pair[0]),
+        "--draft",
+        str(tiny_pair[1]),
+        "--threads",
+        "1",
+        "--ctx",
+        "256",
+        "--max-tokens",
+        "12",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_bench_end_to_end_writes_valid_results(tiny_pair, dataset, tmp_path):
+    out = tmp_path / "b"
+    result = CliRunner().invoke(
+        cli,
+        bench_args(
+            tiny_pair, dataset, out, "--config", "target-only", "--config", "draft:k=3", "--multi-turn"
+        ),
+    )
+    assert result.exit_code == 0, result.output
+    assert "| draft k=3 |" in result.stdout and "### animals" in result.stdout
+    assert "outputs identical to target-only: all" in result.stdout
+    data = json.loads((out / "results.json").read_text())
+    assert [c["label"] for c in data["configs"]] == ["target-only", "draft k=3"]
+    assert len(data["records"]) == 2 * 4  # 2 configurations x (1 + 1 + 2 turns)
+    assert all(r["identical_to_target_only"] for r in data["records"])
+    assert data["failures"] == [] and data["machine"]["physical_cores"] >= 1
+    assert len(data["costs"]["t_target"]) == 17 and data["costs"]["t_draft"] > 0
+    draft_summary = data["summary"][1]
+    assert draft_summary["config"] == "draft k=3" and draft_summary["tau"] >= 1
+    assert draft_summary["ceiling_speedup"] > 0 and set(data["summary_by_category"]) == {"animals", "stories"}
+    assert not list(out.glob(".*"))  # no temporary files left
+    for png in ("speedup_by_category.png", "tau_vs_k.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG")
+    lookup, simple = data["peers"]
+    assert lookup["status"] == "ran" and len(lookup["runs"]) == 3 and lookup["tokens_per_s_median"] > 0
+    assert simple["status"] == "skipped" and "not found" in simple["notes"]  # listed, never dropped
+    assert "| llama.cpp llama-speculative-simple (--draft-max 4) | skipped |" in result.stdout
+
+
+def test_broken_configuration_is_caught(tiny_pair, dataset, tmp_path, monkeypatch):
+    """Inject a fault: a verifier that corrupts the target's token whenever there is a draft."""
+    import edgespec.engine as engine
+    from edgespec.verify import verify_greedy
+
+    def broken(draft, p_logits):
+        n, token = verify_greedy(draft, p_logits)
+        return (n, (token + 1) % p_logits.shape[1]) if draft else (n, token)
+
+    monkeypatch.setattr(engine, "verify_greedy", broken)
+    out = tmp_path / "b"
+    result = CliRunner().invoke(
+        cli,
+        bench_args(
+            tiny_pair,
+            dataset,
+            out,
+            "--no-ceiling",
+            "--config",
+            "ngram:k=2",
+            "--config",
+            "draft:k=2",
+            "--limit",
+            "2",
+        ),
+    )
+    assert result.exit_code == 1
+    assert "mismatch: draft k=2 differs from target-only" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    data = json.loads((out / "results.json").read_text())
+    assert data["failures"] and not all(r["identical_to_target_only"] for r in data["records"])
+
+
+def test_config_parsing():
+    assert bench.BenchConfig.parse("target-only") == bench.TARGET_ONLY
+    assert bench.BenchConfig.parse("draft:k=8").k == 8
+    ngram = bench.BenchConfig.parse("ngram:k=3,n_max=5")
+    assert (ngram.label, ngram.k, ngram.n_max) == ("ngram k=3 n_max=5", 3, 5)
+    assert bench.BenchConfig.parse("ngram").k == 4
+    for bad, message in [
+        ("eagle", "unknown configuration"),
+        ("draft:n_max=3", "unknown parameter"),
+        ("draft:k=0", "between 1 and 64"),
+        ("ngram:n_min=4,n_max=2", "n_min <= n_max"),
+    ]:
+        with pytest.raises(SettingsError, match=message):
+            bench.BenchConfig.parse(bad)
+
+
+def test_config_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('configs = ["target-only", "draft:k=2"]\n')
+    assert [c.label for c in bench.read_config_file(path)] == ["target-only", "draft k=2"]
+    path.write_text("configs = 3\n")
+    with pytest.raises(SettingsError, match="expected configs"):
+        bench.read_config_file(path)
+
+
+def test_cost_model_by_hand():
+    # T(n) = n ms: batching buys nothing, so speculation can never pay
+    linear = Costs(t_target=tuple(n / 1000 for n in range(1, 6)), t_draft=0.0, context_tokens=32)
+    assert linear.batch_efficiency(4) == pytest.approx(1.0)
+    assert linear.expected_speedup(1.0, 3) == pytest.approx(1.0)
+    assert linear.ceiling(0.9) == (0, 1.0)  # k = 0: do not speculate
+    # T(n) = 1 ms for any n: all 4 drafts accepted give 5 tokens per step
+    flat = Costs(t_target=(0.001,) * 5, t_draft=0.0, context_tokens=32)
+    assert flat.expected_speedup(1.0, 4) == pytest.approx(5.0)
+    assert flat.expected_speedup(0.5, 2) == pytest.approx(1.75)  # 1 + 0.5 + 0.25
+    assert flat.ceiling(0.5) == (4, pytest.approx(1.9375))
+    # a drafter as costly as the target halves what acceptance buys
+    costly = Costs(t_target=(0.001,) * 5, t_draft=0.001, context_tokens=32)
+    assert costly.expected_speedup(1.0, 1) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        flat.expected_speedup(1.5, 2)
+
+
+FAKE_SPECULATIVE_SIMPLE = """#!/bin/sh
+# stands in for llama.cpp's binary: checks a few arguments, prints its closing report
+case "$*" in *"--draft-max 3"*"--temp 0"*) ;; *) echo "bad args: $*" >&2; exit 2;; esac
+echo "encoded   20 tokens in    0.100 seconds, speed:  200.000 t/s" >&2
+echo "decoded   12 tokens in    0.500 seconds, speed:   24.000 t/s" >&2
+echo "accept    = 62.500%" >&2
+"""
+
+
+def test_llama_speculative_simple_peer_runs_and_parses(tmp_path):
+    from edgespec import peers
+
+    binary = tmp_path / peers.SPECULATIVE_SIMPLE
+    binary.write_text(FAKE_SPECULATIVE_SIMPLE)
+    binary.chmod(0o755)
+    assert peers.find_speculative_simple(str(tmp_path)) == binary
+    assert peers.find_speculative_simple(str(tmp_path / "nowhere")) is None
+    prompt = peers.PeerPrompt("p1", "hello", [1, 2], [3])
+    common = dict(max_tokens=12, threads=1, n_ctx=256, bin_dir=str(tmp_path))
+    report = peers.llama_speculative_simple(
+        binary, tmp_path / "t.gguf", tmp_path / "d.gguf", [prompt], k=3, **common
+    )
+    assert report["status"] == "ran" and report["tokens_per_s_median"] == 24.0
+    assert report["runs"][0]["acceptance"] == 0.625 and report["runs"][0]["tokens"] == 12
+    failed = peers.llama_speculative_simple(
+        binary, tmp_path / "t.gguf", tmp_path / "d.gguf", [prompt], k=5, **common
+    )
+    assert failed["status"] == "skipped" and "exited with 2" in failed["notes"]
