@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -65,34 +63,9 @@ def spec_bench_prompts(per_category: int = 1, categories: int = 12) -> list[dict
 
 
 def machine() -> dict:
-    import psutil
+    from edgespec.bench import machine_info
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    from importlib.metadata import version
-
-    return {
-        "cpu": cpu,
-        "physical_cores": psutil.cpu_count(logical=False),
-        "logical_cores": psutil.cpu_count(logical=True),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "llama_cpp_python": version("llama-cpp-python"),
-        "git_commit": commit,
-    }
+    return machine_info()
 
 
 def median(values: list[float]) -> float:
