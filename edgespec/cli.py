@@ -7,6 +7,7 @@ Every failure a user can cause ends as one line on stderr, `error: ...`, and a n
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,14 @@ class _OneLineErrors(click.Group):
         except (KeyboardInterrupt, click.Abort):
             click.echo("\ninterrupted", err=True)
             code = EXIT_INTERRUPTED
+        except Exception as exc:
+            # A bug, or a failure inside a library: still one line for the user; the traceback on request.
+            if os.environ.get("EDGESPEC_DEBUG"):
+                raise
+            click.echo(
+                f"error: unexpected {type(exc).__name__}: {exc} (set EDGESPEC_DEBUG=1 for details)", err=True
+            )
+            code = EXIT_ERROR
         else:
             code = result if isinstance(result, int) else 0
         if standalone_mode:
@@ -522,19 +531,30 @@ def _run_peers(
     threads = target_rt.settings.n_threads or default_threads()
     binary = peers.find_speculative_simple(bin_dir)
     return [
-        peers.llama_cpp_python_lookup(
-            target_rt.path, peer_prompts, max_tokens=max_tokens, k=k, threads=threads, eog=target_rt.vocab.eog
+        peers.guarded(
+            "llama-cpp-python prompt lookup",
+            lambda: peers.llama_cpp_python_lookup(
+                target_rt.path,
+                peer_prompts,
+                max_tokens=max_tokens,
+                k=k,
+                threads=threads,
+                eog=target_rt.vocab.eog,
+            ),
         ),
-        peers.llama_speculative_simple(
-            binary,
-            target_rt.path,
-            draft_rt.path if draft_rt else None,
-            peer_prompts,
-            max_tokens=max_tokens,
-            k=k,
-            threads=threads,
-            n_ctx=target_rt.n_ctx,
-            bin_dir=bin_dir,
+        peers.guarded(
+            peers.SPECULATIVE_SIMPLE,
+            lambda: peers.llama_speculative_simple(
+                binary,
+                target_rt.path,
+                draft_rt.path if draft_rt else None,
+                peer_prompts,
+                max_tokens=max_tokens,
+                k=k,
+                threads=threads,
+                n_ctx=target_rt.n_ctx,
+                bin_dir=bin_dir,
+            ),
         ),
     ]
 

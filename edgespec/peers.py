@@ -34,8 +34,16 @@ class PeerPrompt:
     reference: list[int]
 
 
-def _skipped(name: str, reason: str) -> dict[str, Any]:
-    return {"name": name, "status": "skipped", "notes": reason, "tokens_per_s_median": None, "runs": []}
+def _skipped(name: str, reason: str, status: str = "skipped") -> dict[str, Any]:
+    return {"name": name, "status": status, "notes": reason, "tokens_per_s_median": None, "runs": []}
+
+
+def guarded(name: str, run: Any) -> dict[str, Any]:
+    """Run one peer; its own failure (another project's code) is reported as a result, not raised."""
+    try:
+        return run()
+    except Exception as exc:  # any failure of a peer is reported in the table
+        return _skipped(name, f"{type(exc).__name__}: {exc}".splitlines()[0], status="failed")
 
 
 def llama_cpp_python_lookup(

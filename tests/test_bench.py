@@ -179,3 +179,13 @@ def test_llama_speculative_simple_peer_runs_and_parses(tmp_path):
         binary, tmp_path / "t.gguf", tmp_path / "d.gguf", [prompt], k=5, **common
     )
     assert failed["status"] == "skipped" and "exited with 2" in failed["notes"]
+
+
+def test_a_failing_peer_is_reported_not_raised():
+    from edgespec import peers
+
+    def boom():
+        raise ValueError("could not broadcast\nsecond line")
+
+    report = peers.guarded("some peer", boom)
+    assert report["status"] == "failed" and report["notes"] == "ValueError: could not broadcast"

@@ -162,3 +162,17 @@ def test_real_process_error_has_no_traceback(tmp_path: Path):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"error: model file not found: {tmp_path / 'x.gguf'}"
+
+
+def test_unexpected_failure_is_one_line_unless_debugging(runner, tiny_pair, monkeypatch):
+    import edgespec.engine as engine
+
+    def broken(*_args):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(engine, "verify_greedy", broken)
+    assert_one_line_error(
+        runner.invoke(cli, tiny_args(tiny_pair, "hi")), "unexpected ZeroDivisionError: boom"
+    )
+    monkeypatch.setenv("EDGESPEC_DEBUG", "1")
+    assert isinstance(runner.invoke(cli, tiny_args(tiny_pair, "hi")).exception, ZeroDivisionError)
