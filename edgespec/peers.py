@@ -66,7 +66,9 @@ def llama_cpp_python_lookup(
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
     except ImportError as exc:  # pragma: no cover - llama-cpp-python is a dependency
         return _skipped(name, f"llama-cpp-python not importable: {exc}")
-    n_ctx = max(len(p.tokens) for p in prompts) + max_tokens + 16
+    # A multiple of 256: llama.cpp rounds the context up to one, and llama-cpp-python bounds its loop
+    # by that rounded size while its logits table has only the rows asked for.
+    n_ctx = -(-(max(len(p.tokens) for p in prompts) + max_tokens + 16) // 256) * 256
     # draft_model forces logits_all=True: an n_ctx x n_vocab table, so keep n_ctx to what is needed.
     llm = llama_cpp.Llama(
         model_path=str(target_path),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -67,6 +68,13 @@ def test_bench_end_to_end_writes_valid_results(tiny_pair, dataset, tmp_path):
     assert draft_summary["config"] == "draft k=3" and draft_summary["tau"] >= 1
     assert draft_summary["ceiling_speedup"] > 0 and set(data["summary_by_category"]) == {"animals", "stories"}
     assert not list(out.glob(".*"))  # no temporary files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "results.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    shares = (
+        draft_summary["share_prompt"] + draft_summary["share_drafting"] + draft_summary["share_verifying"]
+    )
+    assert 0 < shares <= 1.0 + 1e-9 and draft_summary["share_other"] >= -1e-9
     for png in ("speedup_by_category.png", "tau_vs_k.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
     lookup, simple = data["peers"]
