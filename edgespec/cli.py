@@ -371,7 +371,7 @@ def _model_options(func: Any) -> Any:
     "--ceiling/--no-ceiling",
     default=True,
     show_default=True,
-    help="Measure the cost curve first and report each configuration's predicted ceiling.",
+    help="Measure the cost curve first and report each configuration's predicted speed-up.",
 )
 @click.option(
     "--out",

@@ -66,7 +66,10 @@ def test_bench_end_to_end_writes_valid_results(tiny_pair, dataset, tmp_path):
     assert len(data["costs"]["t_target"]) == 17 and data["costs"]["t_draft"] > 0
     draft_summary = data["summary"][1]
     assert draft_summary["config"] == "draft k=3" and draft_summary["tau"] >= 1
-    assert draft_summary["ceiling_speedup"] > 0 and set(data["summary_by_category"]) == {"animals", "stories"}
+    assert draft_summary["predicted_speedup"] > 0 and set(data["summary_by_category"]) == {
+        "animals",
+        "stories",
+    }
     assert not list(out.glob(".*"))  # no temporary files left
     umask = os.umask(0)
     os.umask(umask)
@@ -197,3 +200,28 @@ def test_a_failing_peer_is_reported_not_raised():
 
     report = peers.guarded("some peer", boom)
     assert report["status"] == "failed" and report["notes"] == "ValueError: could not broadcast"
+
+
+def test_bench_costs_command(tiny_pair):
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "costs",
+            "--target",
+            str(tiny_pair[0]),
+            "--draft",
+            str(tiny_pair[1]),
+            "--threads",
+            "1",
+            "--ctx",
+            "512",
+            "--k-max",
+            "4",
+            "--repeats",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "| 5 |" in result.stdout and "batch efficiency" in result.stdout
+    assert "| 90% |" in result.stdout and "of a target step" in result.stdout
