@@ -18,6 +18,11 @@ BENCH_QUESTIONS = SHARED / "bench" / "spec_bench_question.jsonl"
 TINY_SETTINGS = RuntimeSettings(n_ctx=256, n_threads=1)
 
 
+def tiny_model_args(tiny_pair: tuple[Path, Path], ctx: int = 256) -> list[str]:
+    """CLI options that point a command at the tiny pair, on one thread."""
+    return ["--target", str(tiny_pair[0]), "--draft", str(tiny_pair[1]), "--threads", "1", "--ctx", str(ctx)]
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tiny")

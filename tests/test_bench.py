@@ -13,6 +13,8 @@ from edgespec.cli import cli
 from edgespec.costs import Costs
 from edgespec.errors import SettingsError
 
+from .conftest import tiny_model_args
+
 
 @pytest.fixture()
 def dataset(tmp_path):
@@ -31,14 +33,7 @@ def bench_args(tiny_pair, dataset, out, *extra):
         "bench",
         "--dataset",
         str(dataset),
-        "--target",
-        str(tiny_pair[0]),
-        "--draft",
-        str(tiny_pair[1]),
-        "--threads",
-        "1",
-        "--ctx",
-        "256",
+        *tiny_model_args(tiny_pair),
         "--max-tokens",
         "12",
         "--out",
@@ -203,25 +198,8 @@ def test_a_failing_peer_is_reported_not_raised():
 
 
 def test_bench_costs_command(tiny_pair):
-    result = CliRunner().invoke(
-        cli,
-        [
-            "bench",
-            "costs",
-            "--target",
-            str(tiny_pair[0]),
-            "--draft",
-            str(tiny_pair[1]),
-            "--threads",
-            "1",
-            "--ctx",
-            "512",
-            "--k-max",
-            "4",
-            "--repeats",
-            "1",
-        ],
-    )
+    args = ["bench", "costs", *tiny_model_args(tiny_pair, ctx=512), "--k-max", "4", "--repeats", "1"]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "| 5 |" in result.stdout and "batch efficiency" in result.stdout
     assert "| 90% |" in result.stdout and "of a target step" in result.stdout

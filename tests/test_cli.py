@@ -13,6 +13,8 @@ from click.testing import CliRunner
 from edgespec import __version__
 from edgespec.cli import cli
 
+from .conftest import tiny_model_args
+
 
 @pytest.fixture()
 def runner(tmp_path, monkeypatch) -> CliRunner:
@@ -21,18 +23,7 @@ def runner(tmp_path, monkeypatch) -> CliRunner:
 
 
 def tiny_args(tiny_pair, *extra: str) -> list[str]:
-    return [
-        "run",
-        "--target",
-        str(tiny_pair[0]),
-        "--draft",
-        str(tiny_pair[1]),
-        "--threads",
-        "1",
-        "--ctx",
-        "256",
-        *extra,
-    ]
+    return ["run", *tiny_model_args(tiny_pair), *extra]
 
 
 def assert_one_line_error(result, pattern: str) -> None:
