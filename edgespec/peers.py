@@ -152,7 +152,7 @@ def llama_speculative_simple(
     timeout: float = 600.0,
 ) -> dict[str, Any]:
     """llama.cpp's own draft-model speculation, as a subprocess, greedy, on the same formatted prompts."""
-    name = f"llama.cpp {SPECULATIVE_SIMPLE} (--draft-max {k})"
+    name = f"llama.cpp {SPECULATIVE_SIMPLE} (--spec-draft-n-max {k})"
     if binary is None:
         where = f"in {bin_dir}" if bin_dir else "on PATH"
         return _skipped(
@@ -175,7 +175,9 @@ def llama_speculative_simple(
                 str(prompt_file),
                 "-n",
                 str(max_tokens),
-                "--draft-max",
+                "--spec-type",
+                "draft-simple",
+                "--spec-draft-n-max",
                 str(k),
                 "--temp",
                 "0",

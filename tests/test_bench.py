@@ -78,7 +78,7 @@ def test_bench_end_to_end_writes_valid_results(tiny_pair, dataset, tmp_path):
     lookup, simple = data["peers"]
     assert lookup["status"] == "ran" and len(lookup["runs"]) == 3 and lookup["tokens_per_s_median"] > 0
     assert simple["status"] == "skipped" and "not found" in simple["notes"]  # listed, never dropped
-    assert "| llama.cpp llama-speculative-simple (--draft-max 4) | skipped |" in result.stdout
+    assert "| llama.cpp llama-speculative-simple (--spec-draft-n-max 4) | skipped |" in result.stdout
 
 
 def test_broken_configuration_is_caught(tiny_pair, dataset, tmp_path, monkeypatch):
@@ -159,7 +159,7 @@ def test_cost_model_by_hand():
 
 FAKE_SPECULATIVE_SIMPLE = """#!/bin/sh
 # stands in for llama.cpp's binary: checks a few arguments, prints its closing report
-case "$*" in *"--draft-max 3"*"--temp 0"*) ;; *) echo "bad args: $*" >&2; exit 2;; esac
+case "$*" in *"--spec-type draft-simple --spec-draft-n-max 3"*"--temp 0"*) ;; *) echo "bad args: $*" >&2; exit 2;; esac
 echo "encoded   20 tokens in    0.100 seconds, speed:  200.000 t/s" >&2
 echo "decoded   12 tokens in    0.500 seconds, speed:   24.000 t/s" >&2
 echo "accept    = 62.500%" >&2
