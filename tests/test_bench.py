@@ -159,7 +159,10 @@ def test_cost_model_by_hand():
 
 FAKE_SPECULATIVE_SIMPLE = """#!/bin/sh
 # stands in for llama.cpp's binary: checks a few arguments, prints its closing report
-case "$*" in *"--spec-type draft-simple --spec-draft-n-max 3"*"--temp 0"*) ;; *) echo "bad args: $*" >&2; exit 2;; esac
+case "$*" in
+  *"--spec-type draft-simple --spec-draft-n-max 3"*"--temp 0"*) ;;
+  *) echo "bad args: $*" >&2; exit 2;;
+esac
 echo "encoded   20 tokens in    0.100 seconds, speed:  200.000 t/s" >&2
 echo "decoded   12 tokens in    0.500 seconds, speed:   24.000 t/s" >&2
 echo "accept    = 62.500%" >&2
