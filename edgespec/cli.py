@@ -297,28 +297,13 @@ def models(as_json: bool, verify: bool) -> None:
 
 
 def _bench_runtimes(target: str, draft: str, threads: int | None, ctx: int, kernels: str, need_draft: bool):
-    from dataclasses import replace
-
-    from .compat import check_compatible
-    from .loader import resolve_model_path
+    """Load the pair through the same loader as `run` (compatibility check included)."""
+    from .loader import load
     from .runtimes.base import RuntimeSettings
-    from .runtimes.llama_cpp import LlamaCppRuntime
 
     settings = RuntimeSettings(n_ctx=ctx, n_threads=threads, kernels=kernels)  # type: ignore[arg-type]
-    target_rt = LlamaCppRuntime(resolve_model_path(target, "target", _progress), settings)
-    draft_rt = None
-    if need_draft:
-        try:
-            draft_rt = LlamaCppRuntime(
-                resolve_model_path(draft, "draft", _progress), replace(settings, kernels="fast")
-            )
-            check_compatible(target_rt, draft_rt)
-        except BaseException:
-            target_rt.close()
-            if draft_rt is not None:
-                draft_rt.close()
-            raise
-    return target_rt, draft_rt
+    pair = load(target, draft if need_draft else "none", settings, progress=_progress)
+    return pair, pair.engine.target, pair.draft_runtime
 
 
 _BENCH_MODEL_OPTIONS = [
@@ -448,7 +433,7 @@ def bench(
     if not prompts:
         raise EdgespecError(f"no prompts in {dataset}")
     need_draft = any(c.drafter == "draft" for c in configs) or ceiling
-    target_rt, draft_rt = _bench_runtimes(target, draft, threads, ctx_size, kernels, need_draft)
+    pair, target_rt, draft_rt = _bench_runtimes(target, draft, threads, ctx_size, kernels, need_draft)
     try:
         n_runs = (
             len(prompts) * repeat * (len(configs) + (0 if any(c.drafter == "none" for c in configs) else 1))
@@ -506,9 +491,7 @@ def bench(
                     'plots skipped: matplotlib is not installed (pip install "edgespec[plot]")', err=True
                 )
     finally:
-        target_rt.close()
-        if draft_rt is not None:
-            draft_rt.close()
+        pair.close()
     if result.failures:
         for failure in result.failures:
             click.echo(f"mismatch: {failure}", err=True)
@@ -571,15 +554,13 @@ def bench_costs(
     from . import costs as cost_model
     from .datasets import read_prompts, spec_bench_path
 
-    target_rt, draft_rt = _bench_runtimes(target, draft, threads, ctx_size, kernels, True)
+    pair, target_rt, draft_rt = _bench_runtimes(target, draft, threads, ctx_size, kernels, True)
     try:
         text = read_prompts(spec_bench_path())[0].prompt * 4
         context = target_rt.tokenize(text, add_special=True, parse_special=False)[:256]
         measured = cost_model.measure(target_rt, draft_rt, context, k_max=k_max, repeats=repeats)
     finally:
-        target_rt.close()
-        if draft_rt is not None:
-            draft_rt.close()
+        pair.close()
     click.echo(harness.costs_markdown(measured))
 
 

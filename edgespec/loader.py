@@ -26,10 +26,15 @@ class LoadedPair:
     target_path: Path
     draft: str  # a path, "ngram" or "none"
 
-    def close(self) -> None:
+    @property
+    def draft_runtime(self) -> Runtime | None:
+        """The draft model's runtime, or None for an n-gram drafter or none."""
         drafter = self.engine.drafter
-        if isinstance(drafter, ModelDrafter):
-            drafter.runtime.close()  # type: ignore[attr-defined]
+        return drafter.runtime if isinstance(drafter, ModelDrafter) else None
+
+    def close(self) -> None:
+        if self.draft_runtime is not None:
+            self.draft_runtime.close()
         self.engine.target.close()
 
 
