@@ -336,6 +336,12 @@ def _model_options(func: Any) -> Any:
     "--per-category", type=click.IntRange(min=1), default=None, help="First N prompts per category."
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="First N prompts overall.")
+@click.option(
+    "--category",
+    "categories",
+    multiple=True,
+    help="Only prompts of this category (repeatable); default: every category.",
+)
 @click.option("--multi-turn", is_flag=True, help="Generate every turn of multi-turn prompts.")
 @click.option(
     "--config",
@@ -386,6 +392,7 @@ def bench(
     dataset: str,
     per_category: int | None,
     limit: int | None,
+    categories: tuple[str, ...],
     multi_turn: bool,
     config_specs: tuple[str, ...],
     config_file: str | None,
@@ -426,6 +433,12 @@ def bench(
             harness.BenchConfig.parse("ngram"),
         ]
     prompts = read_prompts(spec_bench_path() if dataset == "spec-bench" else dataset)
+    if categories:
+        known = sorted({p.category for p in prompts})
+        unknown = [c for c in categories if c not in known]
+        if unknown:
+            raise EdgespecError(f"no category {unknown[0]!r} in {dataset}; it has: {', '.join(known)}")
+        prompts = [p for p in prompts if p.category in categories]
     if per_category:
         prompts = first_per_category(prompts, per_category)
     if limit:
@@ -470,6 +483,7 @@ def bench(
                     "dataset": dataset,
                     "per_category": per_category,
                     "limit": limit,
+                    "categories": list(categories) or None,
                     "multi_turn": multi_turn,
                     "max_tokens": max_tokens,
                     "repeat": repeat,

@@ -206,3 +206,16 @@ def test_bench_costs_command(tiny_pair):
     assert result.exit_code == 0, result.output
     assert "| 5 |" in result.stdout and "batch efficiency" in result.stdout
     assert "| 90% |" in result.stdout and "of a target step" in result.stdout
+
+
+def test_category_filter(tiny_pair, dataset, tmp_path):
+    out = tmp_path / "b"
+    args = bench_args(tiny_pair, dataset, out, "--no-ceiling", "--no-peers", "--config", "ngram:k=2")
+    result = CliRunner().invoke(cli, [*args, "--category", "stories"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert {r["category"] for r in data["records"]} == {"stories"} and len(data["records"]) == 4
+    assert data["settings"]["categories"] == ["stories"]
+    result = CliRunner().invoke(cli, [*args, "--category", "poems"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (f"error: no category 'poems' in {dataset}; it has: animals, stories")
