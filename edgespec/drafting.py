@@ -10,18 +10,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from .runtimes.base import Runtime
+    from .sampling import TokenSampler
 
 
 @runtime_checkable
 class Drafter(Protocol):
     name: str
+    #: True if draft tokens are drawn through the sampler passed to `propose`, so that the
+    #: sampler's distributions are q for verification; False for point proposals (one-hot q).
+    samples_from_q: bool
 
-    def propose(self, context: Sequence[int], k: int) -> list[int]:
-        """Up to k token ids likely to follow `context` (may be fewer, or none)."""
+    def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> list[int]:
+        """Up to k token ids likely to follow `context` (may be fewer, or none).
+
+        Args:
+            sampler: how to choose tokens from a model's logits when not by plain argmax
+                (temperature > 0, penalties, logit bias); None for plain greedy drafting.
+        """
         ...
 
     def accepted(self, n_proposed: int, n_accepted: int) -> None:
@@ -42,7 +51,8 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class ModelDrafter:
-    """Greedy drafts from a small model with its own runtime and KV cache.
+    """Drafts from a small model with its own runtime and KV cache: its argmax, or with a sampler
+    samples from its distribution q.
 
     The drafter's cache is kept in step with the context by prefix matching: before drafting it
     rolls back to the longest common prefix of what it has evaluated and the context, then
@@ -56,13 +66,14 @@ class ModelDrafter:
     """
 
     name = "draft"
+    samples_from_q = True
 
     def __init__(self, runtime: Runtime, max_id: int | None = None) -> None:
         self.runtime = runtime
         self.max_id = runtime.vocab.n_vocab if max_id is None else max_id
         self._cached: list[int] = []  # tokens whose keys/values are in the draft cache
 
-    def propose(self, context: Sequence[int], k: int) -> list[int]:
+    def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> list[int]:
         if k <= 0:
             return []
         rt = self.runtime
@@ -78,10 +89,15 @@ class ModelDrafter:
         logits = rt.eval(context[keep:], logits="last")
         self._cached.extend(context[keep:])
         draft: list[int] = []
+        tail = list(context[-sampler.window :]) if sampler is not None and sampler.window else []
         while True:
-            token = int(logits[0].argmax())
-            if token >= self.max_id:
-                break
+            if sampler is None:
+                token = int(logits[0].argmax())
+                if token >= self.max_id:
+                    break
+            else:
+                # Only ids the target has can be drawn, so q is a distribution over them.
+                token = sampler.pick(logits[0][: self.max_id], tail + draft if tail else ())
             draft.append(token)
             if len(draft) == k:
                 break
@@ -119,6 +135,7 @@ class NgramDrafter:
     n_min: int = 2
     n_max: int = 4
     name: str = "ngram"
+    samples_from_q: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_min <= self.n_max:
@@ -140,7 +157,7 @@ class NgramDrafter:
                     break
                 self._index[tuple(tokens[end - n : end])] = end
 
-    def propose(self, context: Sequence[int], k: int) -> list[int]:
+    def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> list[int]:
         if k <= 0 or len(context) < self.n_min + 1:
             return []
         self._extend_index(context)

@@ -5,18 +5,27 @@ evaluates [newest token] + draft (k + 1 positions) in one target pass with logit
 keeps the longest draft prefix the target agrees with plus the target's own next token, and rolls
 the target cache back over the rejected positions. With no draft (k = 0) a step is one ordinary
 decoding step, so target-only decoding runs through the very same loop.
+
+Greedy decoding (temperature 0) keeps a draft token when it equals the target's argmax. With
+temperature > 0 the model drafter samples its draft from q and verification is speculative
+sampling (see `verify.verify_rejection`), or exact-match acceptance when asked; either way the
+output is distributed exactly as the target alone would sample it.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+
 from .errors import PromptError, SettingsError
+from .sampling import GREEDY, LogitsProcessor, SamplingSettings, TokenSampler
 from .text import TextStream
-from .verify import verify_greedy
+from .verify import verify_exact_match, verify_greedy, verify_rejection
 
 if TYPE_CHECKING:
     from .drafting import Drafter
@@ -33,14 +42,16 @@ class GenerationSettings:
         max_tokens: most tokens to generate (>= 1).
         draft_max: k, the most draft tokens proposed per step (0 disables drafting).
         stop: strings that end generation; not included in the text.
-        seed: seed for sampling. Decoding is greedy (temperature 0) until sampling lands, so it
-            does not change the output yet; it is recorded with the result.
+        seed: seed for sampling; the same seed and settings give the same output. None draws a
+            fresh one, recorded as `Generation.seed`. Greedy decoding does not use it.
+        sampling: temperature, truncation, penalties, logit bias and the acceptance rule.
     """
 
     max_tokens: int = 256
     draft_max: int = 4
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    sampling: SamplingSettings = GREEDY
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -138,6 +149,8 @@ class Generation:
         self.text = ""
         self.finish_reason: FinishReason | None = None
         self.stats = Stats(n_prompt=len(prompt))
+        #: the seed sampling used (settings.seed, or a fresh one)
+        self.seed = settings.seed if settings.seed is not None else secrets.randbits(63)
         self._started = False
 
     def __iter__(self) -> Iterator[Token]:
@@ -162,13 +175,30 @@ class Generation:
         context = list(self._prompt)
         text_parts: list[str] = []
         clock = time.perf_counter
+        sampling = settings.sampling
+        processor = LogitsProcessor(sampling, target.vocab.n_vocab)  # p's pipeline
+        rng = np.random.default_rng(self.seed)
+        # The drafter gets a sampler whenever it must not take the raw argmax.
+        draft_sampler = TokenSampler(sampling, rng) if processor.adjusts or not sampling.greedy else None
+        window = processor.window
+
+        def recents(draft: Sequence[int]) -> list[list[int]]:
+            """Tokens before each verified position, for the penalties."""
+            if not window:
+                return [[]] * (len(draft) + 1)
+            tail = context[-window:]
+            return [tail + list(draft[:i]) for i in range(len(draft) + 1)]
 
         start = clock()
         target.truncate(0)
         p_logits = target.eval(context, logits="last")
         if drafter is not None:
             drafter.begin(context)
-        pending = [(int(p_logits[0].argmax()), False)]  # accepted, not yet emitted
+        if sampling.greedy:
+            first = int(processor.argmax(p_logits, recents([]))[0])
+        else:
+            first = processor.distributions(p_logits, recents([]))[0].sample(float(rng.random()))
+        pending = [(first, False)]  # accepted, not yet emitted
         stats.t_prompt = clock() - start
 
         try:
@@ -197,13 +227,30 @@ class Generation:
                 draft: list[int] = []
                 if drafter is not None and k > 0:
                     t0 = clock()
-                    draft = drafter.propose(context, k)[:k]
+                    if draft_sampler is not None:
+                        draft_sampler.reset()
+                    draft = drafter.propose(context, k, draft_sampler)[:k]
                     stats.t_draft += clock() - t0
 
                 # Verify: the newest token plus the draft, in one target pass.
                 t0 = clock()
                 p_logits = target.eval([context[-1], *draft], logits="all")
-                n_accepted, next_token = verify_greedy(draft, p_logits)
+                if sampling.greedy:
+                    rows = processor.adjusted(p_logits, recents(draft)) if processor.adjusts else p_logits
+                    n_accepted, next_token = verify_greedy(draft, rows)
+                else:
+                    # p: the target's distributions for every draft position and the one after.
+                    p = processor.distributions(p_logits, recents(draft))
+                    uniforms = rng.random(len(draft) + 1)
+                    if sampling.accept == "exact":
+                        n_accepted, next_token = verify_exact_match(draft, p, uniforms)
+                    else:
+                        q = None  # point proposals (n-gram): q is one-hot
+                        if draft and drafter is not None and drafter.samples_from_q:
+                            q = draft_sampler.dists[: len(draft)] if draft_sampler else []
+                            if len(q) != len(draft):
+                                raise RuntimeError(f"drafter {drafter.name!r} did not draw its draft from q")
+                        n_accepted, next_token = verify_rejection(draft, q, p, uniforms, processor.n_vocab)
                 # Keep the cache for the newest token and the accepted drafts; the correction or
                 # bonus token is evaluated at the next step.
                 target.truncate(len(context) + n_accepted)

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .sampling import Dist, residual
+
 
 def verify_greedy(draft: Sequence[int], p_logits: np.ndarray) -> tuple[int, int]:
     """Greedy verification: keep the longest draft prefix the target's argmax agrees with.
@@ -33,3 +35,67 @@ def verify_greedy(draft: Sequence[int], p_logits: np.ndarray) -> tuple[int, int]
     while n_accepted < k and draft[n_accepted] == p_argmax[n_accepted]:
         n_accepted += 1
     return n_accepted, int(p_argmax[n_accepted])
+
+
+def verify_rejection(
+    draft: Sequence[int],
+    q: Sequence[Dist] | None,
+    p: Sequence[Dist],
+    uniforms: np.ndarray,
+    n_vocab: int,
+) -> tuple[int, int]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): the accepted tokens are
+    distributed exactly as if the target had sampled them one by one.
+
+    Draft token x_i, drawn from q_i, is kept with probability min(1, p_i(x_i) / q_i(x_i)). At the
+    first rejection the target's token comes from norm(max(0, p_i − q_i)); when every draft is kept
+    it comes from p_k. A drafter without a distribution (n-gram) has q_i = one-hot(x_i): x_i is kept
+    with probability p_i(x_i), and a rejection samples p_i with x_i removed.
+
+    Args:
+        draft: k proposed token ids.
+        q: the k draft distributions, or None for point proposals (one-hot).
+        p: k + 1 target distributions; p[i] is for draft position i, p[k] follows a full draft.
+        uniforms: k + 1 independent draws from U[0, 1): one acceptance test per draft token, and
+            one for the target's own token.
+        n_vocab: the target's vocabulary size.
+
+    Returns:
+        (n_accepted, next_token) as for `verify_greedy`.
+    """
+    k = len(draft)
+    if len(p) != k + 1 or len(uniforms) != k + 1 or (q is not None and len(q) != k):
+        raise ValueError("need k draft distributions, k + 1 target distributions and k + 1 uniforms")
+    n_accepted = k
+    if k:
+        tokens = np.asarray(draft, dtype=np.int64)
+        px = np.array([p[i].probs(tokens[i : i + 1])[0] for i in range(k)])
+        qx = np.ones(k) if q is None else np.array([q[i].probs(tokens[i : i + 1])[0] for i in range(k)])
+        # u < p/q, written without a division: q <= p always accepts, q = 0 < p too.
+        keep = uniforms[:k] * qx < px
+        if not keep.all():
+            n_accepted = int(np.argmin(keep))
+    if n_accepted == k:
+        return k, p[k].sample(float(uniforms[k]))
+    q_rejected = Dist.one_hot(draft[n_accepted]) if q is None else q[n_accepted]
+    rest = residual(p[n_accepted], q_rejected, n_vocab)
+    # rest is None only when p equals q up to rounding: then rejecting had probability 0, and p is
+    # the right distribution to fall back on.
+    return n_accepted, (rest or p[n_accepted]).sample(float(uniforms[k]))
+
+
+def verify_exact_match(draft: Sequence[int], p: Sequence[Dist], uniforms: np.ndarray) -> tuple[int, int]:
+    """Exact-match acceptance (llama.cpp, llama-cpp-python, mlx-lm): the target samples its own
+    token at each position; a draft token is kept only if it equals that sample.
+
+    Also exact in distribution, but wastes drafts whenever sampling is random. Arguments and
+    result as for `verify_rejection` (uniforms[i] draws the target's sample at position i).
+    """
+    k = len(draft)
+    if len(p) != k + 1 or len(uniforms) != k + 1:
+        raise ValueError("need k + 1 target distributions and k + 1 uniforms")
+    for i, x in enumerate(draft):
+        y = p[i].sample(float(uniforms[i]))
+        if y != x:
+            return i, y
+    return k, p[k].sample(float(uniforms[k]))

@@ -139,3 +139,39 @@ def test_streamed_text_matches_final_text(tiny_runtimes):
     streamed = "".join(t.text for t in gen)
     assert streamed == gen.text and len(gen.tokens) == 30
     assert gen.stats.n_generated == 30 and gen.stats.t_total >= gen.stats.t_prompt > 0
+
+
+def test_greedy_with_penalties_and_bias_still_equals_target_only(tiny_runtimes):
+    """Penalties and logit bias move the argmax; speculative output must move with it exactly."""
+    from edgespec.sampling import SamplingSettings
+
+    target, draft_rt = tiny_runtimes
+    prompt = target.tokenize(PROMPTS[2], add_special=True, parse_special=False)
+    plain = target_only(target, prompt, 40).tokens
+    sampling = SamplingSettings(repeat_penalty=1.5, frequency_penalty=0.4, logit_bias={plain[0]: -100.0})
+    base = SpeculativeEngine(target).generate(prompt, GenerationSettings(40, 0, sampling=sampling)).run()
+    assert base.tokens[0] != plain[0] and base.tokens != plain  # the settings did change the output
+    for drafter in (ModelDrafter(draft_rt, max_id=target.vocab.n_vocab), NgramDrafter()):
+        spec = SpeculativeEngine(target, drafter)
+        spec = spec.generate(prompt, GenerationSettings(40, 4, sampling=sampling))
+        assert spec.run().tokens == base.tokens
+
+
+@pytest.mark.parametrize("accept", ["rejection", "exact"])
+def test_same_seed_same_sampled_output(tiny_runtimes, accept):
+    from edgespec.sampling import SamplingSettings
+
+    target, draft_rt = tiny_runtimes
+    engine = SpeculativeEngine(target, ModelDrafter(draft_rt, max_id=target.vocab.n_vocab))
+    prompt = target.tokenize(PROMPTS[0], add_special=True, parse_special=False)
+    sampling = SamplingSettings(temperature=0.9, top_p=0.95, accept=accept)
+
+    def sample(seed):
+        return engine.generate(prompt, GenerationSettings(30, 4, seed=seed, sampling=sampling)).run()
+
+    first = sample(7)
+    assert first.seed == 7 and sample(7).tokens == first.tokens
+    assert len({tuple(sample(seed).tokens) for seed in range(5)}) > 1
+    assert first.stats.n_accepted > 0
+    fresh = engine.generate(prompt, GenerationSettings(5, 4, sampling=sampling))
+    assert isinstance(fresh.seed, int)  # drawn, and recorded for reproduction

@@ -1,0 +1,378 @@
+"""Sampling: one logits-processing pipeline, applied identically to the draft's and the target's
+logits, and the distributions it produces.
+
+The pipeline, in order (temperature first, as in Hugging Face transformers and vLLM; llama.cpp
+applies it last, so top-p / min-p figures are not interchangeable with llama.cpp's):
+
+1. logit bias: add a fixed amount to chosen tokens (-inf bans a token);
+2. penalties over the last `penalty_last_n` context tokens: repetition (CTRL-style: divide a
+   positive logit by the penalty, multiply a negative one), frequency (minus penalty × count) and
+   presence (minus penalty once);
+3. temperature: divide by T; T = 0 means greedy, the argmax of the logits after steps 1-2;
+4. top-k: keep the k largest;
+5. top-p: keep the smallest set of largest tokens whose probability (renormalised over what
+   top-k kept) reaches p;
+6. min-p: keep tokens whose probability is at least min_p times the largest one's.
+
+Every truncation keeps an upper set of logits (ties at the cut are all kept), so each is exact and
+needs no full sort: candidates are found by thresholds and only those are sorted. Probabilities
+are computed in float64 from float32 logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import numpy as np
+
+from .errors import SettingsError
+
+AcceptMode = Literal["rejection", "exact"]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How tokens are chosen.
+
+    Attributes:
+        temperature: 0 is greedy decoding (the output is exactly target-only greedy output).
+        top_k: keep the k most likely tokens (0: off).
+        top_p: nucleus sampling threshold in (0, 1] (1: off).
+        min_p: keep tokens at least this fraction as likely as the most likely one (0: off).
+        repeat_penalty: > 0; 1 is off.
+        frequency_penalty, presence_penalty: OpenAI-style penalties (0: off), may be negative.
+        penalty_last_n: how many of the latest context tokens the penalties look at.
+        logit_bias: token id → amount added to its logit (-inf bans the token).
+        accept: how drafts are verified when temperature > 0: "rejection" (speculative sampling,
+            keeps a draft token with probability min(1, p/q)) or "exact" (keeps a draft token only
+            if it equals the target's own sample, as llama.cpp does). Both sample exactly from the
+            target's distribution.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = 64
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    accept: AcceptMode = "rejection"
+
+    def __post_init__(self) -> None:
+        def bad(message: str) -> SettingsError:
+            return SettingsError(message)
+
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 100):
+            raise bad(f"temperature must be between 0 and 100, got {self.temperature}")
+        if self.top_k < 0:
+            raise bad(f"top_k must be 0 (off) or more, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise bad(f"min_p must be in [0, 1), got {self.min_p}")
+        if not (math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0):
+            raise bad(f"repeat_penalty must be above 0, got {self.repeat_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -10 <= value <= 10):
+                raise bad(f"{name} must be between -10 and 10, got {value}")
+        if self.penalty_last_n < 0:
+            raise bad(f"penalty_last_n must be 0 or more, got {self.penalty_last_n}")
+        if self.accept not in ("rejection", "exact"):
+            raise bad(f"accept must be 'rejection' or 'exact', got {self.accept!r}")
+        bias: dict[int, float] = {}
+        for token, value in dict(self.logit_bias).items():
+            if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
+                raise bad(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            value = float(value)
+            if math.isnan(value) or value == math.inf:
+                raise bad(f"logit_bias for token {token} must be a number or -inf, got {value}")
+            bias[int(token)] = value
+        object.__setattr__(self, "logit_bias", bias)
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain JSON-safe values (a banned token's -inf bias becomes the string "-inf")."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["logit_bias"] = {str(t): v if math.isfinite(v) else "-inf" for t, v in self.logit_bias.items()}
+        return data
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.penalty_last_n > 0 and (
+            self.repeat_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+        )
+
+
+GREEDY = SamplingSettings()
+
+
+@dataclass(frozen=True)
+class Dist:
+    """A probability distribution over token ids, as unnormalised float64 weights.
+
+    Attributes:
+        weights: non-negative weights; probabilities are weights / total.
+        total: sum of weights (> 0).
+        ids: sorted token ids the weights belong to, or None when `weights` covers every token id
+            0 … len(weights)-1 (ids beyond have probability 0).
+    """
+
+    weights: np.ndarray
+    total: float
+    ids: np.ndarray | None = None
+
+    @classmethod
+    def one_hot(cls, token: int) -> Dist:
+        return cls(np.ones(1), 1.0, np.array([token], dtype=np.int64))
+
+    def probs(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Probabilities of `tokens` (shape (n,), float64)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if self.ids is None:
+            inside = tokens < len(self.weights)
+            out = np.zeros(len(tokens))
+            out[inside] = self.weights[tokens[inside]]
+            return out / self.total
+        pos = np.searchsorted(self.ids, tokens)
+        pos_ok = np.minimum(pos, len(self.ids) - 1)
+        found = self.ids[pos_ok] == tokens
+        return np.where(found, self.weights[pos_ok], 0.0) / self.total
+
+    def prob(self, token: int) -> float:
+        return float(self.probs([token])[0])
+
+    def sample(self, u: float) -> int:
+        """The token at quantile u ∈ [0, 1) of the distribution (inverse-CDF sampling)."""
+        return _inverse_cdf(self.weights, self.ids, u)
+
+    def support(self) -> np.ndarray:
+        """Token ids with probability > 0."""
+        nonzero = np.flatnonzero(self.weights > 0)
+        return nonzero if self.ids is None else self.ids[nonzero]
+
+    def as_dense(self, n_vocab: int) -> np.ndarray:
+        """Probabilities over ids 0 … n_vocab-1 (float64)."""
+        out = np.zeros(n_vocab)
+        if self.ids is None:
+            n = min(n_vocab, len(self.weights))
+            out[:n] = self.weights[:n]
+        else:
+            keep = self.ids < n_vocab
+            out[self.ids[keep]] = self.weights[keep]
+        return out / self.total
+
+
+def _inverse_cdf(weights: np.ndarray, ids: np.ndarray | None, u: float) -> int:
+    cdf = np.cumsum(weights)
+    total = cdf[-1]
+    i = int(np.searchsorted(cdf, u * total, side="right"))
+    if i >= len(cdf):  # u * total rounded up to the total: take the last token with weight
+        i = int(np.flatnonzero(weights > 0)[-1])
+    return i if ids is None else int(ids[i])
+
+
+def residual(p: Dist, q: Dist, n_vocab: int) -> Dist | None:
+    """norm(max(0, p − q)): what to sample from after rejecting a draft token drawn from q.
+
+    Returns None when p − q has no positive mass (p equals q up to rounding), in which case the
+    rejection had probability 0 in exact arithmetic and the caller samples from p.
+    """
+    if p.ids is None:
+        diff = np.maximum(p.as_dense(n_vocab) - q.as_dense(n_vocab), 0.0)
+        ids = None
+    else:
+        ids = p.ids
+        diff = np.maximum(p.weights / p.total - q.probs(ids), 0.0)
+    total = float(diff.sum())
+    if not total > 1e-300:
+        return None
+    return Dist(diff, total, ids)
+
+
+class LogitsProcessor:
+    """The sampling pipeline for one model's logits rows.
+
+    Args:
+        settings: the sampling settings.
+        n_vocab: width of the rows this processor sees (columns beyond are ignored; a draft
+            model's rows are cut to the target's vocabulary).
+        check_ids: refuse logit_bias ids outside the vocabulary (off for a draft model, whose
+            narrower vocabulary simply cannot propose them).
+    """
+
+    def __init__(self, settings: SamplingSettings, n_vocab: int, *, check_ids: bool = True) -> None:
+        self.settings = settings
+        self.n_vocab = n_vocab
+        if check_ids:
+            outside = [t for t in settings.logit_bias if t >= n_vocab]
+            if outside:
+                raise SettingsError(
+                    f"logit_bias token {outside[0]} is not in the vocabulary (ids 0 … {n_vocab - 1})"
+                )
+        bias = {t: v for t, v in settings.logit_bias.items() if t < n_vocab}
+        self._bias_ids = np.array(sorted(bias), dtype=np.int64)
+        self._bias_values = np.array([bias[t] for t in sorted(bias)], dtype=np.float32)
+        #: how many of the latest context tokens a caller must pass as `recent`
+        self.window = settings.penalty_last_n if settings.penalized else 0
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether steps 1-2 (bias, penalties) change anything."""
+        return bool(len(self._bias_ids)) or self.window > 0
+
+    def adjusted(self, rows: np.ndarray, recents: Sequence[Sequence[int]] = ()) -> np.ndarray:
+        """Apply logit bias and penalties (steps 1-2).
+
+        Args:
+            rows: float32 logits, shape (r, ≥ n_vocab); not modified.
+            recents: per row, the tokens before its position (only the last `window` are used);
+                needed when penalties are on.
+
+        Returns:
+            float32 array (r, n_vocab): a view of `rows` when nothing applies, else a copy.
+        """
+        rows = rows[:, : self.n_vocab]
+        if not self.adjusts:
+            return rows
+        out = np.array(rows, dtype=np.float32, copy=True)
+        if len(self._bias_ids):
+            out[:, self._bias_ids] += self._bias_values
+        if self.window:
+            s = self.settings
+            if len(recents) != len(out):
+                raise ValueError(f"need {len(out)} recent-token lists for the penalties, got {len(recents)}")
+            for row, recent in zip(out, recents, strict=True):
+                window = np.asarray(recent[-self.window :] if len(recent) else [], dtype=np.int64)
+                window = window[window < self.n_vocab]
+                if not len(window):
+                    continue
+                ids, counts = np.unique(window, return_counts=True)
+                values = row[ids]
+                if s.repeat_penalty != 1:
+                    values = np.where(values > 0, values / s.repeat_penalty, values * s.repeat_penalty)
+                row[ids] = values - (counts * s.frequency_penalty + s.presence_penalty)
+        return out
+
+    def argmax(self, rows: np.ndarray, recents: Sequence[Sequence[int]] = ()) -> np.ndarray:
+        """Greedy choice per row after bias and penalties: shape (r,) int64."""
+        return self.adjusted(rows, recents).argmax(axis=1)
+
+    def distributions(self, rows: np.ndarray, recents: Sequence[Sequence[int]] = ()) -> list[Dist]:
+        """The full pipeline for each row (temperature must be > 0).
+
+        Args:
+            rows: float32 logits, shape (r, ≥ n_vocab).
+            recents: as for `adjusted`.
+
+        Returns:
+            r distributions.
+        """
+        s = self.settings
+        if s.greedy:
+            raise ValueError("distributions need temperature > 0; use argmax for greedy decoding")
+        x = self.adjusted(rows, recents)
+        t = s.temperature
+        top = x.max(axis=1)
+        if not np.all(np.isfinite(top)):
+            raise SettingsError("logit_bias bans every token: nothing is left to sample")
+        return [self._one(row, float(m), t) for row, m in zip(x, top, strict=True)]
+
+    def _one(self, x: np.ndarray, m: float, t: float) -> Dist:
+        s = self.settings
+        width = len(x)
+        cut = -math.inf  # keep tokens with x >= cut
+        if 0 < s.top_k < width:
+            cut = _kth_largest(x, s.top_k, m)
+        if s.top_p < 1:
+            cut = max(cut, _top_p_cut(x, m, t, s.top_p, cut))
+        if s.min_p > 0:
+            # p_i >= min_p * p_max  ⇔  (x_i - m) / t >= ln(min_p)
+            cut = max(cut, m + t * math.log(s.min_p))
+        if cut == -math.inf:
+            w = np.subtract(x, np.float32(m), dtype=np.float64)
+            w *= 1.0 / t
+            np.exp(w, out=w)
+            return Dist(w, float(w.sum()))
+        ids = np.flatnonzero(x >= cut)
+        w = np.exp((x[ids].astype(np.float64) - m) / t)
+        return Dist(w, float(w.sum()), ids)
+
+
+def _kth_largest(x: np.ndarray, k: int, m: float) -> float:
+    """The k-th largest value of x, looking first at values near the maximum (cheap), widening
+    the window until it holds at least k values."""
+    delta = 8.0
+    while True:
+        near = x[x >= m - delta]
+        if len(near) >= k or not math.isfinite(delta):
+            break
+        delta = delta * 4 if delta < 1e6 else math.inf
+    if len(near) < k:  # -inf logits (banned tokens) are never counted
+        return -math.inf
+    return float(np.partition(near, len(near) - k)[len(near) - k])
+
+
+def _top_p_cut(x: np.ndarray, m: float, t: float, top_p: float, cut: float) -> float:
+    """The smallest logit of the nucleus: the fewest largest tokens among x >= cut whose
+    probabilities (normalised over x >= cut) sum to at least top_p."""
+    kept = x if cut == -math.inf else x[x >= cut]
+    weights = np.exp(np.subtract(kept, np.float32(m), dtype=np.float64) / t)
+    total = weights.sum()
+    # Candidates: tokens at least `ratio` as likely as the top one; widen until they hold top_p.
+    ratio = 1e-3
+    while True:
+        floor = m + t * math.log(ratio) if ratio > 0 else -math.inf
+        candidates = kept >= floor
+        cand_w = weights[candidates]
+        if cand_w.sum() >= top_p * total or ratio == 0:
+            break
+        ratio = ratio * 1e-3 if ratio > 1e-200 else 0.0
+    order = np.argsort(-cand_w, kind="stable")
+    mass = np.cumsum(cand_w[order])
+    n = int(np.searchsorted(mass, top_p * total, side="left"))
+    n = min(n, len(order) - 1)
+    return float(kept[candidates][order[n]])
+
+
+class TokenSampler:
+    """Picks tokens one at a time (a model drafter's draft) through the pipeline, remembering the
+    distribution each was drawn from: q, for verification.
+
+    Args:
+        settings: the sampling settings, the same as the target's.
+        rng: the generation's random generator.
+    """
+
+    def __init__(self, settings: SamplingSettings, rng: np.random.Generator) -> None:
+        self.settings = settings
+        self.rng = rng
+        self.dists: list[Dist] = []
+        self._processors: dict[int, LogitsProcessor] = {}
+        #: how many of the latest tokens `pick` needs in `recent`
+        self.window = settings.penalty_last_n if settings.penalized else 0
+
+    def reset(self) -> None:
+        """Forget the distributions of the previous draft."""
+        self.dists = []
+
+    def pick(self, row: np.ndarray, recent: Sequence[int]) -> int:
+        """Choose the next token from one logits row (shape (n,), cut by the caller to the ids it
+        may propose): the argmax after bias and penalties when temperature is 0, else a sample."""
+        processor = self._processors.get(len(row))
+        if processor is None:
+            processor = self._processors[len(row)] = LogitsProcessor(self.settings, len(row), check_ids=False)
+        rows = row.reshape(1, -1)
+        if self.settings.greedy:
+            return int(processor.argmax(rows, [recent])[0])
+        dist = processor.distributions(rows, [recent])[0]
+        self.dists.append(dist)
+        return dist.sample(float(self.rng.random()))
