@@ -1,9 +1,12 @@
 """`edgespec bench`: configurations side by side on the same loaded models, checked for identity.
 
 Fairness rules: every configuration runs on the same runtimes, interleaved prompt by prompt
-(A B C, A B C, ...) so drift in the machine's speed hits all alike; decoding is greedy; prompts are
-formatted the same way; warm-up runs are not counted. Every speculative configuration's token ids
-are compared with target-only's for the same prompt and turn; a difference is a failure.
+(A B C, A B C, ...) so drift in the machine's speed hits all alike; every configuration decodes
+with the same sampling settings (greedy unless asked) and, per prompt, the same seed; prompts are
+formatted the same way; warm-up runs are not counted. With greedy decoding every speculative
+configuration's token ids are compared with target-only's for the same prompt and turn, and a
+difference is a failure. Sampled outputs differ from run to run by design; that they follow the
+target's distribution is what tests/test_sampling_stats.py checks.
 """
 
 from __future__ import annotations
@@ -12,19 +15,20 @@ import math
 import re
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .datasets import BenchPrompt
 from .errors import SettingsError
+from .sampling import GREEDY, SamplingSettings
 
 if TYPE_CHECKING:
     from .costs import Costs
     from .runtimes.base import Runtime
 
 _CONFIG = re.compile(
-    r"^(?P<kind>target-only|none|draft|ngram)(?::(?P<params>[a-z_]+=\d+(?:,[a-z_]+=\d+)*))?$"
+    r"^(?P<kind>target-only|none|draft|ngram)(?::(?P<params>[a-z_]+=[\w.]+(?:,[a-z_]+=[\w.]+)*))?$"
 )
 
 
@@ -32,7 +36,9 @@ _CONFIG = re.compile(
 class BenchConfig:
     """One configuration to measure.
 
-    Spec syntax: `target-only`, `draft[:k=N]`, `ngram[:k=N,n_min=N,n_max=N]` (k defaults to 4).
+    Spec syntax: `target-only`, `draft[:k=N]`, `ngram[:k=N,n_min=N,n_max=N]` (k defaults to 4);
+    drafters also take `accept=rejection|exact` (how drafts are verified when sampling; default:
+    the bench's --accept).
     """
 
     label: str
@@ -40,6 +46,7 @@ class BenchConfig:
     k: int = 0
     n_min: int = 2
     n_max: int = 4
+    accept: str | None = None
 
     @classmethod
     def parse(cls, spec: str) -> BenchConfig:
@@ -50,11 +57,19 @@ class BenchConfig:
             )
         kind = "none" if match["kind"] in ("target-only", "none") else match["kind"]
         params = dict(p.split("=") for p in match["params"].split(",")) if match["params"] else {}
-        allowed = {"none": set(), "draft": {"k"}, "ngram": {"k", "n_min", "n_max"}}[kind]
+        allowed = {"none": set(), "draft": {"k", "accept"}, "ngram": {"k", "n_min", "n_max", "accept"}}[kind]
         unknown = set(params) - allowed
         if unknown:
             raise SettingsError(f"configuration {spec!r}: unknown parameter {sorted(unknown)[0]!r}")
-        values = {key: int(value) for key, value in params.items()}
+        accept = params.pop("accept", None)
+        if accept not in (None, "rejection", "exact"):
+            raise SettingsError(f"configuration {spec!r}: accept must be rejection or exact")
+        try:
+            values: dict[str, Any] = {key: int(value) for key, value in params.items()}
+        except ValueError:
+            raise SettingsError(f"configuration {spec!r}: k, n_min and n_max take integers") from None
+        if accept:
+            values["accept"] = accept
         k = values.pop("k", 0 if kind == "none" else 4)
         if kind != "none" and not 1 <= k <= 64:
             raise SettingsError(f"configuration {spec!r}: k must be between 1 and 64")
@@ -102,6 +117,7 @@ class BenchResult:
     costs: Costs | None = None
     # target-only's tokens for the first turn of each prompt (first repeat): what peers are compared with
     references: dict[str, list[int]] = field(default_factory=dict)
+    sampling: SamplingSettings = GREEDY
 
 
 def _rss_mib() -> float:
@@ -120,6 +136,8 @@ def run(
     repeat: int = 1,
     warmup: int = 1,
     multi_turn: bool = False,
+    sampling: SamplingSettings = GREEDY,
+    seed: int = 0,
     on_run: Callable[[], None] | None = None,
 ) -> BenchResult:
     """Run every configuration on every prompt, interleaved, and compare outputs with target-only.
@@ -133,6 +151,10 @@ def run(
         max_tokens: new tokens per generation.
         repeat: runs per prompt and configuration (interleaved).
         warmup: generations per configuration before measuring (on the first prompt, not counted).
+        sampling: sampling settings for every configuration (a configuration's own `accept`
+            overrides the acceptance rule); greedy by default.
+        seed: base seed; a prompt's generations all use seed + 1000 × prompt index + 100 × repeat
+            + turn, whatever the configuration.
         on_run: called after each measured generation (for a progress bar).
     """
     from .drafting import Drafter, ModelDrafter, NgramDrafter
@@ -160,18 +182,19 @@ def run(
     if not template:
         raise SettingsError(f"{target.path.name} has no chat template; bench formats prompts with it")
 
-    def generate(config: BenchConfig, messages: list[dict[str, str]]) -> Any:
+    def generate(config: BenchConfig, messages: list[dict[str, str]], seed: int) -> Any:
         tokens = chat_tokens(target, template, messages)
-        settings = GenerationSettings(max_tokens=max_tokens, draft_max=config.k)
+        mine = replace(sampling, accept=config.accept) if config.accept else sampling
+        settings = GenerationSettings(max_tokens=max_tokens, draft_max=config.k, seed=seed, sampling=mine)
         return tokens, engines[config.label].generate(tokens, settings).run()
 
-    result = BenchResult(configs=configs)
+    result = BenchResult(configs=configs, sampling=sampling)
     if prompts:
         for config in configs:
             for _ in range(warmup):
-                generate(config, [{"role": "user", "content": prompts[0].prompt}])
+                generate(config, [{"role": "user", "content": prompts[0].prompt}], seed)
 
-    for item in prompts:
+    for index, item in enumerate(prompts):
         turns = item.turns if multi_turn else item.turns[:1]
         for rep in range(repeat):
             conversation: list[dict[str, str]] = []
@@ -179,12 +202,13 @@ def run(
                 conversation.append({"role": "user", "content": turn})
                 reference = None
                 for config in configs:
-                    tokens, gen = generate(config, conversation)
+                    tokens, gen = generate(config, conversation, seed + 1000 * index + 100 * rep + turn_index)
                     if reference is None:
                         reference = gen
                         if rep == 0 and turn_index == 0:
                             result.references[item.id] = list(gen.tokens)
-                    identical = gen.tokens == reference.tokens
+                    # sampled outputs are not comparable token by token
+                    identical = gen.tokens == reference.tokens if sampling.greedy else None
                     result.records.append(
                         {
                             "prompt_id": item.id,
@@ -201,7 +225,7 @@ def run(
                             **gen.stats.to_dict(),
                         }
                     )
-                    if not identical:
+                    if identical is False:
                         result.failures.append(
                             f"{config.label} differs from target-only on prompt {item.id} turn {turn_index}"
                         )
@@ -272,7 +296,7 @@ def summarize(result: BenchResult, category: str | None = None) -> list[dict[str
                 "share_other": (total - prompt_s - draft_s - verify_s) / total if total else 0.0,
                 "peak_rss_mib": max(r["rss_mib"] for r in mine),
                 "predicted_speedup": predicted,
-                "mismatches": sum(not r["identical_to_target_only"] for r in mine),
+                "mismatches": sum(r["identical_to_target_only"] is False for r in mine),
             }
         )
     return summary
@@ -315,11 +339,15 @@ def markdown(result: BenchResult, by_category: bool = True) -> str:
         for peer in result.peers:
             tps = "–" if peer.get("tokens_per_s_median") is None else f"{peer['tokens_per_s_median']:.2f}"
             out.append(f"| {peer['name']} | {peer['status']} | {tps} | {peer.get('notes', '')} |")
-    out += [
-        "",
-        "outputs identical to target-only: "
-        + ("all" if not result.failures else f"NO, {len(result.failures)} mismatches"),
-    ]
+    if result.sampling.greedy:
+        verdict = "all" if not result.failures else f"NO, {len(result.failures)} mismatches"
+        out += ["", f"outputs identical to target-only: {verdict}"]
+    else:
+        out += [
+            "",
+            f"outputs not compared token by token: sampling at temperature {result.sampling.temperature:g} "
+            "(same seeds for every configuration; tests/test_sampling_stats.py checks the distribution)",
+        ]
     return "\n".join(out)
 
 
@@ -404,6 +432,7 @@ def write_results(result: BenchResult, directory: Path, settings: dict[str, Any]
     categories = sorted({r["category"] for r in result.records})
     data = {
         "settings": settings,
+        "sampling": result.sampling.to_dict(),
         "machine": machine_info(),
         "configs": [asdict(c) for c in result.configs],
         "summary": summarize(result),
@@ -416,3 +445,89 @@ def write_results(result: BenchResult, directory: Path, settings: dict[str, Any]
     path = directory / "results.json"
     write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False, default=lambda v: None))
     return path
+
+
+def merge_results(paths: Sequence[Path]) -> tuple[BenchResult, dict[str, Any]]:
+    """Several runs' results.json as one result, for a measurement split over runs (for instance
+    one run per group of categories).
+
+    Every figure stays a within-run comparison: each prompt was measured in exactly one run, with
+    every configuration interleaved there, and speed-ups are computed per prompt. The runs must
+    agree on configurations, models and settings other than which prompts they took. The cost
+    curve (for the "predicted" column) is the first run's.
+
+    Returns:
+        (the merged result, the first run's settings with the runs' `categories` combined).
+
+    Raises:
+        SettingsError: a file is missing or not a results.json, or the runs do not agree.
+    """
+    import json
+
+    from .costs import Costs
+
+    loaded = []
+    for path in paths:
+        file = path / "results.json" if path.is_dir() else path
+        try:
+            loaded.append((file, json.loads(file.read_text(encoding="utf-8"))))
+        except OSError as exc:
+            raise SettingsError(f"cannot read {file}: {exc.strerror}") from None
+        except ValueError:
+            raise SettingsError(f"{file} is not JSON") from None
+    if not loaded:
+        raise SettingsError("no results to merge")
+    first_file, first = loaded[0]
+    for key in ("configs", "records", "settings"):
+        if key not in first:
+            raise SettingsError(f"{first_file} is not a bench results.json (no {key!r})")
+    same = ("max_tokens", "repeat", "kernels", "threads", "target", "draft", "multi_turn")
+    result = BenchResult(configs=[BenchConfig(**c) for c in first["configs"]])
+    if first.get("sampling"):
+        sampling = dict(first["sampling"])
+        sampling["logit_bias"] = {int(t): float(v) for t, v in sampling["logit_bias"].items()}
+        result.sampling = SamplingSettings(**sampling)
+    if first.get("costs"):
+        result.costs = Costs(**{**first["costs"], "t_target": tuple(first["costs"]["t_target"])})
+    seen: dict[str, Path] = {}
+    peers: dict[str, list[dict[str, Any]]] = {}
+    categories: list[str] = []
+    for file, data in loaded:
+        if data.get("configs") != first["configs"] or data.get("sampling") != first.get("sampling"):
+            raise SettingsError(f"cannot merge {file} with {first_file}: other configurations or sampling")
+        for key in same:
+            if data["settings"].get(key) != first["settings"].get(key):
+                raise SettingsError(f"cannot merge {file} with {first_file}: different {key}")
+        for prompt_id in {r["prompt_id"] for r in data["records"]}:
+            if prompt_id in seen:
+                raise SettingsError(f"prompt {prompt_id} is in both {seen[prompt_id]} and {file}")
+            seen[prompt_id] = file
+        result.records += data["records"]
+        result.failures += data["failures"]
+        categories += data["settings"].get("categories") or sorted({r["category"] for r in data["records"]})
+        for peer in data.get("peers", []):
+            peers.setdefault(peer["name"], []).append(peer)
+    for name, entries in peers.items():
+        ran = [e for e in entries if e["status"] == "ran"]
+        if not ran:
+            result.peers.append(entries[0])
+            continue
+        runs = [r for e in ran for r in e["runs"]]
+        notes = [e["notes"] for e in entries if e["status"] != "ran"]
+        if all("identical_to_target_only" in r for r in runs):
+            same_out = sum(r["identical_to_target_only"] for r in runs)
+            notes.insert(0, f"output equal to edgespec target-only on {same_out}/{len(runs)} prompts")
+        else:
+            notes.insert(0, ran[0]["notes"])
+        timed = [r["tokens_per_second"] for r in runs if r.get("tokens_per_second")]
+        result.peers.append(
+            {
+                "name": name,
+                "status": "ran",
+                "runs": runs,
+                "tokens_per_s_median": statistics.median(timed) if timed else None,
+                "notes": "; ".join(dict.fromkeys(notes)),
+            }
+        )
+    settings = {**first["settings"], "categories": categories, "merged_from": [str(f) for f, _ in loaded]}
+    return result, settings

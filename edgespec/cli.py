@@ -78,6 +78,86 @@ def _progress(model: Any) -> Any:
     )
 
 
+def _logit_bias(values: tuple[str, ...]) -> dict[int, float]:
+    bias: dict[int, float] = {}
+    for value in values:
+        token, sep, amount = value.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            bias[int(token)] = float(amount)
+        except ValueError:
+            raise click.BadParameter(f"expected TOKEN_ID=BIAS (e.g. 13=-inf), got {value!r}") from None
+    return bias
+
+
+def _sampling_options(func: Any) -> Any:
+    """Sampling flags shared by `run` and `bench`; collected by `_sampling_settings`."""
+    options = [
+        click.option(
+            "--temperature",
+            "-t",
+            type=click.FloatRange(0, 100),
+            default=0.0,
+            show_default=True,
+            help="0 is greedy decoding; above 0, tokens are sampled.",
+        ),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, help="1 = off."),
+        click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0, help="0 = off."),
+        click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="1 = off."),
+        click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
+        click.option("--presence-penalty", type=float, default=0.0, show_default=True),
+        click.option(
+            "--penalty-last-n",
+            type=click.IntRange(min=0),
+            default=64,
+            show_default=True,
+            help="Latest context tokens the penalties look at.",
+        ),
+        click.option(
+            "--logit-bias",
+            multiple=True,
+            metavar="TOKEN_ID=BIAS",
+            help="Add BIAS to a token's logit (repeatable; -inf bans it).",
+        ),
+        click.option(
+            "--accept",
+            type=click.Choice(["rejection", "exact"]),
+            default="rejection",
+            show_default=True,
+            help="How drafts are verified when sampling: rejection sampling (keeps more drafts) or "
+            "exact match with the target's own sample (llama.cpp's rule, for comparison).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+_SAMPLING_KEYS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repeat_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "penalty_last_n",
+    "logit_bias",
+    "accept",
+)
+
+
+def _sampling_settings(kwargs: dict[str, Any]) -> Any:
+    """Pop the sampling flags from a command's keyword arguments into SamplingSettings."""
+    from .sampling import SamplingSettings
+
+    values = {key: kwargs.pop(key) for key in _SAMPLING_KEYS}
+    values["logit_bias"] = _logit_bias(values["logit_bias"])
+    return SamplingSettings(**values)
+
+
 def _read_prompt(prompt: str | None) -> str:
     if prompt is not None and prompt != "-":
         return prompt
@@ -144,8 +224,13 @@ def _format_stats(stats: Any, drafter: str) -> str:
     show_default=True,
     help="Context size in tokens (prompt + answer).",
 )
+@_sampling_options
 @click.option(
-    "--seed", type=int, default=None, help="Sampling seed (recorded; greedy decoding does not use it yet)."
+    "--seed",
+    type=int,
+    default=None,
+    help="Sampling seed: the same seed and settings give the same output (default: a fresh one, "
+    "shown by --json).",
 )
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
 @click.option("--system", default=None, help="System message for the chat template.")
@@ -200,16 +285,19 @@ def run(
     stats: bool,
     as_json: bool,
     verbose: bool,
+    **sampling_flags: Any,
 ) -> None:
     """Generate an answer to PROMPT (or standard input), streaming it as tokens are accepted.
 
-    The output is token for token what the target model alone produces with greedy decoding.
+    At temperature 0 (the default) the output is token for token what the target model alone
+    produces with greedy decoding; above 0 it is distributed exactly as the target's own samples.
 
     \b
     Examples:
       edgespec run "Write a Python function that returns the n-th Fibonacci number."
       edgespec run --draft none --stats "Explain recursion"     # target only, for comparison
       edgespec run --target my.gguf --draft ngram --raw "def quicksort(xs):"
+      edgespec run --temperature 0.8 --top-p 0.95 --seed 7 "Write a haiku about caches"
     """
     from .engine import GenerationSettings
     from .loader import load, prompt_tokens
@@ -218,7 +306,10 @@ def run(
     text = _read_prompt(prompt)
     if not text.strip():  # before loading gigabytes of models (prompt_tokens checks it too)
         raise EdgespecError("the prompt is empty")
-    settings = GenerationSettings(max_tokens=max_tokens, draft_max=draft_max, stop=stop, seed=seed)
+    sampling = _sampling_settings(sampling_flags)
+    settings = GenerationSettings(
+        max_tokens=max_tokens, draft_max=draft_max, stop=stop, seed=seed, sampling=sampling
+    )
     rt_settings = RuntimeSettings(
         n_ctx=ctx,
         n_threads=threads,
@@ -245,7 +336,8 @@ def run(
                 "target": str(pair.target_path),
                 "draft": pair.draft,
                 "draft_max": draft_max,
-                "seed": seed,
+                "seed": generation.seed,
+                "sampling": sampling.to_dict(),
                 "stats": generation.stats.to_dict(),
             }
             click.echo(json.dumps(record, ensure_ascii=False))
@@ -385,6 +477,14 @@ def _model_options(func: Any) -> Any:
     default=None,
     help="Folder holding llama.cpp's llama-speculative-simple (default: search PATH).",
 )
+@_sampling_options
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Base sampling seed; every configuration gets the same seed for the same prompt.",
+)
 @_model_options
 @click.pass_context
 def bench(
@@ -409,16 +509,24 @@ def bench(
     threads: int | None,
     ctx_size: int,
     kernels: str,
+    seed: int,
+    **sampling_flags: Any,
 ) -> None:
     """Measure configurations side by side on the same loaded models; fail on any output difference.
 
+    Greedy by default, where every output must equal target-only's. With --temperature above 0
+    every configuration samples with the same settings and seeds, and outputs are not compared.
+
     \b
-    Example:
+    Examples:
       edgespec bench --dataset spec-bench --per-category 2 --config target-only \\
           --config draft:k=4 --config ngram --max-tokens 64 --out /tmp/b
+      edgespec bench --per-category 2 --temperature 1.0 --config draft:k=4 \\
+          --config draft:k=4,accept=exact
     """
     if ctx.invoked_subcommand is not None:
         return
+    sampling = _sampling_settings(sampling_flags)
     from . import bench as harness
     from . import costs as cost_model
     from .datasets import first_per_category, read_prompts, spec_bench_path
@@ -468,47 +576,79 @@ def bench(
                 repeat=repeat,
                 warmup=warmup,
                 multi_turn=multi_turn,
+                sampling=sampling,
+                seed=seed,
                 on_run=lambda: bar.update(1),
             )
         result.costs = measured
-        if peers:
+        if peers and not sampling.greedy:
+            from .peers import all_skipped
+
+            result.peers = all_skipped(peer_k, "peers run greedy only; not comparable when sampling")
+        elif peers:
             click.echo("running peers ...", err=True)
             result.peers = _run_peers(target_rt, draft_rt, prompts, result, max_tokens, peer_k, llama_cpp_bin)
         click.echo(harness.markdown(result))
         if out:
-            path = harness.write_results(
-                result,
-                Path(out),
-                {
-                    "dataset": dataset,
-                    "per_category": per_category,
-                    "limit": limit,
-                    "categories": list(categories) or None,
-                    "multi_turn": multi_turn,
-                    "max_tokens": max_tokens,
-                    "repeat": repeat,
-                    "warmup": warmup,
-                    "kernels": kernels,
-                    "threads": target_rt.settings.n_threads,
-                    "target": str(target_rt.path),
-                    "draft": str(draft_rt.path) if draft_rt else None,
-                },
-            )
-            click.echo(f"\nwrote {path}", err=True)
-            try:
-                from .plots import write_plots
-
-                for png in write_plots(result, Path(out)):
-                    click.echo(f"wrote {png}", err=True)
-            except ModuleNotFoundError:
-                click.echo(
-                    'plots skipped: matplotlib is not installed (pip install "edgespec[plot]")', err=True
-                )
+            settings = {
+                "dataset": dataset,
+                "per_category": per_category,
+                "limit": limit,
+                "categories": list(categories) or None,
+                "multi_turn": multi_turn,
+                "max_tokens": max_tokens,
+                "repeat": repeat,
+                "warmup": warmup,
+                "kernels": kernels,
+                "threads": target_rt.settings.n_threads,
+                "target": str(target_rt.path),
+                "draft": str(draft_rt.path) if draft_rt else None,
+            }
+            _write_bench_outputs(result, Path(out), settings)
     finally:
         pair.close()
     if result.failures:
         for failure in result.failures:
             click.echo(f"mismatch: {failure}", err=True)
+        raise EdgespecError(f"{len(result.failures)} speculative outputs differ from target-only")
+
+
+def _write_bench_outputs(result: Any, out: Path, settings: dict[str, Any]) -> None:
+    from . import bench as harness
+
+    path = harness.write_results(result, out, settings)
+    click.echo(f"\nwrote {path}", err=True)
+    try:
+        from .plots import write_plots
+
+        for png in write_plots(result, out):
+            click.echo(f"wrote {png}", err=True)
+    except ModuleNotFoundError:
+        click.echo('plots skipped: matplotlib is not installed (pip install "edgespec[plot]")', err=True)
+
+
+@bench.command("report")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option(
+    "--out", type=click.Path(file_okay=False), default=None, help="Write merged results.json and plots here."
+)
+def bench_report(results: tuple[str, ...], out: str | None) -> None:
+    """Print the tables of one or more bench runs (DIR or results.json each) as one result.
+
+    Use it when a long measurement is split into runs, e.g. one per group of categories: every
+    prompt is still compared within its own run.
+
+    \b
+    Example:
+      edgespec bench report bench-out/part1 bench-out/part2 --out bench-out/all
+    """
+    from . import bench as harness
+
+    result, settings = harness.merge_results([Path(r) for r in results])
+    click.echo(harness.markdown(result))
+    if out:
+        _write_bench_outputs(result, Path(out), settings)
+    if result.failures:
         raise EdgespecError(f"{len(result.failures)} speculative outputs differ from target-only")
 
 

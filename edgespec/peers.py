@@ -38,6 +38,14 @@ def _skipped(name: str, reason: str, status: str = "skipped") -> dict[str, Any]:
     return {"name": name, "status": status, "notes": reason, "tokens_per_s_median": None, "runs": []}
 
 
+def all_skipped(k: int, reason: str) -> list[dict[str, Any]]:
+    """Every peer, listed as skipped for one reason."""
+    return [
+        _skipped(f"llama-cpp-python prompt lookup (num_pred_tokens={k})", reason),
+        _skipped(f"llama.cpp {SPECULATIVE_SIMPLE} (--spec-draft-n-max {k})", reason),
+    ]
+
+
 def guarded(name: str, run: Any) -> dict[str, Any]:
     """Run one peer; its own failure (another project's code) is reported as a result, not raised."""
     try:

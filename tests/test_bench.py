@@ -219,3 +219,45 @@ def test_category_filter(tiny_pair, dataset, tmp_path):
     result = CliRunner().invoke(cli, [*args, "--category", "poems"])
     assert result.exit_code == 1
     assert result.stderr.strip() == (f"error: no category 'poems' in {dataset}; it has: animals, stories")
+
+
+def test_sampled_bench_records_settings_and_skips_identity(tiny_pair, dataset, tmp_path):
+    out = tmp_path / "b"
+    configs = ["--config", "draft:k=3", "--config", "draft:k=3,accept=exact", "--config", "ngram"]
+    sampling = ["--temperature", "1.0", "--seed", "5"]
+    args = bench_args(tiny_pair, dataset, out, "--no-ceiling", *sampling, *configs)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "outputs not compared token by token: sampling at temperature 1" in result.stdout
+    data = json.loads((out / "results.json").read_text())
+    assert data["sampling"]["temperature"] == 1.0 and data["sampling"]["accept"] == "rejection"
+    labels = [c["label"] for c in data["configs"]]
+    assert labels == ["target-only", "draft k=3", "draft k=3 accept=exact", "ngram k=4"]
+    assert all(r["identical_to_target_only"] is None for r in data["records"]) and not data["failures"]
+    assert all(p["status"] == "skipped" and "greedy only" in p["notes"] for p in data["peers"])
+
+
+def test_report_merges_runs_split_by_category(tiny_pair, dataset, tmp_path):
+    parts = []
+    for category in ("animals", "stories"):
+        out = tmp_path / category
+        args = bench_args(
+            tiny_pair, dataset, out, "--no-ceiling", "--config", "ngram:k=2", "--category", category
+        )
+        assert CliRunner().invoke(cli, args).exit_code == 0
+        parts.append(json.loads((out / "results.json").read_text()))
+    merged_dir = tmp_path / "all"
+    result = CliRunner().invoke(
+        cli,
+        ["bench", "report", str(tmp_path / "animals"), str(tmp_path / "stories"), "--out", str(merged_dir)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "### animals" in result.stdout and "### stories" in result.stdout
+    merged = json.loads((merged_dir / "results.json").read_text())
+    assert len(merged["records"]) == sum(len(p["records"]) for p in parts)
+    assert merged["settings"]["categories"] == ["animals", "stories"]
+    lookup = merged["peers"][0]
+    assert lookup["status"] == "ran" and len(lookup["runs"]) == 3
+    assert (merged_dir / "speedup_by_category.png").exists()
+    again = CliRunner().invoke(cli, ["bench", "report", str(tmp_path / "animals"), str(tmp_path / "animals")])
+    assert again.exit_code == 1 and "is in both" in again.stderr

@@ -167,3 +167,25 @@ def test_unexpected_failure_is_one_line_unless_debugging(runner, tiny_pair, monk
     )
     monkeypatch.setenv("EDGESPEC_DEBUG", "1")
     assert isinstance(runner.invoke(cli, tiny_args(tiny_pair, "hi")).exception, ZeroDivisionError)
+
+
+def test_sampling_options(runner, tiny_pair):
+    args = ["--temperature", "0.8", "--top-p", "0.95", "--top-k", "20", "--seed", "7", "--json"]
+    first = runner.invoke(cli, tiny_args(tiny_pair, *args, "--max-tokens", "20", "the cat sat"))
+    assert first.exit_code == 0, first.output
+    record = json.loads(first.stdout)
+    assert record["seed"] == 7 and record["sampling"]["temperature"] == 0.8
+    again = runner.invoke(cli, tiny_args(tiny_pair, *args, "--max-tokens", "20", "the cat sat"))
+    assert json.loads(again.stdout)["tokens"] == record["tokens"]
+    extra = ["--accept", "exact", "--logit-bias", "5=-inf", "hi"]
+    exact = runner.invoke(cli, tiny_args(tiny_pair, *args, *extra))
+    assert exact.exit_code == 0, exact.output
+    assert json.loads(exact.stdout)["sampling"]["logit_bias"] == {"5": "-inf"}
+
+
+def test_bad_sampling_options(runner, tiny_pair):
+    result = runner.invoke(cli, tiny_args(tiny_pair, "--logit-bias", "x", "hi"))
+    assert_one_line_error(result, "TOKEN_ID=BIAS")
+    result = runner.invoke(cli, tiny_args(tiny_pair, "--logit-bias", "99999=1", "hi"))
+    assert_one_line_error(result, "logit_bias token 99999 is not in the vocabulary")
+    assert_one_line_error(runner.invoke(cli, tiny_args(tiny_pair, "--top-p", "0", "hi")), "--top-p")
