@@ -325,6 +325,25 @@ def markdown(result: BenchResult, by_category: bool = True) -> str:
 
     out = ["### All prompts", "", *table(summarize(result))]
     categories = sorted({r["category"] for r in result.records})
+    if len(categories) > 1:
+        labels = [c.label for c in result.configs if c.drafter != "none"]
+        out += [
+            "",
+            "### Speed-up over target-only by category (geometric mean; τ in brackets)",
+            "",
+            "| category | prompts | target-only tokens/s | " + " | ".join(labels) + " |",
+            "|---|---|---|" + "---|" * len(labels),
+        ]
+        for category in categories:
+            rows = {row["config"]: row for row in summarize(result, category)}
+            base = rows.get(TARGET_ONLY.label)
+            n_prompts = len({r["prompt_id"] for r in result.records if r["category"] == category})
+            cells = [
+                f"{rows[label]['speedup_geomean']:.2f}x ({rows[label]['tau']:.2f})" if label in rows else "–"
+                for label in labels
+            ]
+            tps = f"{base['tokens_per_s_median']:.2f}" if base else "–"
+            out.append(f"| {category} | {n_prompts} | {tps} | " + " | ".join(cells) + " |")
     if by_category and len(categories) > 1:
         for category in categories:
             out += ["", f"### {category}", "", *table(summarize(result, category))]
@@ -378,7 +397,9 @@ def costs_markdown(costs: Costs, alphas: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, RAM, OS and library versions, git commit: what a figure was measured on."""
+    """CPU model, cores, RAM, OS and library versions, git commit (and whether the working tree had
+    uncommitted changes), start time: what a figure was measured on. Call it when measuring starts."""
+    import datetime
     import platform
     import subprocess
     from importlib.metadata import PackageNotFoundError, version
@@ -393,17 +414,18 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+            )
+            return done.stdout.strip() if done.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     versions = {}
     for package in ("edgespec", "llama-cpp-python", "numpy"):
         try:
@@ -419,11 +441,19 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": versions,
         "git_commit": commit,
+        "git_dirty": bool(status) if status is not None else None,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def write_results(result: BenchResult, directory: Path, settings: dict[str, Any]) -> Path:
-    """Write `results.json` into `directory`: atomically, via a temporary file renamed into place."""
+def write_results(
+    result: BenchResult, directory: Path, settings: dict[str, Any], machine: dict[str, Any] | None = None
+) -> Path:
+    """Write `results.json` into `directory`: atomically, via a temporary file renamed into place.
+
+    Args:
+        machine: `machine_info()` taken when the run started (taken now when None).
+    """
     import json
     from dataclasses import asdict
 
@@ -433,7 +463,7 @@ def write_results(result: BenchResult, directory: Path, settings: dict[str, Any]
     data = {
         "settings": settings,
         "sampling": result.sampling.to_dict(),
-        "machine": machine_info(),
+        "machine": machine or machine_info(),
         "configs": [asdict(c) for c in result.configs],
         "summary": summarize(result),
         "summary_by_category": {c: summarize(result, c) for c in categories},
@@ -529,5 +559,9 @@ def merge_results(paths: Sequence[Path]) -> tuple[BenchResult, dict[str, Any]]:
                 "notes": "; ".join(dict.fromkeys(notes)),
             }
         )
-    settings = {**first["settings"], "categories": categories, "merged_from": [str(f) for f, _ in loaded]}
+    settings = {
+        **first["settings"],
+        "categories": categories,
+        "merged_from": [{"file": str(f), "machine": data.get("machine")} for f, data in loaded],
+    }
     return result, settings

@@ -561,6 +561,7 @@ def bench(
         )
         if multi_turn:
             n_runs = sum(len(p.turns) for p in prompts) * repeat * len(configs)
+        machine = harness.machine_info()  # now, so that it names the code that measured
         measured = None
         if ceiling:
             click.echo("measuring the cost curve ...", err=True)
@@ -604,7 +605,7 @@ def bench(
                 "target": str(target_rt.path),
                 "draft": str(draft_rt.path) if draft_rt else None,
             }
-            _write_bench_outputs(result, Path(out), settings)
+            _write_bench_outputs(result, Path(out), settings, machine)
     finally:
         pair.close()
     if result.failures:
@@ -613,10 +614,12 @@ def bench(
         raise EdgespecError(f"{len(result.failures)} speculative outputs differ from target-only")
 
 
-def _write_bench_outputs(result: Any, out: Path, settings: dict[str, Any]) -> None:
+def _write_bench_outputs(
+    result: Any, out: Path, settings: dict[str, Any], machine: dict[str, Any] | None = None
+) -> None:
     from . import bench as harness
 
-    path = harness.write_results(result, out, settings)
+    path = harness.write_results(result, out, settings, machine)
     click.echo(f"\nwrote {path}", err=True)
     try:
         from .plots import write_plots

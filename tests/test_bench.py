@@ -52,12 +52,14 @@ def test_bench_end_to_end_writes_valid_results(tiny_pair, dataset, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "| draft k=3 |" in result.stdout and "### animals" in result.stdout
+    assert "| stories | 2 | " in result.stdout  # the by-category speed-up table
     assert "outputs identical to target-only: all" in result.stdout
     data = json.loads((out / "results.json").read_text())
     assert [c["label"] for c in data["configs"]] == ["target-only", "draft k=3"]
     assert len(data["records"]) == 2 * 4  # 2 configurations x (1 + 1 + 2 turns)
     assert all(r["identical_to_target_only"] for r in data["records"])
     assert data["failures"] == [] and data["machine"]["physical_cores"] >= 1
+    assert "git_dirty" in data["machine"] and data["machine"]["started"].startswith("20")
     assert len(data["costs"]["t_target"]) == 17 and data["costs"]["t_draft"] > 0
     draft_summary = data["summary"][1]
     assert draft_summary["config"] == "draft k=3" and draft_summary["tau"] >= 1

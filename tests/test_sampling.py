@@ -56,7 +56,8 @@ def test_pipeline_matches_full_sort_reference(kwargs):
         rows = (rng.standard_normal((3, 5000)) * scale).astype(np.float32)
         dists = LogitsProcessor(s, 5000).distributions(rows)
         for row, dist in zip(rows, dists, strict=True):
-            np.testing.assert_allclose(dist.as_dense(5000), reference(row, s), rtol=1e-9, atol=1e-15)
+            # float32 exponentials on dense rows: relative error ~1e-7 (see sampling._weights)
+            np.testing.assert_allclose(dist.as_dense(5000), reference(row, s), rtol=1e-6, atol=1e-12)
 
 
 def test_truncation_keeps_ties_and_sparse_support():
