@@ -4,9 +4,11 @@ Takes real logits: the default target's k + 1 rows for a draft of k tokens, and 
 drafter's k rows, on the first coding prompt of Spec-Bench (Qwen2.5's 151,936-token vocabulary).
 Then times, for several sampling settings, what the engine does per step outside the models:
 
-* verify (worst case): the target's k + 1 distributions through the whole pipeline, plus
-  `verify_rejection` with q = p, so every draft token is accepted and the bonus token sampled;
-* verify (real draft): the same with the drafter's own q and a draft sampled from it;
+* verify (worst case): `verify_rejection` with q = p, so every draft token is accepted, all
+  k + 1 target rows go through the whole pipeline and the bonus token is sampled;
+* verify (real draft): the same with the drafter's own q and a draft sampled from it, so rows
+  after the first rejection are not processed (the engine reads them lazily) but a residual
+  distribution is built and sampled;
 * draft token: the drafter's per-token cost of turning one row into q and sampling from it.
 
 Median and 90th percentile over --repeats runs, in milliseconds, on one thread (numpy).
@@ -59,7 +61,7 @@ def main() -> None:
     from edgespec.loader import prompt_tokens
     from edgespec.runtimes.base import RuntimeSettings
     from edgespec.runtimes.llama_cpp import LlamaCppRuntime
-    from edgespec.sampling import LogitsProcessor, SamplingSettings, TokenSampler
+    from edgespec.sampling import LazyDists, LogitsProcessor, SamplingSettings, TokenSampler
     from edgespec.verify import verify_rejection
 
     k = args.k
@@ -85,19 +87,20 @@ def main() -> None:
         processor = LogitsProcessor(s, n_vocab)
         rng = np.random.default_rng(0)
 
-        def verify_worst(processor=processor, rng=rng):
-            p = processor.distributions(p_rows, recents)
-            uniforms = rng.random(k + 1)
-            # q = p: every draft token in p's support is kept; use tokens p can produce
-            tokens = [d.sample(0.5) for d in p[:k]]
-            return verify_rejection(tokens, p[:k], p, uniforms, n_vocab)
+        # q = p: every draft token is kept; the draft is tokens p can produce
+        p_fixed = processor.distributions(p_rows, recents)
+        tokens = [d.sample(0.5) for d in p_fixed[:k]]
+
+        def verify_worst(processor=processor, rng=rng, tokens=tokens, q=p_fixed[:k]):
+            p = LazyDists(processor, p_rows, recents)  # as the engine does
+            return verify_rejection(tokens, q, p, rng.random(k + 1), n_vocab)
 
         sampler = TokenSampler(s, rng)
         q = [sampler.pick(row, recents[i]) for i, row in enumerate(d_rows_arr)]
         q_dists = list(sampler.dists)
 
         def verify_real(processor=processor, rng=rng, q=q, q_dists=q_dists):
-            p = processor.distributions(p_rows, recents)
+            p = LazyDists(processor, p_rows, recents)
             return verify_rejection(q, q_dists, p, rng.random(k + 1), n_vocab)
 
         def draft_token(sampler=sampler):
@@ -119,10 +122,12 @@ def main() -> None:
     print("| settings | verify, all accepted | verify, real draft | per draft token |")
     print("|---|---|---|---|")
     for r in rows:
-        cells = [f"{r[key][0]:.2f} / {r[key][1]:.2f}" for key in ("verify_worst_ms", "verify_real_ms", "draft_token_ms")]
+        keys = ("verify_worst_ms", "verify_real_ms", "draft_token_ms")
+        cells = [f"{r[key][0]:.2f} / {r[key][1]:.2f}" for key in keys]
         print(f"| {r['settings']} | " + " | ".join(cells) + " |")
     if args.out:
-        write_json(args.out, {"k": k, "n_vocab": n_vocab, "repeats": args.repeats, "machine": machine(), "rows": rows})
+        data = {"k": k, "n_vocab": n_vocab, "repeats": args.repeats, "machine": machine(), "rows": rows}
+        write_json(args.out, data)
     target.close()
     draft_rt.close()
 

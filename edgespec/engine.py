@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from .errors import PromptError, SettingsError
-from .sampling import GREEDY, LogitsProcessor, SamplingSettings, TokenSampler
+from .sampling import GREEDY, LazyDists, LogitsProcessor, SamplingSettings, TokenSampler
 from .text import TextStream
 from .verify import verify_exact_match, verify_greedy, verify_rejection
 
@@ -240,7 +240,7 @@ class Generation:
                     n_accepted, next_token = verify_greedy(draft, rows)
                 else:
                     # p: the target's distributions for every draft position and the one after.
-                    p = processor.distributions(p_logits, recents(draft))
+                    p = LazyDists(processor, p_logits, recents(draft))
                     uniforms = rng.random(len(draft) + 1)
                     if sampling.accept == "exact":
                         n_accepted, next_token = verify_exact_match(draft, p, uniforms)

@@ -172,13 +172,35 @@ class Dist:
         return out / self.total
 
 
+_BLOCK = 1024
+
+
 def _inverse_cdf(weights: np.ndarray, ids: np.ndarray | None, u: float) -> int:
-    cdf = np.cumsum(weights, dtype=np.float64)
-    total = cdf[-1]
-    i = int(np.searchsorted(cdf, u * total, side="right"))
-    if i >= len(cdf):  # u * total rounded up to the total: take the last token with weight
-        i = int(np.flatnonzero(weights > 0)[-1])
-    return i if ids is None else int(ids[i])
+    """Index of the first weight whose cumulative sum exceeds u × total (zero weights are never
+    chosen). A long row is searched in two levels, block sums then one block, because a float64
+    cumulative sum over a whole 152k-token vocabulary costs half a millisecond."""
+    start = 0
+    segment = weights
+    target = 0.0
+    if len(weights) > 4 * _BLOCK:
+        n_full = len(weights) // _BLOCK * _BLOCK
+        sums = weights[:n_full].reshape(-1, _BLOCK).sum(axis=1, dtype=np.float64)
+        sums = np.append(sums, weights[n_full:].sum(dtype=np.float64))
+        block_cdf = np.cumsum(sums)
+        target = u * block_cdf[-1]
+        b = min(int(np.searchsorted(block_cdf, target, side="right")), len(sums) - 1)
+        while sums[b] <= 0:  # u × total rounded up to the total: the last block with weight
+            b -= 1
+        target -= block_cdf[b - 1] if b else 0.0
+        start = b * _BLOCK
+        segment = weights[start : start + _BLOCK]
+    cdf = np.cumsum(segment, dtype=np.float64)
+    if not len(weights) > 4 * _BLOCK:
+        target = u * cdf[-1]
+    i = int(np.searchsorted(cdf, target, side="right"))
+    if i >= len(cdf):  # rounding at the top end: the last token with weight
+        i = int(np.flatnonzero(segment > 0)[-1])
+    return start + i if ids is None else int(ids[start + i])
 
 
 def residual(p: Dist, q: Dist, n_vocab: int) -> Dist | None:
@@ -187,7 +209,13 @@ def residual(p: Dist, q: Dist, n_vocab: int) -> Dist | None:
     Returns None when p − q has no positive mass (p equals q up to rounding), in which case the
     rejection had probability 0 in exact arithmetic and the caller samples from p.
     """
-    if p.ids is None:
+    if p.ids is None and q.ids is None and len(p.weights) == n_vocab and len(q.weights) == n_vocab:
+        # both dense over the vocabulary: four float64 passes, no temporaries beyond one
+        diff = np.multiply(p.weights, 1.0 / p.total, dtype=np.float64)
+        diff -= np.multiply(q.weights, 1.0 / q.total, dtype=np.float64)
+        np.maximum(diff, 0.0, out=diff)
+        ids = None
+    elif p.ids is None:
         diff = np.maximum(p.as_dense(n_vocab) - q.as_dense(n_vocab), 0.0)
         ids = None
     else:
@@ -289,19 +317,20 @@ class LogitsProcessor:
 
     def _one(self, x: np.ndarray, m: float, t: float) -> Dist:
         s = self.settings
-        width = len(x)
         cut = -math.inf  # keep tokens with x >= cut
-        if 0 < s.top_k < width:
-            cut = _kth_largest(x, s.top_k, m)
+        candidates = None  # token ids that include every kept token (None: all of them)
+        if 0 < s.top_k < len(x):
+            cut, candidates = _top_k_cut(x, s.top_k, m)
         if s.top_p < 1:
-            cut = max(cut, _top_p_cut(x, m, t, s.top_p, cut))
+            top_p_cut, candidates = _top_p_cut(x, candidates, m, t, s.top_p)
+            cut = max(cut, top_p_cut)
         if s.min_p > 0:
             # p_i >= min_p * p_max  ⇔  (x_i - m) / t >= ln(min_p)
             cut = max(cut, m + t * math.log(s.min_p))
         if cut == -math.inf:
             w = _weights(x, m, t)
             return Dist(w, float(w.sum(dtype=np.float64)))
-        ids = np.flatnonzero(x >= cut)
+        ids = np.flatnonzero(x >= cut) if candidates is None else candidates[x[candidates] >= cut]
         w = np.exp((x[ids].astype(np.float64) - m) / t)
         return Dist(w, float(w.sum()), ids)
 
@@ -320,40 +349,92 @@ def _weights(x: np.ndarray, m: float, t: float) -> np.ndarray:
     return np.exp(w, out=w)
 
 
-def _kth_largest(x: np.ndarray, k: int, m: float) -> float:
-    """The k-th largest value of x, looking first at values near the maximum (cheap), widening
-    the window until it holds at least k values."""
+def _top_k_cut(x: np.ndarray, k: int, m: float) -> tuple[float, np.ndarray | None]:
+    """The k-th largest value of x, and the ids of the tokens at or above it.
+
+    Looks at values near the maximum first (cheap), widening the window until it holds at least
+    k values, so that only a small window is partitioned.
+    """
     delta = 8.0
     while True:
-        near = x[x >= m - delta]
+        near = np.flatnonzero(x >= m - delta)
         if len(near) >= k or not math.isfinite(delta):
             break
-        delta = delta * 4 if delta < 1e6 else math.inf
+        # grow slowly: logits are dense a few units below the top, and a window holding most of
+        # the vocabulary would make the partition below cost as much as a full sort
+        delta = delta * 1.5 if delta < 1e6 else math.inf
     if len(near) < k:  # fewer than k tokens at all: top-k keeps everything
-        return -math.inf
-    return float(np.partition(near, len(near) - k)[len(near) - k])
+        return -math.inf, None
+    values = x[near]
+    kth = float(np.partition(values, len(near) - k)[len(near) - k])
+    return kth, near[values >= kth]
 
 
-def _top_p_cut(x: np.ndarray, m: float, t: float, top_p: float, cut: float) -> float:
-    """The smallest logit of the nucleus: the fewest largest tokens among x >= cut whose
-    probabilities (normalised over x >= cut) sum to at least top_p."""
-    kept = x if cut == -math.inf else x[x >= cut]
-    weights = _weights(kept, m, t)
-    total = weights.sum(dtype=np.float64)
+def _top_p_cut(
+    x: np.ndarray, kept: np.ndarray | None, m: float, t: float, top_p: float
+) -> tuple[float, np.ndarray]:
+    """The smallest logit of the nucleus: the fewest largest tokens among `kept` (ids; None: all)
+    whose probabilities, normalised over `kept`, sum to at least top_p.
+
+    Returns:
+        (that logit, ids of the candidates searched, which include the whole nucleus).
+    """
+    values = x if kept is None else x[kept]
+    weights = _weights(values, m, t)
+    # This total only places the cut (p and q are cut by this same code, and the distribution
+    # returned afterwards is normalised in float64), so numpy's pairwise float32 sum will do.
+    total = float(weights.sum())
     # Candidates: tokens at least `ratio` as likely as the top one; widen until they hold top_p.
     ratio = 1e-3
     while True:
         floor = m + t * math.log(ratio) if ratio > 0 else -math.inf
-        candidates = kept >= floor
+        candidates = np.flatnonzero(values >= floor)
         cand_w = weights[candidates]
         if cand_w.sum(dtype=np.float64) >= top_p * total or ratio == 0:
             break
         ratio = ratio * 1e-3 if ratio > 1e-200 else 0.0
     order = np.argsort(-cand_w, kind="stable")
     mass = np.cumsum(cand_w[order], dtype=np.float64)
-    n = int(np.searchsorted(mass, top_p * total, side="left"))
-    n = min(n, len(order) - 1)
-    return float(kept[candidates][order[n]])
+    n = min(int(np.searchsorted(mass, top_p * total, side="left")), len(order) - 1)
+    ids = candidates if kept is None else kept[candidates]
+    return float(values[candidates[order[n]]]), ids
+
+
+class LazyDists(Sequence[Dist]):
+    """The target's distributions for the rows of one verification pass, each computed when first
+    read: verification stops at the first rejected draft, and the rows after it are never needed.
+
+    Args:
+        processor: the target's pipeline.
+        rows: logits, shape (k + 1, ≥ n_vocab); must stay valid while this is read.
+        recents: per row, the tokens before its position (for penalties).
+    """
+
+    def __init__(
+        self, processor: LogitsProcessor, rows: np.ndarray, recents: Sequence[Sequence[int]]
+    ) -> None:
+        self._processor = processor
+        self._rows = rows
+        self._recents = recents
+        self._cache: dict[int, Dist] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> Dist:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        dist = self._cache.get(i)
+        if dist is None:
+            recent = [self._recents[i]] if self._processor.window else ()
+            dist = self._cache[i] = self._processor.distributions(self._rows[i : i + 1], recent)[0]
+        return dist
+
+    @property
+    def computed(self) -> int:
+        """How many rows were processed."""
+        return len(self._cache)
 
 
 class TokenSampler:
