@@ -495,6 +495,7 @@ def merge_results(paths: Sequence[Path]) -> tuple[BenchResult, dict[str, Any]]:
     import json
 
     from .costs import Costs
+    from .peers import lookup_summary
 
     loaded = []
     for path in paths:
@@ -512,7 +513,16 @@ def merge_results(paths: Sequence[Path]) -> tuple[BenchResult, dict[str, Any]]:
         if key not in first:
             raise SettingsError(f"{first_file} is not a bench results.json (no {key!r})")
     same = ("max_tokens", "repeat", "kernels", "threads", "target", "draft", "multi_turn")
-    result = BenchResult(configs=[BenchConfig(**c) for c in first["configs"]])
+
+    def configs_of(data: dict[str, Any]) -> list[dict[str, Any]]:
+        # files from before a field existed lack it; its default is None
+        configs = data.get("configs", [])
+        return [{key: value for key, value in c.items() if value is not None} for c in configs]
+
+    def sampling_of(data: dict[str, Any]) -> dict[str, Any]:
+        return data.get("sampling") or GREEDY.to_dict()  # files from before sampling were greedy
+
+    result = BenchResult(configs=[BenchConfig(**c) for c in configs_of(first)])
     if first.get("sampling"):
         sampling = dict(first["sampling"])
         sampling["logit_bias"] = {int(t): float(v) for t, v in sampling["logit_bias"].items()}
@@ -523,7 +533,7 @@ def merge_results(paths: Sequence[Path]) -> tuple[BenchResult, dict[str, Any]]:
     peers: dict[str, list[dict[str, Any]]] = {}
     categories: list[str] = []
     for file, data in loaded:
-        if data.get("configs") != first["configs"] or data.get("sampling") != first.get("sampling"):
+        if configs_of(data) != configs_of(first) or sampling_of(data) != sampling_of(first):
             raise SettingsError(f"cannot merge {file} with {first_file}: other configurations or sampling")
         for key in same:
             if data["settings"].get(key) != first["settings"].get(key):
@@ -543,22 +553,20 @@ def merge_results(paths: Sequence[Path]) -> tuple[BenchResult, dict[str, Any]]:
             result.peers.append(entries[0])
             continue
         runs = [r for e in ran for r in e["runs"]]
-        notes = [e["notes"] for e in entries if e["status"] != "ran"]
-        if all("identical_to_target_only" in r for r in runs):
-            same_out = sum(r["identical_to_target_only"] for r in runs)
-            notes.insert(0, f"output equal to edgespec target-only on {same_out}/{len(runs)} prompts")
+        others = [f"another run: {e['status']}: {e['notes']}" for e in entries if e["status"] != "ran"]
+        if name.startswith("llama-cpp-python prompt lookup"):
+            merged = lookup_summary(name, runs)
         else:
-            notes.insert(0, ran[0]["notes"])
-        timed = [r["tokens_per_second"] for r in runs if r.get("tokens_per_second")]
-        result.peers.append(
-            {
+            timed = [r["tokens_per_second"] for r in runs if r.get("tokens_per_second")]
+            merged = {
                 "name": name,
                 "status": "ran",
                 "runs": runs,
                 "tokens_per_s_median": statistics.median(timed) if timed else None,
-                "notes": "; ".join(dict.fromkeys(notes)),
+                "notes": ran[0]["notes"],
             }
-        )
+        merged["notes"] = "; ".join([merged["notes"], *others]) if others else merged["notes"]
+        result.peers.append(merged)
     settings = {
         **first["settings"],
         "categories": categories,

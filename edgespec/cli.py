@@ -672,7 +672,7 @@ def _run_peers(
     binary = peers.find_speculative_simple(bin_dir)
     return [
         peers.guarded(
-            "llama-cpp-python prompt lookup",
+            peers.lookup_name(k),
             lambda: peers.llama_cpp_python_lookup(
                 target_rt.path,
                 peer_prompts,
@@ -683,7 +683,7 @@ def _run_peers(
             ),
         ),
         peers.guarded(
-            peers.SPECULATIVE_SIMPLE,
+            peers.simple_name(k),
             lambda: peers.llama_speculative_simple(
                 binary,
                 target_rt.path,

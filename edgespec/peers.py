@@ -41,8 +41,8 @@ def _skipped(name: str, reason: str, status: str = "skipped") -> dict[str, Any]:
 def all_skipped(k: int, reason: str) -> list[dict[str, Any]]:
     """Every peer, listed as skipped for one reason."""
     return [
-        _skipped(f"llama-cpp-python prompt lookup (num_pred_tokens={k})", reason),
-        _skipped(f"llama.cpp {SPECULATIVE_SIMPLE} (--spec-draft-n-max {k})", reason),
+        _skipped(lookup_name(k), reason),
+        _skipped(simple_name(k), reason),
     ]
 
 
@@ -66,9 +66,11 @@ def llama_cpp_python_lookup(
     """llama-cpp-python's own prompt-lookup speculation: `Llama(draft_model=LlamaPromptLookupDecoding)`.
 
     Greedy (`temp=0, top_k=1`, no repetition penalty); tokens/s is measured like edgespec's:
-    tokens after the first over the time after the first.
+    tokens after the first over the time after the first. A prompt on which llama-cpp-python
+    raises (0.3.36 does on prompts longer than its 512-token batch) is recorded as a failed run
+    with the error, and the other prompts are still measured.
     """
-    name = f"llama-cpp-python prompt lookup (num_pred_tokens={k})"
+    name = lookup_name(k)
     try:
         import llama_cpp
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
@@ -86,21 +88,26 @@ def llama_cpp_python_lookup(
         draft_model=LlamaPromptLookupDecoding(num_pred_tokens=k),
         verbose=False,
     )
-    runs = []
+    runs: list[dict[str, Any]] = []
     try:
         for prompt in prompts:
             llm.reset()
             out: list[int] = []
             first = end = time.perf_counter()
-            for token in llm.generate(prompt.tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-                end = time.perf_counter()
-                if not out:
-                    first = end
-                if token in eog:
-                    break
-                out.append(token)
-                if len(out) >= max_tokens:
-                    break
+            try:
+                for token in llm.generate(prompt.tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+                    end = time.perf_counter()
+                    if not out:
+                        first = end
+                    if token in eog:
+                        break
+                    out.append(token)
+                    if len(out) >= max_tokens:
+                        break
+            except Exception as exc:  # a bug inside the peer on this prompt: record it, go on
+                error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                runs.append({"prompt_id": prompt.id, "tokens_per_second": None, "error": error})
+                continue
             tps = (len(out) - 1) / (end - first) if len(out) > 1 and end > first else 0.0
             runs.append(
                 {
@@ -112,13 +119,34 @@ def llama_cpp_python_lookup(
             )
     finally:
         llm.close()
-    same = sum(r["identical_to_target_only"] for r in runs)
+    return lookup_summary(name, runs)
+
+
+def lookup_name(k: int) -> str:
+    return f"llama-cpp-python prompt lookup (num_pred_tokens={k})"
+
+
+def simple_name(k: int) -> str:
+    return f"llama.cpp {SPECULATIVE_SIMPLE} (--spec-draft-n-max {k})"
+
+
+def lookup_summary(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The prompt-lookup peer's entry from its per-prompt runs (also used to merge bench runs)."""
+    done = [r for r in runs if r.get("error") is None]
+    failed = [r for r in runs if r.get("error") is not None]
+    same = sum(r["identical_to_target_only"] for r in done)
+    notes = [f"output equal to edgespec target-only on {same}/{len(done)} prompts"] if done else []
+    if failed:
+        notes.append(
+            f"failed inside llama-cpp-python on {len(failed)}/{len(runs)} prompts "
+            f"({', '.join(r['prompt_id'] for r in failed)}): {failed[0]['error']}"
+        )
     return {
         "name": name,
-        "status": "ran",
+        "status": "ran" if done else "failed",
         "runs": runs,
-        "tokens_per_s_median": statistics.median(r["tokens_per_second"] for r in runs),
-        "notes": f"output equal to edgespec target-only on {same}/{len(runs)} prompts",
+        "tokens_per_s_median": statistics.median(r["tokens_per_second"] for r in done) if done else None,
+        "notes": "; ".join(notes),
     }
 
 
@@ -160,7 +188,7 @@ def llama_speculative_simple(
     timeout: float = 600.0,
 ) -> dict[str, Any]:
     """llama.cpp's own draft-model speculation, as a subprocess, greedy, on the same formatted prompts."""
-    name = f"llama.cpp {SPECULATIVE_SIMPLE} (--spec-draft-n-max {k})"
+    name = simple_name(k)
     if binary is None:
         where = f"in {bin_dir}" if bin_dir else "on PATH"
         return _skipped(

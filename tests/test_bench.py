@@ -248,6 +248,13 @@ def test_report_merges_runs_split_by_category(tiny_pair, dataset, tmp_path):
         )
         assert CliRunner().invoke(cli, args).exit_code == 0
         parts.append(json.loads((out / "results.json").read_text()))
+    # a results.json written before sampling existed (no "sampling", no config "accept") still merges
+    old = tmp_path / "animals" / "results.json"
+    data = json.loads(old.read_text())
+    del data["sampling"]
+    for config in data["configs"]:
+        del config["accept"]
+    old.write_text(json.dumps(data))
     merged_dir = tmp_path / "all"
     result = CliRunner().invoke(
         cli,
@@ -263,3 +270,29 @@ def test_report_merges_runs_split_by_category(tiny_pair, dataset, tmp_path):
     assert (merged_dir / "speedup_by_category.png").exists()
     again = CliRunner().invoke(cli, ["bench", "report", str(tmp_path / "animals"), str(tmp_path / "animals")])
     assert again.exit_code == 1 and "is in both" in again.stderr
+
+
+def test_lookup_peer_records_a_failing_prompt_and_measures_the_rest(
+    tiny_pair, dataset, tmp_path, monkeypatch
+):
+    import llama_cpp
+
+    original = llama_cpp.Llama.generate
+    calls = []
+
+    def flaky(self, tokens, **kwargs):
+        calls.append(len(tokens))
+        if len(calls) == 2:
+            raise ValueError("could not broadcast input array")
+        yield from original(self, tokens, **kwargs)
+
+    monkeypatch.setattr(llama_cpp.Llama, "generate", flaky)
+    out = tmp_path / "b"
+    result = CliRunner().invoke(
+        cli, bench_args(tiny_pair, dataset, out, "--no-ceiling", "--config", "ngram:k=2")
+    )
+    assert result.exit_code == 0, result.output
+    lookup = json.loads((out / "results.json").read_text())["peers"][0]
+    assert lookup["status"] == "ran" and len(lookup["runs"]) == 3 and lookup["tokens_per_s_median"] > 0
+    assert lookup["runs"][1]["error"] == "ValueError: could not broadcast input array"
+    assert "failed inside llama-cpp-python on 1/3 prompts" in lookup["notes"]
