@@ -9,48 +9,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_QUESTIONS = ROOT.parent / "shared" / "bench" / "spec_bench_question.jsonl"
 
-CODE_REWRITE_PROMPT = """Rewrite the following Python code with type hints on every function.
-Keep everything else exactly as it is, and reply with the complete code only.
-
-```python
-import csv
-import statistics
-
-
-def load_rows(path):
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def column(rows, name):
-    values = []
-    for row in rows:
-        value = row.get(name, "").strip()
-        if value:
-            values.append(float(value))
-    return values
-
-
-def summarize(values):
-    if not values:
-        return {"count": 0, "mean": None, "median": None, "stdev": None}
-    return {
-        "count": len(values),
-        "mean": statistics.mean(values),
-        "median": statistics.median(values),
-        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
-    }
-
-
-def report(path, names):
-    rows = load_rows(path)
-    lines = []
-    for name in names:
-        stats = summarize(column(rows, name))
-        lines.append(f"{name}: n={stats['count']} mean={stats['mean']} median={stats['median']}")
-    return "\\n".join(lines)
-```"""
-
 
 def spec_bench_prompts(per_category: int = 1, categories: int = 12) -> list[dict]:
     """First turns of Spec-Bench: the first `per_category` prompts of the first `categories` categories."""
