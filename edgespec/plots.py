@@ -47,7 +47,7 @@ def write_plots(result: BenchResult, directory: Path) -> list[Path]:
     axes.set_xticks([c + width * (len(labels) - 1) / 2 for c in range(len(categories))])
     axes.set_xticklabels(categories, rotation=30, ha="right")
     axes.set_ylabel("speed-up over target-only (geometric mean)")
-    axes.legend()
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars reach up to the legend
     written.append(_save(figure, directory / "speedup_by_category.png"))
     plt.close(figure)
 
