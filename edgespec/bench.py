@@ -325,6 +325,7 @@ def markdown(result: BenchResult, by_category: bool = True) -> str:
 
     out = ["### All prompts", "", *table(summarize(result))]
     categories = sorted({r["category"] for r in result.records})
+    per_category = {category: summarize(result, category) for category in categories}
     if len(categories) > 1:
         labels = [c.label for c in result.configs if c.drafter != "none"]
         out += [
@@ -335,7 +336,7 @@ def markdown(result: BenchResult, by_category: bool = True) -> str:
             "|---|---|---|" + "---|" * len(labels),
         ]
         for category in categories:
-            rows = {row["config"]: row for row in summarize(result, category)}
+            rows = {row["config"]: row for row in per_category[category]}
             base = rows.get(TARGET_ONLY.label)
             n_prompts = len({r["prompt_id"] for r in result.records if r["category"] == category})
             cells = [
@@ -346,7 +347,7 @@ def markdown(result: BenchResult, by_category: bool = True) -> str:
             out.append(f"| {category} | {n_prompts} | {tps} | " + " | ".join(cells) + " |")
     if by_category and len(categories) > 1:
         for category in categories:
-            out += ["", f"### {category}", "", *table(summarize(result, category))]
+            out += ["", f"### {category}", "", *table(per_category[category])]
     if result.peers:
         out += [
             "",

@@ -194,10 +194,7 @@ class Generation:
         p_logits = target.eval(context, logits="last")
         if drafter is not None:
             drafter.begin(context)
-        if sampling.greedy:
-            first = int(processor.argmax(p_logits, recents([]))[0])
-        else:
-            first = processor.distributions(p_logits, recents([]))[0].sample(float(rng.random()))
+        first, _ = processor.choose(p_logits[0], recents([])[0], rng)
         pending = [(first, False)]  # accepted, not yet emitted
         stats.t_prompt = clock() - start
 
@@ -236,7 +233,8 @@ class Generation:
                 t0 = clock()
                 p_logits = target.eval([context[-1], *draft], logits="all")
                 if sampling.greedy:
-                    rows = processor.adjusted(p_logits, recents(draft)) if processor.adjusts else p_logits
+                    # bias and penalties move the argmax (adjusted is a view when there are none)
+                    rows = processor.adjusted(p_logits, recents(draft))
                     n_accepted, next_token = verify_greedy(draft, rows)
                 else:
                     # p: the target's distributions for every draft position and the one after.

@@ -112,6 +112,11 @@ class SamplingSettings:
             self.repeat_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
         )
 
+    @property
+    def penalty_window(self) -> int:
+        """How many of the latest tokens the penalties need to see (0 when they are off)."""
+        return self.penalty_last_n if self.penalized else 0
+
 
 GREEDY = SamplingSettings()
 
@@ -180,9 +185,10 @@ def _inverse_cdf(weights: np.ndarray, ids: np.ndarray | None, u: float) -> int:
     chosen). A long row is searched in two levels, block sums then one block, because a float64
     cumulative sum over a whole 152k-token vocabulary costs half a millisecond."""
     start = 0
-    segment = weights
-    target = 0.0
-    if len(weights) > 4 * _BLOCK:
+    if len(weights) <= 4 * _BLOCK:
+        cdf = np.cumsum(weights, dtype=np.float64)
+        target = u * cdf[-1]
+    else:
         n_full = len(weights) // _BLOCK * _BLOCK
         sums = weights[:n_full].reshape(-1, _BLOCK).sum(axis=1, dtype=np.float64)
         sums = np.append(sums, weights[n_full:].sum(dtype=np.float64))
@@ -193,13 +199,10 @@ def _inverse_cdf(weights: np.ndarray, ids: np.ndarray | None, u: float) -> int:
             b -= 1
         target -= block_cdf[b - 1] if b else 0.0
         start = b * _BLOCK
-        segment = weights[start : start + _BLOCK]
-    cdf = np.cumsum(segment, dtype=np.float64)
-    if not len(weights) > 4 * _BLOCK:
-        target = u * cdf[-1]
+        cdf = np.cumsum(weights[start : start + _BLOCK], dtype=np.float64)
     i = int(np.searchsorted(cdf, target, side="right"))
     if i >= len(cdf):  # rounding at the top end: the last token with weight
-        i = int(np.flatnonzero(segment > 0)[-1])
+        i = int(np.flatnonzero(weights[start : start + len(cdf)] > 0)[-1])
     return start + i if ids is None else int(ids[start + i])
 
 
@@ -251,7 +254,7 @@ class LogitsProcessor:
         self._bias_ids = np.array(sorted(bias), dtype=np.int64)
         self._bias_values = np.array([bias[t] for t in sorted(bias)], dtype=np.float32)
         #: how many of the latest context tokens a caller must pass as `recent`
-        self.window = settings.penalty_last_n if settings.penalized else 0
+        self.window = settings.penalty_window
 
     @property
     def adjusts(self) -> bool:
@@ -294,6 +297,17 @@ class LogitsProcessor:
     def argmax(self, rows: np.ndarray, recents: Sequence[Sequence[int]] = ()) -> np.ndarray:
         """Greedy choice per row after bias and penalties: shape (r,) int64."""
         return self.adjusted(rows, recents).argmax(axis=1)
+
+    def choose(
+        self, row: np.ndarray, recent: Sequence[int], rng: np.random.Generator
+    ) -> tuple[int, Dist | None]:
+        """The next token from one logits row (shape (n,)): the argmax after bias and penalties
+        when temperature is 0, else a sample from the row's distribution, which is returned too."""
+        rows = row.reshape(1, -1)
+        if self.settings.greedy:
+            return int(self.argmax(rows, [recent])[0]), None
+        dist = self.distributions(rows, [recent])[0]
+        return dist.sample(float(rng.random())), dist
 
     def distributions(self, rows: np.ndarray, recents: Sequence[Sequence[int]] = ()) -> list[Dist]:
         """The full pipeline for each row (temperature must be > 0).
@@ -452,7 +466,7 @@ class TokenSampler:
         self.dists: list[Dist] = []
         self._processors: dict[int, LogitsProcessor] = {}
         #: how many of the latest tokens `pick` needs in `recent`
-        self.window = settings.penalty_last_n if settings.penalized else 0
+        self.window = settings.penalty_window
 
     def reset(self) -> None:
         """Forget the distributions of the previous draft."""
@@ -464,9 +478,7 @@ class TokenSampler:
         processor = self._processors.get(len(row))
         if processor is None:
             processor = self._processors[len(row)] = LogitsProcessor(self.settings, len(row), check_ids=False)
-        rows = row.reshape(1, -1)
-        if self.settings.greedy:
-            return int(processor.argmax(rows, [recent])[0])
-        dist = processor.distributions(rows, [recent])[0]
-        self.dists.append(dist)
-        return dist.sample(float(self.rng.random()))
+        token, dist = processor.choose(row, recent, self.rng)
+        if dist is not None:
+            self.dists.append(dist)
+        return token
