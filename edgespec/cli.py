@@ -721,6 +721,11 @@ def bench_costs(
     click.echo(harness.costs_markdown(measured))
 
 
+from .cli_export import export  # noqa: E402  (registers `edgespec export …`)
+
+cli.add_command(export)
+
+
 def main() -> None:
     cli.main(prog_name="edgespec")
 

@@ -8,6 +8,7 @@ from .errors import IncompatibleModelsError
 
 if TYPE_CHECKING:
     from .runtimes.base import Runtime
+    from .vocabmap import VocabMap
 
 # Vocabularies may differ by padding rows added for matrix alignment (llama.cpp tolerates 128).
 MAX_VOCAB_PADDING = 128
@@ -21,16 +22,26 @@ def check_compatible(target: Runtime, draft: Runtime) -> None:
     """
     t, d = target.vocab, draft.vocab
     names = f"draft {draft.path.name} cannot draft for target {target.path.name}"
+    vmap = getattr(draft, "vocab_map", None)
+    if vmap is not None and not getattr(draft, "inputs_in_target_ids", False):
+        _check_trimmed(target, draft, vmap, names)
+        return
     if t.kind != d.kind:
         raise IncompatibleModelsError(f"{names}: tokenizer types differ (target {t.kind}, draft {d.kind})")
     for label in ("bos", "eos", "eot"):
-        if getattr(t, label) != getattr(d, label):
+        d_id = getattr(d, label)
+        if getattr(t, label) != d_id:
             raise IncompatibleModelsError(
-                f"{names}: {label.upper()} token ids differ (target {getattr(t, label)}, "
-                f"draft {getattr(d, label)})"
+                f"{names}: {label.upper()} token ids differ (target {getattr(t, label)}, draft {d_id})"
             )
     if t.add_bos != d.add_bos:
         raise IncompatibleModelsError(f"{names}: one adds a BOS token to prompts and the other does not")
+    if vmap is not None and vmap.target_n_vocab != t.n_vocab:
+        # Trimmed outputs over untrimmed inputs: the map must have been made for this vocabulary.
+        raise IncompatibleModelsError(
+            f"{names}: the drafter was trimmed for a target with {vmap.target_n_vocab} tokens, "
+            f"this target has {t.n_vocab}"
+        )
     if abs(t.n_vocab - d.n_vocab) > MAX_VOCAB_PADDING:
         raise IncompatibleModelsError(
             f"{names}: vocabulary sizes differ by more than padding (target {t.n_vocab}, draft {d.n_vocab})"
@@ -41,4 +52,25 @@ def check_compatible(target: Runtime, draft: Runtime) -> None:
             raise IncompatibleModelsError(
                 f"{names}: token {token} differs (target {t_text.decode('utf-8', 'replace')!r}, "
                 f"draft {d_text.decode('utf-8', 'replace')!r})"
+            )
+
+
+def _check_trimmed(target: Runtime, draft: Runtime, vmap: VocabMap, names: str) -> None:
+    """A VocabTrim drafter: its N tokens must be the target's tokens keep[0 … N-1]."""
+    t, d = target.vocab, draft.vocab
+    if t.kind != d.kind:
+        raise IncompatibleModelsError(f"{names}: tokenizer types differ (target {t.kind}, draft {d.kind})")
+    if t.add_bos != d.add_bos:
+        raise IncompatibleModelsError(f"{names}: one adds a BOS token to prompts and the other does not")
+    if vmap.n_keep != d.n_vocab:
+        raise IncompatibleModelsError(
+            f"{names}: its vocabulary map has {vmap.n_keep} tokens, the model {d.n_vocab}"
+        )
+    vmap.check_fits(t.n_vocab, target.token_text, draft.token_text, names)
+    for label in ("bos", "eos", "eot"):
+        d_id = getattr(d, label)
+        mapped = None if d_id is None else vmap.to_target(d_id)
+        if getattr(t, label) != mapped:
+            raise IncompatibleModelsError(
+                f"{names}: {label.upper()} token ids differ (target {getattr(t, label)}, draft {mapped})"
             )

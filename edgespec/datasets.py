@@ -77,3 +77,13 @@ def spec_bench_path() -> Path:
         f"Spec-Bench prompts not found (looked at {', '.join(map(str, candidates))}); "
         f"set {SPEC_BENCH_ENV} or pass --dataset FILE.jsonl"
     )
+
+
+def last_per_category(prompts: list[BenchPrompt], per_category: int) -> list[BenchPrompt]:
+    """The last `per_category` prompts of each category (disjoint from `first_per_category` while
+    the two counts add up to at most a category's size): calibration data that a benchmark of the
+    first prompts does not see."""
+    by_category: dict[str, list[BenchPrompt]] = {}
+    for item in prompts:
+        by_category.setdefault(item.category, []).append(item)
+    return [item for name in sorted(by_category) for item in by_category[name][-per_category:]]

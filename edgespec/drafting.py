@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
+import numpy as np
+
 if TYPE_CHECKING:
     from .runtimes.base import Runtime
     from .sampling import TokenSampler
@@ -59,6 +61,10 @@ class ModelDrafter:
     evaluates only what is new (usually the target's correction or bonus token). Accepted draft
     tokens are already in its cache, so they are never evaluated twice.
 
+    A VocabTrim drafter (a runtime with a `vocab_map`) is handled here: context ids are mapped to
+    its input ids, and its smaller logits rows back to target ids, so the engine only ever sees
+    target ids.
+
     Args:
         runtime: the draft model's runtime.
         max_id: draft tokens must be < max_id (the target's vocabulary size); a draft that reaches
@@ -70,8 +76,35 @@ class ModelDrafter:
 
     def __init__(self, runtime: Runtime, max_id: int | None = None) -> None:
         self.runtime = runtime
-        self.max_id = runtime.vocab.n_vocab if max_id is None else max_id
-        self._cached: list[int] = []  # tokens whose keys/values are in the draft cache
+        vmap = getattr(runtime, "vocab_map", None)
+        # A VocabTrim drafter: its logits row j is target id keep[j]; its input ids are
+        # input_map[target id], unless it still reads target ids (an ONNX export trims outputs only).
+        self._keep: np.ndarray | None = None if vmap is None else vmap.keep
+        reads_target_ids = vmap is None or getattr(runtime, "inputs_in_target_ids", False)
+        self._input_map: list[int] | None = None if reads_target_ids else vmap.input_map.tolist()
+        n_target = runtime.vocab.n_vocab if vmap is None else vmap.target_n_vocab
+        self.max_id = n_target if max_id is None else max_id
+        self._cached: list[int] = []  # target ids whose keys/values are in the draft cache
+
+    def _inputs(self, tokens: Sequence[int]) -> list[int]:
+        input_map = self._input_map
+        return list(tokens) if input_map is None else [input_map[t] for t in tokens]
+
+    def _choose(self, row: np.ndarray, sampler: TokenSampler | None, recent: Sequence[int]) -> int:
+        """The next draft token (a target id) from one logits row, or -1 when it is out of range."""
+        keep = self._keep
+        if sampler is None:
+            j = int(row.argmax())
+            token = j if keep is None else int(keep[j])
+            return token if token < self.max_id else -1
+        if keep is None:
+            # Only ids the target has can be drawn, so q is a distribution over them.
+            return sampler.pick(row[: self.max_id], recent)
+        # Spread the trimmed row over the target's ids: dropped ids get probability 0 in q.
+        full = np.full(self.max_id, -np.inf, dtype=np.float32)
+        inside = keep < self.max_id
+        full[keep[inside]] = row[inside]
+        return sampler.pick(full, recent)
 
     def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> list[int]:
         if k <= 0:
@@ -86,22 +119,18 @@ class ModelDrafter:
             keep -= 1  # logits are needed for the last context token, so evaluate it again
         rt.truncate(keep)
         del self._cached[keep:]
-        logits = rt.eval(context[keep:], logits="last")
+        logits = rt.eval(self._inputs(context[keep:]), logits="last")
         self._cached.extend(context[keep:])
         draft: list[int] = []
         tail = list(context[-sampler.window :]) if sampler is not None and sampler.window else []
         while True:
-            if sampler is None:
-                token = int(logits[0].argmax())
-                if token >= self.max_id:
-                    break
-            else:
-                # Only ids the target has can be drawn, so q is a distribution over them.
-                token = sampler.pick(logits[0][: self.max_id], tail + draft if tail else ())
+            token = self._choose(logits[0], sampler, tail + draft if tail else ())
+            if token < 0:
+                break
             draft.append(token)
             if len(draft) == k:
                 break
-            logits = rt.eval([token], logits="last")
+            logits = rt.eval(self._inputs([token]), logits="last")
             self._cached.append(token)
         return draft
 
@@ -115,7 +144,7 @@ class ModelDrafter:
         self.runtime.truncate(keep)
         del self._cached[keep:]
         if keep < len(prompt):
-            self.runtime.eval(prompt[keep:], logits="none")
+            self.runtime.eval(self._inputs(prompt[keep:]), logits="none")
             self._cached.extend(prompt[keep:])
 
 

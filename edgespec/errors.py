@@ -34,3 +34,7 @@ class SettingsError(EdgespecError):
 
 class RuntimeFailure(EdgespecError):
     """A backend call failed while generating (e.g. llama_decode returned an error)."""
+
+
+class ExportError(EdgespecError):
+    """A model cannot be exported or trimmed (unsupported architecture, missing file, bad option)."""

@@ -66,6 +66,10 @@ class Runtime(Protocol):
 
     The cache holds `n_past` tokens at positions 0 … n_past-1. `eval` appends tokens after them;
     `truncate` forgets everything from a position on.
+
+    A runtime may also have `vocab_map` (an `edgespec.vocabmap.VocabMap`, for a VocabTrim drafter
+    whose ids are a subset of its target's; None or absent otherwise) and `inputs_in_target_ids`
+    (True when such a model still reads target ids and only its output rows are trimmed).
     """
 
     path: Path

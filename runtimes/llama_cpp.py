@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelLoadError, PromptError, RuntimeFailure, SettingsError
+from ..vocabmap import KEY_TARGET_N_VOCAB, VocabMap
 from .base import LogitRows, RuntimeSettings, VocabInfo
 
 try:
@@ -194,6 +195,16 @@ class LlamaCppRuntime:
         self._n_ctx = min(self.settings.n_ctx, int(_ll.llama_n_ctx(self._ctx)))
         self._vocab_p = _ll.llama_model_get_vocab(self._model)
         self.vocab = self._read_vocab()
+        # A VocabTrim drafter's map back to its target's ids (None for an ordinary model). The
+        # scalar key is visible through llama.cpp; the arrays are read from the file's header.
+        self.vocab_map: VocabMap | None = None
+        if self.metadata(KEY_TARGET_N_VOCAB) is not None:
+            self.vocab_map = VocabMap.from_gguf(self.path)
+            if self.vocab_map is None or self.vocab_map.n_keep != self.vocab.n_vocab:
+                self.close()
+                raise ModelLoadError(
+                    f"{self.path}: its vocabulary map does not match its {self.vocab.n_vocab} tokens"
+                )
         self._n_batch = self.settings.n_batch
         self._max_rows = EXACT_MAX_ROWS if exact else self._n_batch
         self._batch = _ll.llama_batch_init(self._n_batch, 0, 1)

@@ -1,0 +1,174 @@
+"""`edgespec export …`: prepare models offline (VocabTrim, GGUF and ONNX conversion)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import ExportError
+
+
+def _bar(label: str, total: int) -> Any:
+    return click.progressbar(length=total, label=label, file=sys.stderr)
+
+
+@click.group()
+def export() -> None:
+    """Prepare models offline: trim a drafter's vocabulary, convert to GGUF or ONNX.
+
+    \b
+    Examples:
+      edgespec export vocab-trim --keep 32768 --out drafter-32k.gguf
+      edgespec export gguf --model ./Qwen2.5-0.5B --out qwen-0.5b.gguf --quant Q8_0
+      edgespec export onnx --model drafter.gguf --out ./drafter-onnx --int8
+    """
+
+
+@export.command("vocab-trim")
+@click.option("--draft", default="default", show_default=True, help="Drafter GGUF to trim.")
+@click.option(
+    "--target", default="default", show_default=True, help="Target GGUF whose text sets the frequencies."
+)
+@click.option(
+    "--keep",
+    "keeps",
+    type=click.IntRange(min=1),
+    multiple=True,
+    required=True,
+    help="N, tokens to keep (repeatable: one calibration, one file per N).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output GGUF; with several --keep, a directory for DRAFT-trimN.gguf files.",
+)
+@click.option(
+    "--calibration",
+    default="spec-bench",
+    show_default=True,
+    help="Prompts (JSONL, or spec-bench) the target answers to measure token frequencies.",
+)
+@click.option(
+    "--calibration-per-category",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="With spec-bench: the last N prompts of each category (the benchmark's first prompts stay unseen).",
+)
+@click.option(
+    "--generate", type=click.IntRange(min=1), default=128, show_default=True, help="M, tokens per prompt."
+)
+@click.option(
+    "--corpus",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Count tokens of these text files instead of generating (repeatable).",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+def vocab_trim(
+    draft: str,
+    target: str,
+    keeps: tuple[int, ...],
+    out: Path,
+    calibration: str,
+    calibration_per_category: int,
+    generate: int,
+    corpus: tuple[Path, ...],
+    threads: int | None,
+) -> None:
+    """Prune the drafter's LM head to the N tokens the target uses most (VocabTrim).
+
+    Frequencies come from the target's own greedy answers to calibration prompts (prompt tokens
+    count too: the trimmed vocabulary is also what the drafter reads), or from --corpus text.
+    Special, control and byte tokens are always kept. The output loads in llama.cpp, and edgespec
+    maps its ids back to the target's, so speculative output stays identical to target-only.
+
+    \b
+    Examples:
+      edgespec export vocab-trim --keep 32768 --out drafter-32k.gguf
+      edgespec export vocab-trim --keep 16384 --keep 32768 --out trims/ --generate 64
+      edgespec export vocab-trim --draft d.gguf --target t.gguf --keep 8192 --corpus notes.txt --out d-8k.gguf
+    """
+    from .datasets import last_per_category, read_prompts, spec_bench_path
+    from .exporters import vocab_trim as vt
+    from .loader import load, prompt_tokens, resolve_model_path
+    from .runtimes.base import RuntimeSettings
+    from .vocabmap import VocabMap
+
+    def progress(model: Any) -> Any:
+        return _bar(f"preparing {model.description} (first use)", model.size)
+
+    draft_path = resolve_model_path(draft, "draft", progress)
+    # Fail before the (long) calibration, not after it.
+    if not draft_path.is_file():
+        raise ExportError(f"drafter not found: {draft_path}")
+    if VocabMap.from_gguf(draft_path) is not None:
+        raise ExportError(f"{draft_path} is already trimmed; trim the original drafter instead")
+    if len(set(keeps)) != len(keeps):
+        raise click.BadParameter("each --keep value once", param_hint="--keep")
+    if len(keeps) > 1 and out.suffix == ".gguf":
+        raise click.BadParameter("with several --keep values, --out is a directory", param_hint="--out")
+    outputs = [out] if len(keeps) == 1 else [out / f"{draft_path.stem}-trim{n}.gguf" for n in keeps]
+    for path in outputs:
+        if path.resolve() == draft_path.resolve():
+            raise click.BadParameter("the output would overwrite the drafter", param_hint="--out")
+
+    pair = load(target, "none", RuntimeSettings(n_ctx=4096, n_threads=threads), progress=progress)
+    try:
+        engine = pair.engine
+        if corpus:
+            texts = []
+            for path in corpus:
+                try:
+                    texts.append(path.read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise ExportError(f"cannot read corpus {path}: {exc}") from None
+            counts = vt.count_corpus(engine.target, texts)
+            source = f"corpus: {', '.join(p.name for p in corpus)} ({int(counts.sum())} tokens)"
+        else:
+            if calibration == "spec-bench":
+                prompts = last_per_category(read_prompts(spec_bench_path()), calibration_per_category)
+                label = f"spec-bench, last {calibration_per_category} per category"
+            else:
+                prompts = read_prompts(calibration)
+                label = Path(calibration).name
+            if not prompts:
+                raise ExportError(f"no calibration prompts in {calibration}")
+            token_lists = [prompt_tokens(engine.target, p.prompt) for p in prompts]
+            limit = engine.target.n_ctx - generate
+            token_lists = [t for t in token_lists if len(t) <= limit]
+            if not token_lists:
+                raise ExportError(f"every calibration prompt is longer than {limit} tokens")
+            with _bar(f"calibrating on {len(token_lists)} prompts", len(token_lists)) as bar:
+                counts = vt.count_generated(engine, token_lists, generate, progress=bar.update)
+            generated = int(counts.sum())
+            for tokens in token_lists:
+                counts += vt.count_prompt(tokens, len(counts))
+            source = (
+                f"generated: {label}, {len(token_lists)} prompts x {generate} tokens "
+                f"({generated} generated + {int(counts.sum()) - generated} prompt tokens)"
+            )
+        target_sha = vt.sha256_file(pair.target_path)
+    finally:
+        pair.close()
+
+    for n_keep, path in zip(keeps, outputs, strict=True):
+        report = vt.trim_gguf(
+            draft_path,
+            path,
+            counts,
+            n_keep,
+            target_sha256=target_sha,
+            frequency_source=source,
+            progress=_bar,
+        )
+        click.echo(
+            f"{report.out}: {report.n_keep} of {report.n_source_vocab} tokens "
+            f"({report.n_forced} always kept), {report.out_bytes / 2**20:.1f} MiB "
+            f"(was {report.source_bytes / 2**20:.1f} MiB); kept tokens cover "
+            f"{report.coverage:.1%} of the calibration text"
+        )

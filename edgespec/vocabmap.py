@@ -1,0 +1,216 @@
+"""A drafter whose vocabulary is a subset of the target's (VocabTrim), and the map between them.
+
+A trimmed drafter has N tokens: trimmed id i is target id `keep[i]` (kept ids in ascending target
+order). Its LM head has only those N rows, so a drafted token is always a target token. Going the
+other way, every target id has an input id in the drafter (`input_map`): kept ids map to
+themselves, and a dropped id maps to the kept token whose text is its longest prefix (byte tokens
+are always kept, so one exists). The drafter then reads a close stand-in for a token it cannot
+embed; the target still verifies every token, so output is unchanged, and only acceptance can
+suffer (measured in BENCHMARKS.md).
+
+The map travels inside the drafter's GGUF as metadata (keys below), or for an ONNX export in a
+`vocab_map.json` beside the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import IncompatibleModelsError, ModelLoadError
+
+PREFIX = "edgespec.vocab_trim."
+KEY_KEEP = PREFIX + "keep"  # int32[N]: target id of each trimmed id
+KEY_INPUT_MAP = PREFIX + "input_map"  # int32[target n_vocab]: trimmed id to feed for each target id
+KEY_TARGET_N_VOCAB = PREFIX + "target_n_vocab"
+KEY_SOURCE_SHA256 = PREFIX + "source_sha256"
+KEY_TARGET_SHA256 = PREFIX + "target_sha256"
+KEY_FREQUENCIES = PREFIX + "frequency_source"
+SIDECAR_NAME = "vocab_map.json"
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    """Ids of a trimmed drafter in terms of its target's.
+
+    Attributes:
+        keep: int32 array (N,): the target id of each drafter id, strictly increasing.
+        input_map: int32 array (target_n_vocab,): the drafter id fed for each target id.
+        source_sha256, target_sha256: hashes of the untrimmed drafter and of the target the
+            frequencies came from (provenance; fit is checked on token texts at load).
+    """
+
+    keep: np.ndarray
+    input_map: np.ndarray
+    source_sha256: str = ""
+    target_sha256: str = ""
+    frequency_source: str = ""
+
+    def __post_init__(self) -> None:
+        keep, input_map = self.keep, self.input_map
+        if keep.ndim != 1 or input_map.ndim != 1 or len(keep) == 0:
+            raise ModelLoadError("vocabulary map: keep and input_map must be non-empty 1-D arrays")
+        if np.any(np.diff(keep) <= 0):
+            raise ModelLoadError("vocabulary map: kept ids are not strictly increasing")
+        if keep[0] < 0 or keep[-1] >= len(input_map):
+            raise ModelLoadError(
+                f"vocabulary map: kept id {int(keep[-1])} is outside the target vocabulary "
+                f"of {len(input_map)}"
+            )
+        if input_map.min() < 0 or input_map.max() >= len(keep):
+            raise ModelLoadError("vocabulary map: an input id is outside the trimmed vocabulary")
+        if not np.array_equal(input_map[keep], np.arange(len(keep))):
+            raise ModelLoadError("vocabulary map: a kept token does not map to itself")
+
+    @property
+    def n_keep(self) -> int:
+        return len(self.keep)
+
+    @property
+    def target_n_vocab(self) -> int:
+        return len(self.input_map)
+
+    def to_draft(self, tokens: list[int] | np.ndarray) -> list[int]:
+        """Target ids → drafter input ids (dropped ids become their stand-ins)."""
+        return self.input_map[np.asarray(tokens, dtype=np.int64)].tolist()
+
+    def to_target(self, token: int) -> int:
+        return int(self.keep[token])
+
+    def metadata(self) -> dict[str, object]:
+        """GGUF metadata entries (arrays as int32)."""
+        return {
+            KEY_KEEP: self.keep.astype(np.int32),
+            KEY_INPUT_MAP: self.input_map.astype(np.int32),
+            KEY_TARGET_N_VOCAB: self.target_n_vocab,
+            KEY_SOURCE_SHA256: self.source_sha256,
+            KEY_TARGET_SHA256: self.target_sha256,
+            KEY_FREQUENCIES: self.frequency_source,
+        }
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str]) -> VocabMap | None:
+        """The map stored in a GGUF file's metadata, or None for an untrimmed model."""
+        fields = read_gguf_metadata(Path(path), PREFIX)
+        if KEY_KEEP not in fields:
+            return None
+        for key in (KEY_INPUT_MAP,):
+            if key not in fields:
+                raise ModelLoadError(f"{path}: trimmed drafter lacks metadata {key}")
+        return cls(
+            keep=np.asarray(fields[KEY_KEEP], dtype=np.int32),
+            input_map=np.asarray(fields[KEY_INPUT_MAP], dtype=np.int32),
+            source_sha256=str(fields.get(KEY_SOURCE_SHA256, "")),
+            target_sha256=str(fields.get(KEY_TARGET_SHA256, "")),
+            frequency_source=str(fields.get(KEY_FREQUENCIES, "")),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "keep": self.keep.tolist(),
+                "input_map": self.input_map.tolist(),
+                "source_sha256": self.source_sha256,
+                "target_sha256": self.target_sha256,
+                "frequency_source": self.frequency_source,
+            }
+        )
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike[str]) -> VocabMap:
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(
+                keep=np.asarray(data["keep"], dtype=np.int32),
+                input_map=np.asarray(data["input_map"], dtype=np.int32),
+                source_sha256=str(data.get("source_sha256", "")),
+                target_sha256=str(data.get("target_sha256", "")),
+                frequency_source=str(data.get("frequency_source", "")),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"cannot read the vocabulary map {path}: {exc}") from exc
+
+    def check_fits(self, target_n_vocab: int, target_text, draft_text, names: str) -> None:
+        """Raise unless this map was made for a target like this one.
+
+        Args:
+            target_text, draft_text: callables id → raw token text, of the target and the drafter.
+        """
+        if self.target_n_vocab != target_n_vocab:
+            raise IncompatibleModelsError(
+                f"{names}: the drafter was trimmed for a target with {self.target_n_vocab} tokens, "
+                f"this target has {target_n_vocab}"
+            )
+        for i, token in enumerate(self.keep.tolist()):
+            if target_text(token) != draft_text(i):
+                raise IncompatibleModelsError(
+                    f"{names}: trimmed token {i} should be target token {token} "
+                    f"({target_text(token).decode('utf-8', 'replace')!r}) but is "
+                    f"{draft_text(i).decode('utf-8', 'replace')!r}"
+                )
+
+
+# GGUF value types (gguf.GGUFValueType) and the numpy dtype of the fixed-size ones.
+_GGUF_SCALARS = {
+    0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+    6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64,
+}  # fmt: skip
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_gguf_metadata(path: Path, prefix: str) -> dict[str, object]:
+    """The metadata entries of a GGUF file whose keys start with `prefix`.
+
+    llama.cpp does not expose array-valued metadata, and the gguf package parses every entry into
+    Python objects (about 7 s for a 152k-token vocabulary), so this scans the header itself:
+    arrays of fixed-size values it skips or reads as numpy arrays, string arrays it steps over.
+    """
+    import mmap
+    import struct
+
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != b"GGUF":
+            raise ModelLoadError(f"{path} is not a GGUF file")
+        try:
+            n_kv = struct.unpack_from("<Q", data, 16)[0]
+            offset = 24
+            found: dict[str, object] = {}
+
+            def string(at: int) -> tuple[bytes, int]:
+                (length,) = struct.unpack_from("<Q", data, at)
+                return data[at + 8 : at + 8 + length], at + 8 + length
+
+            for _ in range(n_kv):
+                raw_key, offset = string(offset)
+                key = raw_key.decode("utf-8", "replace")
+                (kind,) = struct.unpack_from("<I", data, offset)
+                offset += 4
+                wanted = key.startswith(prefix)
+                if kind == _GGUF_STRING:
+                    value, offset = string(offset)
+                    if wanted:
+                        found[key] = value.decode("utf-8", "replace")
+                elif kind == _GGUF_ARRAY:
+                    elem, count = struct.unpack_from("<IQ", data, offset)
+                    offset += 12
+                    if elem == _GGUF_STRING:
+                        for _ in range(count):
+                            (length,) = struct.unpack_from("<Q", data, offset)
+                            offset += 8 + length
+                    else:
+                        dtype = np.dtype(_GGUF_SCALARS[elem]).newbyteorder("<")
+                        if wanted:
+                            found[key] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).copy()
+                        offset += dtype.itemsize * count
+                else:
+                    dtype = np.dtype(_GGUF_SCALARS[kind]).newbyteorder("<")
+                    if wanted:
+                        found[key] = np.frombuffer(data, dtype=dtype, count=1, offset=offset)[0].item()
+                    offset += dtype.itemsize
+        except (struct.error, KeyError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: malformed GGUF metadata ({exc})") from None
+        return found
