@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +38,8 @@ class BenchConfig:
 
     Spec syntax: `target-only`, `draft[:k=N]`, `ngram[:k=N,n_min=N,n_max=N]` (k defaults to 4);
     drafters also take `accept=rejection|exact` (how drafts are verified when sampling; default:
-    the bench's --accept).
+    the bench's --accept), and `draft` takes `model=NAME`, a draft model named with
+    `--drafter NAME=PATH` (default: the --draft model).
     """
 
     label: str
@@ -47,6 +48,7 @@ class BenchConfig:
     n_min: int = 2
     n_max: int = 4
     accept: str | None = None
+    model: str | None = None
 
     @classmethod
     def parse(cls, spec: str) -> BenchConfig:
@@ -57,11 +59,16 @@ class BenchConfig:
             )
         kind = "none" if match["kind"] in ("target-only", "none") else match["kind"]
         params = dict(p.split("=") for p in match["params"].split(",")) if match["params"] else {}
-        allowed = {"none": set(), "draft": {"k", "accept"}, "ngram": {"k", "n_min", "n_max", "accept"}}[kind]
+        allowed = {
+            "none": set(),
+            "draft": {"k", "accept", "model"},
+            "ngram": {"k", "n_min", "n_max", "accept"},
+        }[kind]
         unknown = set(params) - allowed
         if unknown:
             raise SettingsError(f"configuration {spec!r}: unknown parameter {sorted(unknown)[0]!r}")
         accept = params.pop("accept", None)
+        model = params.pop("model", None)
         if accept not in (None, "rejection", "exact"):
             raise SettingsError(f"configuration {spec!r}: accept must be rejection or exact")
         try:
@@ -70,6 +77,8 @@ class BenchConfig:
             raise SettingsError(f"configuration {spec!r}: k, n_min and n_max take integers") from None
         if accept:
             values["accept"] = accept
+        if model:
+            values["model"] = model
         k = values.pop("k", 0 if kind == "none" else 4)
         if kind != "none" and not 1 <= k <= 64:
             raise SettingsError(f"configuration {spec!r}: k must be between 1 and 64")
@@ -78,7 +87,7 @@ class BenchConfig:
             if kind == "none"
             else f"{kind} k={k}" + "".join(f" {key}={value}" for key, value in sorted(values.items()))
         )
-        config = cls(label=label, drafter=kind, k=k, **values)
+        config = cls(label=label, drafter=kind, k=k, **values)  # type: ignore[arg-type]
         if kind == "ngram" and not 1 <= config.n_min <= config.n_max:
             raise SettingsError(f"configuration {spec!r}: need 1 <= n_min <= n_max")
         return config
@@ -139,6 +148,7 @@ def run(
     sampling: SamplingSettings = GREEDY,
     seed: int = 0,
     on_run: Callable[[], None] | None = None,
+    drafts: Mapping[str, Runtime] | None = None,
 ) -> BenchResult:
     """Run every configuration on every prompt, interleaved, and compare outputs with target-only.
 
@@ -156,6 +166,7 @@ def run(
         seed: base seed; a prompt's generations all use seed + 1000 × prompt index + 100 × repeat
             + turn, whatever the configuration.
         on_run: called after each measured generation (for a progress bar).
+        drafts: further draft models by name, for configurations with `model=NAME`.
     """
     from .drafting import Drafter, ModelDrafter, NgramDrafter
     from .engine import GenerationSettings, SpeculativeEngine
@@ -165,15 +176,23 @@ def run(
     if all(c.drafter != "none" for c in configs):
         configs.insert(0, TARGET_ONLY)
     configs.sort(key=lambda c: c.drafter != "none")  # the reference runs first each round
-    if any(c.drafter == "draft" for c in configs) and draft is None:
+    if any(c.drafter == "draft" and c.model is None for c in configs) and draft is None:
         raise SettingsError("a draft configuration needs a draft model")
     model_drafter = ModelDrafter(draft, max_id=target.vocab.n_vocab) if draft is not None else None
+    # One drafter per model, shared by that model's configurations, so that its cache stays true.
+    named = {name: ModelDrafter(rt, max_id=target.vocab.n_vocab) for name, rt in (drafts or {}).items()}
+    for config in configs:
+        if config.model is not None and config.model not in named:
+            known = ", ".join(sorted(named)) or "none"
+            raise SettingsError(
+                f"configuration {config.label!r}: no drafter named {config.model!r} (known: {known})"
+            )
     ngram_drafters: dict[tuple[int, int], NgramDrafter] = {}
     engines: dict[str, SpeculativeEngine] = {}
     for config in configs:
         drafter: Drafter | None = None
         if config.drafter == "draft":
-            drafter = model_drafter
+            drafter = model_drafter if config.model is None else named[config.model]
         elif config.drafter == "ngram":
             key = (config.n_min, config.n_max)
             drafter = ngram_drafters.setdefault(key, NgramDrafter(n_min=config.n_min, n_max=config.n_max))
@@ -290,6 +309,10 @@ def summarize(result: BenchResult, category: str | None = None) -> list[dict[str
                 "speedup_geomean": statistics.geometric_mean(ratios) if ratios else math.nan,
                 "tau": sum(r["tokens_per_step"] for r in mine) / len(mine),
                 "acceptance": acceptance,
+                # drafting time per proposed token: each step's forward passes, about one per token
+                "draft_ms_per_token": 1000 * draft_s / drafted
+                if drafted and config.drafter == "draft"
+                else None,
                 "share_prompt": prompt_s / total if total else 0.0,
                 "share_drafting": draft_s / total if total else 0.0,
                 "share_verifying": verify_s / total if total else 0.0,
@@ -308,15 +331,17 @@ def markdown(result: BenchResult, by_category: bool = True) -> str:
     def table(summary: list[dict[str, Any]]) -> list[str]:
         lines = [
             "| configuration | tokens/s median (IQR) | speed-up (geo. mean) | predicted | τ | acceptance "
-            "| time: prompt / drafting / verifying / other | peak RSS MiB | mismatches |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| draft ms/token | time: prompt / drafting / verifying / other | peak RSS MiB | mismatches |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in summary:
             acceptance = "–" if s["acceptance"] is None else f"{s['acceptance']:.1%}"
             predicted = "–" if s["predicted_speedup"] is None else f"{s['predicted_speedup']:.2f}x"
+            draft_ms = s.get("draft_ms_per_token")
+            draft_ms = "–" if draft_ms is None else f"{draft_ms:.2f}"
             lines.append(
                 f"| {s['config']} | {s['tokens_per_s_median']:.2f} ({s['tokens_per_s_iqr']:.2f}) "
-                f"| {s['speedup_geomean']:.2f}x | {predicted} | {s['tau']:.2f} | {acceptance} "
+                f"| {s['speedup_geomean']:.2f}x | {predicted} | {s['tau']:.2f} | {acceptance} | {draft_ms} "
                 f"| {s['share_prompt']:.0%} / {s['share_drafting']:.0%} / {s['share_verifying']:.0%} "
                 f"/ {s['share_other']:.0%} "
                 f"| {s['peak_rss_mib']:.0f} | {s['mismatches']} |"

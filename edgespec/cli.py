@@ -442,6 +442,13 @@ def _model_options(func: Any) -> Any:
     help="Configuration, repeatable: target-only, draft[:k=N], ngram[:k=N,n_min=N,n_max=N].",
 )
 @click.option(
+    "--drafter",
+    "named_drafters",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="A further draft GGUF (repeatable), used by configurations draft:model=NAME.",
+)
+@click.option(
     "--config-file",
     type=click.Path(dir_okay=False),
     default=None,
@@ -495,6 +502,7 @@ def bench(
     categories: tuple[str, ...],
     multi_turn: bool,
     config_specs: tuple[str, ...],
+    named_drafters: tuple[str, ...],
     config_file: str | None,
     max_tokens: int,
     repeat: int,
@@ -523,6 +531,8 @@ def bench(
           --config draft:k=4 --config ngram --max-tokens 64 --out /tmp/b
       edgespec bench --per-category 2 --temperature 1.0 --config draft:k=4 \\
           --config draft:k=4,accept=exact
+      edgespec bench --per-category 2 --drafter t32k=drafter-32k.gguf --config draft:k=4 \\
+          --config draft:k=4,model=t32k
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -553,9 +563,30 @@ def bench(
         prompts = prompts[:limit]
     if not prompts:
         raise EdgespecError(f"no prompts in {dataset}")
-    need_draft = any(c.drafter == "draft" for c in configs) or ceiling
+    drafter_paths: dict[str, str] = {}
+    for value in named_drafters:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path or not name.replace("_", "").replace(".", "").isalnum():
+            raise click.BadParameter(
+                f"expected NAME=PATH with a word NAME, got {value!r}", param_hint="--drafter"
+            )
+        if name in drafter_paths:
+            raise click.BadParameter(f"drafter name {name!r} given twice", param_hint="--drafter")
+        drafter_paths[name] = path
+    for config in configs:
+        if config.model is not None and config.model not in drafter_paths:
+            known = ", ".join(sorted(drafter_paths)) or "none; add --drafter NAME=PATH"
+            raise EdgespecError(
+                f"configuration {config.label!r}: no drafter named {config.model!r} (known: {known})"
+            )
+    need_draft = any(c.drafter == "draft" and c.model is None for c in configs) or ceiling
     pair, target_rt, draft_rt = _bench_runtimes(target, draft, threads, ctx_size, kernels, need_draft)
+    extra_drafts: dict[str, Any] = {}
     try:
+        from .loader import load_draft_model
+
+        for name, path in drafter_paths.items():
+            extra_drafts[name] = load_draft_model(path, target_rt, target_rt.settings)
         n_runs = (
             len(prompts) * repeat * (len(configs) + (0 if any(c.drafter == "none" for c in configs) else 1))
         )
@@ -580,6 +611,7 @@ def bench(
                 sampling=sampling,
                 seed=seed,
                 on_run=lambda: bar.update(1),
+                drafts=extra_drafts,
             )
         result.costs = measured
         if peers and not sampling.greedy:
@@ -604,9 +636,12 @@ def bench(
                 "threads": target_rt.settings.n_threads,
                 "target": str(target_rt.path),
                 "draft": str(draft_rt.path) if draft_rt else None,
+                "drafters": {name: str(rt.path) for name, rt in extra_drafts.items()},
             }
             _write_bench_outputs(result, Path(out), settings, machine)
     finally:
+        for rt in extra_drafts.values():
+            rt.close()
         pair.close()
     if result.failures:
         for failure in result.failures:

@@ -80,20 +80,37 @@ def load(
             drafter = NgramDrafter()
             label = "ngram"
         else:
-            draft_path = resolve_model_path(draft_spec, "draft", progress)
-            draft_settings = replace(settings, gpu_layers=draft_gpu_layers, kernels="fast")
-            draft_rt = LlamaCppRuntime(draft_path, draft_settings)
-            try:
-                check_compatible(target_rt, draft_rt)
-            except BaseException:
-                draft_rt.close()
-                raise
+            draft_rt = load_draft_model(draft_spec, target_rt, settings, draft_gpu_layers, progress)
             drafter = ModelDrafter(draft_rt, max_id=target_rt.vocab.n_vocab)
-            label = str(draft_path)
+            label = str(draft_rt.path)
     except BaseException:
         target_rt.close()
         raise
     return LoadedPair(SpeculativeEngine(target_rt, drafter), target_path, label)
+
+
+def load_draft_model(
+    spec: str | os.PathLike[str],
+    target: Runtime,
+    settings: RuntimeSettings,
+    gpu_layers: int = 0,
+    progress: Callable | None = None,
+) -> Runtime:
+    """Load a draft model ("default" or a GGUF path) and check that it can draft for `target`.
+
+    It runs with the target's settings, but always on llama.cpp's fast kernels: its rounding cannot
+    change the output, only which tokens are proposed.
+    """
+    from .runtimes.llama_cpp import LlamaCppRuntime
+
+    draft_path = resolve_model_path(spec, "draft", progress)
+    draft_rt = LlamaCppRuntime(draft_path, replace(settings, gpu_layers=gpu_layers, kernels="fast"))
+    try:
+        check_compatible(target, draft_rt)
+    except BaseException:
+        draft_rt.close()
+        raise
+    return draft_rt
 
 
 def prompt_tokens(target: Runtime, text: str, *, raw: bool = False, system: str | None = None) -> list[int]:

@@ -252,3 +252,30 @@ def test_cli_vocab_trim_errors_are_one_line(runner, tiny_pair, tmp_path):
     )
     assert_one_line_error(result, "drafter not found")
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
+def test_bench_compares_a_trimmed_drafter_with_the_untrimmed_one(tiny_pair, trimmed, tmp_path):
+    from .test_bench import bench_args
+
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": t, "category": "c"}) + "\n" for t in CALIBRATION[:3]))
+    out = tmp_path / "b"
+    extra = ["--no-ceiling", "--no-peers", "--drafter", f"t400={trimmed}", "--config", "draft:k=3"]
+    result = CliRunner().invoke(
+        cli, bench_args(tiny_pair, dataset, out, *extra, "--config", "draft:k=3,model=t400")
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    rows = {row["config"]: row for row in data["summary"]}
+    assert set(rows) == {"target-only", "draft k=3", "draft k=3 model=t400"}
+    assert (
+        rows["draft k=3 model=t400"]["draft_ms_per_token"] > 0
+        and rows["draft k=3 model=t400"]["mismatches"] == 0
+    )
+    assert data["settings"]["drafters"] == {"t400": str(trimmed)}
+    bad = CliRunner().invoke(cli, bench_args(tiny_pair, dataset, out, *extra, "--config", "draft:model=nope"))
+    assert_one_line_error(bad, "no drafter named 'nope' (known: t400)")
+    bad = CliRunner().invoke(
+        cli, bench_args(tiny_pair, dataset, out, "--drafter", "oops", "--config", "draft")
+    )
+    assert_one_line_error(bad, "expected NAME=PATH")
