@@ -11,7 +11,8 @@ import click
 from .errors import ExportError
 
 
-def _bar(label: str, total: int) -> Any:
+def _bar(total: int, label: str) -> Any:
+    """The exporters' progress factory: (total, label) → a progress bar on stderr."""
     return click.progressbar(length=total, label=label, file=sys.stderr)
 
 
@@ -100,7 +101,7 @@ def vocab_trim(
     from .vocabmap import VocabMap
 
     def progress(model: Any) -> Any:
-        return _bar(f"preparing {model.description} (first use)", model.size)
+        return _bar(model.size, f"preparing {model.description} (first use)")
 
     draft_path = resolve_model_path(draft, "draft", progress)
     # Fail before the (long) calibration, not after it.
@@ -143,7 +144,7 @@ def vocab_trim(
             token_lists = [t for t in token_lists if len(t) <= limit]
             if not token_lists:
                 raise ExportError(f"every calibration prompt is longer than {limit} tokens")
-            with _bar(f"calibrating on {len(token_lists)} prompts", len(token_lists)) as bar:
+            with _bar(len(token_lists), f"calibrating on {len(token_lists)} prompts") as bar:
                 counts = vt.count_generated(engine, token_lists, generate, progress=bar.update)
             generated = int(counts.sum())
             for tokens in token_lists:
@@ -172,3 +173,39 @@ def vocab_trim(
             f"(was {report.source_bytes / 2**20:.1f} MiB); kept tokens cover "
             f"{report.coverage:.1%} of the calibration text"
         )
+
+
+@export.command("gguf")
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json).",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="GGUF file to write.")
+@click.option(
+    "--quant",
+    default="F16",
+    show_default=True,
+    help="F16, BF16, F32, or a llama.cpp type made by its own quantizer (Q8_0, Q4_K_M, ...).",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for the quantizer.")
+def export_gguf(model_dir: Path, out: Path, quant: str, threads: int | None) -> None:
+    """Convert a Llama or Qwen2 checkpoint to GGUF, then quantize it with llama.cpp.
+
+    Tensor names, hyperparameters, the byte-level BPE tokenizer and the chat template are carried
+    over; quantized types come from llama.cpp's own quantizer (llama_model_quantize).
+
+    \b
+    Examples:
+      edgespec export gguf --model ./Qwen2.5-Coder-0.5B-Instruct --out qwen-0.5b-f16.gguf
+      edgespec export gguf --model ./Qwen2.5-Coder-0.5B-Instruct --out qwen-0.5b-q8.gguf --quant Q8_0
+    """
+    from .exporters.gguf import export_gguf as convert
+
+    report = convert(model_dir, out, quant, progress=_bar, threads=threads)
+    click.echo(
+        f"{report.path}: {report.architecture}, {report.quant}, {report.n_params / 1e6:.1f}M parameters, "
+        f"{report.n_vocab} tokens, {report.file_size / 2**20:.1f} MiB, in {report.seconds:.1f} s"
+    )

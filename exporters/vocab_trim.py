@@ -39,8 +39,8 @@ from edgespec.vocabmap import KEY_KEEP, PREFIX, VocabMap
 _NORMAL, _UNUSED = 1, 5
 _TRIMMED_TENSORS = ("token_embd.weight", "output.weight")
 
-ProgressFactory = Callable[[str, int], Any]
-"""(label, total) → a context manager with `update(n)` (e.g. click.progressbar)."""
+ProgressFactory = Callable[[int, str], Any]
+"""(total, label) → a context manager with `update(n)` (e.g. click.progressbar)."""
 
 
 def _byte_chars() -> set[str]:
@@ -280,7 +280,7 @@ def trim_gguf(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         total_bytes = sum(p.nbytes for p in payloads)
-        bar_cm = progress("trim", total_bytes) if progress else None
+        bar_cm = progress(total_bytes, f"writing {out.name}") if progress else None
         bar = bar_cm.__enter__() if bar_cm is not None else None
         try:
             for data in payloads:
