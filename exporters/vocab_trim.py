@@ -234,6 +234,12 @@ def trim_gguf(
             f"{source} has no token_embd.weight tensor; only llama.cpp text models can be trimmed"
         )
 
+    # Special tokens llama.cpp finds by their text (EOT, EOM, ...) when the file names no id: it
+    # searches a hash map, so in a smaller vocabulary it can settle on another candidate (for the
+    # default drafter, <|endoftext|> instead of <|im_end|>). Name them explicitly, as detected here.
+    detected = _detected_special_ids(source)
+    for key, token in detected.items():
+        vocab.special_ids.setdefault(key, token)
     keep = choose_keep(counts, vocab, n_keep)
     input_map = input_map_for(keep, vocab)
     vmap = VocabMap(
@@ -258,6 +264,9 @@ def trim_gguf(
             if key.startswith("GGUF.") or key == "general.architecture" or key.startswith(PREFIX):
                 continue
             _copy_field(writer, key, field, keep, new_id, kept_texts, arch, n_keep)
+        for key, token in detected.items():
+            if key not in reader.fields:
+                writer.add_uint32(key, new_id[token])
         name = reader.fields.get("general.name")
         if name is None:
             writer.add_name(f"{source.stem} (VocabTrim {n_keep})")
@@ -300,6 +309,32 @@ def trim_gguf(
         out_bytes=out.stat().st_size,
         coverage=coverage,
     )
+
+
+def _detected_special_ids(path: Path) -> dict[str, int]:
+    """BOS/EOS/EOT/PAD ids as llama.cpp resolves them for this file (read vocabulary-only)."""
+    import llama_cpp as ll
+
+    from edgespec.runtimes import llama_cpp as runtime
+
+    runtime._backend()  # llama.cpp initialised, its log kept quiet
+    params = ll.llama_model_default_params()
+    params.vocab_only = True
+    model = ll.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise ExportError(f"llama.cpp cannot read the vocabulary of {path}")
+    try:
+        v = ll.llama_model_get_vocab(model)
+        n_vocab = int(ll.llama_vocab_n_tokens(v))
+        found = {
+            "tokenizer.ggml.bos_token_id": ll.llama_vocab_bos(v),
+            "tokenizer.ggml.eos_token_id": ll.llama_vocab_eos(v),
+            "tokenizer.ggml.eot_token_id": ll.llama_vocab_eot(v),
+            "tokenizer.ggml.padding_token_id": ll.llama_vocab_pad(v),
+        }
+    finally:
+        ll.llama_model_free(model)
+    return {key: int(token) for key, token in found.items() if 0 <= int(token) < n_vocab}
 
 
 def _copy_field(
