@@ -249,6 +249,11 @@ def _format_stats(stats: Any, drafter: str) -> str:
     show_default=True,
     help="Draft layers to offload to a GPU (-1 = all).",
 )
+@click.option(
+    "--draft-provider",
+    default=None,
+    help="ONNX Runtime provider for an ONNX drafter (cuda, dml, coreml, cpu; default: the best available).",
+)
 @click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
 @click.option(
     "--kernels",
@@ -280,6 +285,7 @@ def run(
     raw: bool,
     gpu_layers: int,
     draft_gpu_layers: int,
+    draft_provider: str | None,
     flash_attn: str,
     kernels: str,
     stats: bool,
@@ -318,7 +324,14 @@ def run(
         kernels=kernels,
         verbose=verbose,
     )  # type: ignore[arg-type]
-    pair = load(target, draft, rt_settings, draft_gpu_layers=draft_gpu_layers, progress=_progress)
+    pair = load(
+        target,
+        draft,
+        rt_settings,
+        draft_gpu_layers=draft_gpu_layers,
+        progress=_progress,
+        draft_provider=draft_provider,
+    )
     try:
         tokens = prompt_tokens(pair.engine.target, text, raw=raw, system=system)
         generation = pair.engine.generate(tokens, settings)

@@ -42,11 +42,13 @@ def check_compatible(target: Runtime, draft: Runtime) -> None:
             f"{names}: the drafter was trimmed for a target with {vmap.target_n_vocab} tokens, "
             f"this target has {t.n_vocab}"
         )
-    if abs(t.n_vocab - d.n_vocab) > MAX_VOCAB_PADDING:
+    # A drafter whose outputs alone are trimmed still reads (and tokenizes) the full vocabulary.
+    d_n_vocab = getattr(draft, "n_input_vocab", d.n_vocab) if vmap is not None else d.n_vocab
+    if abs(t.n_vocab - d_n_vocab) > MAX_VOCAB_PADDING:
         raise IncompatibleModelsError(
-            f"{names}: vocabulary sizes differ by more than padding (target {t.n_vocab}, draft {d.n_vocab})"
+            f"{names}: vocabulary sizes differ by more than padding (target {t.n_vocab}, draft {d_n_vocab})"
         )
-    for token in range(min(t.n_vocab, d.n_vocab)):
+    for token in range(min(t.n_vocab, d_n_vocab)):
         t_text, d_text = target.token_text(token), draft.token_text(token)
         if t_text != d_text:
             raise IncompatibleModelsError(

@@ -12,7 +12,7 @@ from .chat import render_chat
 from .compat import check_compatible
 from .drafting import Drafter, ModelDrafter, NgramDrafter
 from .engine import SpeculativeEngine
-from .errors import PromptError
+from .errors import PromptError, SettingsError
 from .runtimes.base import Runtime, RuntimeSettings
 
 DEFAULT = "default"
@@ -53,17 +53,20 @@ def load(
     settings: RuntimeSettings | None = None,
     draft_gpu_layers: int = 0,
     progress: Callable | None = None,
+    draft_provider: str | None = None,
 ) -> LoadedPair:
     """Load a target and a drafter, checking that they are compatible.
 
     Args:
         target: GGUF path, or None / "default" for the default target.
-        draft: GGUF path, "default" (the default drafter), "ngram" (prompt lookup) or "none".
+        draft: GGUF path, ONNX export folder, "default" (the default drafter), "ngram" (prompt
+            lookup) or "none".
         settings: runtime settings for the target.
         draft_gpu_layers: layers of a draft model to offload to a GPU. Otherwise the draft model
             runs with the target's settings, but always on llama.cpp's fast kernels: its rounding
             cannot change the output, only which tokens are proposed.
         progress: progress factory for joining a default model on first use (see models.resolve).
+        draft_provider: ONNX Runtime execution provider for an ONNX drafter.
     """
     from .runtimes.llama_cpp import LlamaCppRuntime
 
@@ -80,7 +83,9 @@ def load(
             drafter = NgramDrafter()
             label = "ngram"
         else:
-            draft_rt = load_draft_model(draft_spec, target_rt, settings, draft_gpu_layers, progress)
+            draft_rt = load_draft_model(
+                draft_spec, target_rt, settings, draft_gpu_layers, progress, provider=draft_provider
+            )
             drafter = ModelDrafter(draft_rt, max_id=target_rt.vocab.n_vocab)
             label = str(draft_rt.path)
     except BaseException:
@@ -95,22 +100,44 @@ def load_draft_model(
     settings: RuntimeSettings,
     gpu_layers: int = 0,
     progress: Callable | None = None,
+    provider: str | None = None,
 ) -> Runtime:
-    """Load a draft model ("default" or a GGUF path) and check that it can draft for `target`.
+    """Load a draft model and check that it can draft for `target`.
 
-    It runs with the target's settings, but always on llama.cpp's fast kernels: its rounding cannot
-    change the output, only which tokens are proposed.
+    Args:
+        spec: "default", a GGUF path, or an ONNX export (`edgespec export onnx` folder or its
+            model.onnx), which runs on ONNX Runtime.
+        settings: the target's settings; the drafter always uses fast kernels: its rounding cannot
+            change the output, only which tokens are proposed.
+        gpu_layers: llama.cpp layers to offload (GGUF drafters).
+        provider: ONNX Runtime execution provider (ONNX drafters; None picks the best available).
     """
-    from .runtimes.llama_cpp import LlamaCppRuntime
-
     draft_path = resolve_model_path(spec, "draft", progress)
-    draft_rt = LlamaCppRuntime(draft_path, replace(settings, gpu_layers=gpu_layers, kernels="fast"))
+    draft_settings = replace(settings, gpu_layers=gpu_layers, kernels="fast")
+    draft_rt: Runtime
+    if is_onnx_model(draft_path):
+        from .runtimes.onnx import OnnxRuntime
+
+        draft_rt = OnnxRuntime(draft_path, draft_settings, provider=provider)
+    else:
+        from .runtimes.llama_cpp import LlamaCppRuntime
+
+        if provider is not None:
+            raise SettingsError(
+                "--draft-provider applies to ONNX drafters (an `edgespec export onnx` folder)"
+            )
+        draft_rt = LlamaCppRuntime(draft_path, draft_settings)
     try:
         check_compatible(target, draft_rt)
     except BaseException:
         draft_rt.close()
         raise
     return draft_rt
+
+
+def is_onnx_model(path: Path) -> bool:
+    """An ONNX export: a folder with model.onnx, or an .onnx file."""
+    return path.suffix == ".onnx" or (path.is_dir() and (path / "model.onnx").is_file())
 
 
 def prompt_tokens(target: Runtime, text: str, *, raw: bool = False, system: str | None = None) -> list[int]:

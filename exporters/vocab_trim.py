@@ -124,12 +124,12 @@ def choose_keep(counts: np.ndarray, vocab: SourceVocab, n_keep: int) -> np.ndarr
     forced = forced_ids(vocab)
     if n_keep < len(forced):
         raise ExportError(
-            f"--keep {n_keep} is smaller than the {len(forced)} tokens every trim keeps "
+            f"keeping {n_keep} tokens: that is smaller than the {len(forced)} tokens every trim keeps "
             "(special, control and byte tokens)"
         )
     if n_keep >= n_vocab:
         raise ExportError(
-            f"--keep {n_keep} is not smaller than the vocabulary ({n_vocab} tokens): nothing to trim"
+            f"keeping {n_keep} tokens: not fewer than the vocabulary's {n_vocab}, so nothing to trim"
         )
     counts = np.asarray(counts[:n_vocab], dtype=np.int64)
     if len(counts) < n_vocab:
@@ -308,6 +308,34 @@ def trim_gguf(
         source_bytes=source.stat().st_size,
         out_bytes=out.stat().st_size,
         coverage=coverage,
+    )
+
+
+def vocab_map_for(
+    target: Path,
+    counts: np.ndarray,
+    n_keep: int,
+    *,
+    target_sha256: str = "",
+    frequency_source: str = "",
+) -> VocabMap:
+    """The map a trim to N tokens would write, from the target's vocabulary (the drafter shares it):
+    for exporters that trim the head of another format (ONNX)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(target), "r")
+    except (ValueError, OSError) as exc:
+        raise ExportError(f"{target} is not a readable GGUF file: {exc}") from None
+    vocab = read_vocab(reader)
+    for key, token in _detected_special_ids(Path(target)).items():
+        vocab.special_ids.setdefault(key, token)
+    keep = choose_keep(counts, vocab, n_keep)
+    return VocabMap(
+        keep=keep,
+        input_map=input_map_for(keep, vocab),
+        target_sha256=target_sha256,
+        frequency_source=frequency_source,
     )
 
 
