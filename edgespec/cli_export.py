@@ -49,7 +49,14 @@ def _calibration_options(func: Any) -> Any:
             type=click.IntRange(min=1),
             default=4,
             show_default=True,
-            help="With spec-bench: the last N prompts of each category (unseen by a benchmark of the first).",
+            help="With spec-bench: the target answers the last N prompts of each category.",
+        ),
+        click.option(
+            "--holdout",
+            type=click.IntRange(min=0),
+            default=5,
+            show_default=True,
+            help="With spec-bench: the first N prompts of each category are never used (benchmark them).",
         ),
         click.option(
             "--generate",
@@ -100,7 +107,7 @@ def _calibrate(options: dict[str, Any]) -> _Calibration:
     """Token frequencies of the target's text, measured, counted in a corpus, or loaded."""
     import numpy as np
 
-    from .datasets import last_per_category, read_prompts, spec_bench_path
+    from .datasets import held_out, last_per_category, read_prompts, spec_bench_path
     from .exporters import vocab_trim as vt
     from .loader import load, prompt_tokens, resolve_model_path
 
@@ -123,6 +130,7 @@ def _calibrate(options: dict[str, Any]) -> _Calibration:
     generate: int = options["generate"]
     calibration: str = options["calibration"]
     per_category: int = options["calibration_per_category"]
+    holdout: int = options["holdout"]
     pair = load(target_path, "none", RuntimeSettings(n_ctx=4096, n_threads=options["threads"]))
     try:
         engine = pair.engine
@@ -137,10 +145,12 @@ def _calibrate(options: dict[str, Any]) -> _Calibration:
             source = f"corpus: {', '.join(p.name for p in corpus)} ({int(counts.sum())} tokens)"
         else:
             if calibration == "spec-bench":
-                prompts = last_per_category(read_prompts(spec_bench_path()), per_category)
-                label = f"spec-bench, last {per_category} per category"
+                # Every prompt after the held-out ones is read; the last few are also answered.
+                readable = held_out(read_prompts(spec_bench_path()), holdout)
+                prompts = last_per_category(readable, per_category)
+                label = f"spec-bench after the first {holdout} per category, last {per_category} answered"
             else:
-                prompts = read_prompts(calibration)
+                readable = prompts = read_prompts(calibration)
                 label = Path(calibration).name
             if not prompts:
                 raise ExportError(f"no calibration prompts in {calibration}")
@@ -152,10 +162,14 @@ def _calibrate(options: dict[str, Any]) -> _Calibration:
             with _bar(len(token_lists), f"calibrating on {len(token_lists)} prompts") as bar:
                 counts = vt.count_generated(engine, token_lists, generate, progress=bar.update)
             generated = int(counts.sum())
-            for tokens in token_lists:
-                counts += vt.count_prompt(tokens, len(counts))
+            # The prompts' own tokens count too: the trimmed vocabulary is also what the drafter
+            # reads, and they are a larger sample of the same kind of text.
+            for item in readable:
+                for turn in item.turns:
+                    counts += vt.count_prompt(prompt_tokens(engine.target, turn), len(counts))
             source = (
-                f"generated: {label}, {len(token_lists)} prompts x {generate} tokens "
+                f"generated: {label}, {len(token_lists)} prompts x {generate} tokens, "
+                f"{len(readable)} prompts read "
                 f"({generated} generated + {int(counts.sum()) - generated} prompt tokens)"
             )
     finally:

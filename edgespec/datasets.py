@@ -87,3 +87,15 @@ def last_per_category(prompts: list[BenchPrompt], per_category: int) -> list[Ben
     for item in prompts:
         by_category.setdefault(item.category, []).append(item)
     return [item for name in sorted(by_category) for item in by_category[name][-per_category:]]
+
+
+def held_out(prompts: list[BenchPrompt], holdout: int) -> list[BenchPrompt]:
+    """Every prompt except the first `holdout` of each category (the ones a benchmark with
+    `--per-category holdout` or fewer runs), in file order."""
+    seen: dict[str, int] = {}
+    kept = []
+    for item in prompts:
+        seen[item.category] = seen.get(item.category, 0) + 1
+        if seen[item.category] > holdout:
+            kept.append(item)
+    return kept

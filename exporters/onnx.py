@@ -212,6 +212,13 @@ def _check_source(source: Path) -> str:
             magic = handle.read(4)
         if magic != b"GGUF":
             raise ExportError(f"{source} is neither a GGUF file nor a Hugging Face checkpoint folder")
+        from edgespec.vocabmap import VocabMap
+
+        if VocabMap.from_gguf(source) is not None:
+            # Its ids are trimmed ids, and the map would not survive transformers' GGUF loader.
+            raise ExportError(
+                f"{source} is a VocabTrim drafter; export the untrimmed drafter with --vocab-trim N instead"
+            )
         return "gguf"
     if not (source / "config.json").is_file():
         raise ExportError(f"config.json not found in {source}; is this a Hugging Face checkpoint folder?")
@@ -231,7 +238,7 @@ def _import_export_packages() -> tuple[Any, Any]:
     except ImportError as exc:
         raise ExportError(
             f"ONNX export needs torch, transformers, optimum-onnx and onnxruntime ({exc}); "
-            'install them with pip install "edgespec[onnx]"'
+            'install them with pip install "edgespec[export]"'
         ) from exc
     return torch, transformers
 

@@ -24,3 +24,14 @@ def test_prompt_or_turns_and_clear_errors(tmp_path):
         read_prompts(path)
     with pytest.raises(EdgespecError, match="cannot read prompt file"):
         read_prompts(tmp_path / "missing.jsonl")
+
+
+def test_held_out_and_last_per_category_never_meet_the_first():
+    from edgespec.datasets import BenchPrompt, first_per_category, held_out, last_per_category
+
+    prompts = [BenchPrompt(str(i), "ab"[i % 2], (f"q{i}",)) for i in range(12)]  # 6 per category
+    first = {p.id for p in first_per_category(prompts, 2)}
+    rest = held_out(prompts, 2)
+    assert len(rest) == 8 and not first & {p.id for p in rest}
+    assert [p.id for p in last_per_category(rest, 1)] == ["10", "11"]
+    assert held_out(prompts, 0) == prompts

