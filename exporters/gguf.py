@@ -618,7 +618,7 @@ def _quantize(src: Path, dst: Path, quant: str, threads: int | None) -> None:
 
     from ..runtimes import llama_cpp as runtime
 
-    log = runtime._backend()  # silences llama.cpp's log and keeps the last error line
+    log = runtime.backend()  # silences llama.cpp's log and keeps the last error line
     log.clear()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = _llama_ftype(quant)

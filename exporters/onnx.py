@@ -25,7 +25,6 @@ into place at the end.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -287,52 +286,50 @@ def _llama_cpp_vocab(path: Path) -> tuple[str, dict[str, Any]]:
     """Architecture and vocabulary of a GGUF as llama.cpp sees them (vocab-only load, no weights)."""
     import llama_cpp as ll
 
-    from ..runtimes.llama_cpp import _backend
+    from ..errors import ModelLoadError
+    from ..runtimes.llama_cpp import vocab_only
+    from ..vocabmap import read_gguf_metadata
 
-    log = _backend()
-    params = ll.llama_model_default_params()
-    params.vocab_only = True
-    model = ll.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        raise ExportError(f"llama.cpp cannot read {path}: {log.reason()}")
+    arch = str(read_gguf_metadata(path, "general.architecture").get("general.architecture", ""))
     try:
-        buf = ctypes.create_string_buffer(256)
-        n = ll.llama_model_meta_val_str(model, b"general.architecture", buf, len(buf))
-        arch = buf.value.decode() if n >= 0 else ""
-        vocab = ll.llama_model_get_vocab(model)
-        n_vocab = int(ll.llama_vocab_n_tokens(vocab))
-        control, user_defined, unused, eog = [], [], [], []
-        for token in range(n_vocab):
-            attr = int(ll.llama_vocab_get_attr(vocab, token))
-            if attr & ll.LLAMA_TOKEN_ATTR_UNUSED:
-                unused.append(token)
-            elif attr & ll.LLAMA_TOKEN_ATTR_CONTROL:
-                control.append(token)
-            elif attr & ll.LLAMA_TOKEN_ATTR_USER_DEFINED:
-                user_defined.append(token)
-            if ll.llama_vocab_is_eog(vocab, token):
-                eog.append(token)
+        with vocab_only(path) as vocab:
+            n_vocab = int(ll.llama_vocab_n_tokens(vocab))
+            control, user_defined, unused, eog = [], [], [], []
+            for token in range(n_vocab):
+                attr = int(ll.llama_vocab_get_attr(vocab, token))
+                if attr & ll.LLAMA_TOKEN_ATTR_UNUSED:
+                    unused.append(token)
+                elif attr & ll.LLAMA_TOKEN_ATTR_CONTROL:
+                    control.append(token)
+                elif attr & ll.LLAMA_TOKEN_ATTR_USER_DEFINED:
+                    user_defined.append(token)
+                if ll.llama_vocab_is_eog(vocab, token):
+                    eog.append(token)
 
-        def special(value: int) -> int | None:
-            return value if 0 <= value < n_vocab else None
+            def special(value: int) -> int | None:
+                return value if 0 <= value < n_vocab else None
 
-        kinds = {ll.LLAMA_VOCAB_TYPE_BPE: "bpe", ll.LLAMA_VOCAB_TYPE_SPM: "spm"}
-        vocab_type = int(ll.llama_vocab_type(vocab))
-        spec = {
-            "kind": kinds.get(vocab_type, f"type-{vocab_type}"),
-            "bos": special(int(ll.llama_vocab_bos(vocab))),
-            "eos": special(int(ll.llama_vocab_eos(vocab))),
-            "eot": special(int(ll.llama_vocab_eot(vocab))),
-            "add_bos": bool(ll.llama_vocab_get_add_bos(vocab)),
-            "eog": eog,
-            "control": control,
-            "user_defined": user_defined,
-            "unused": unused,
-            "texts": {str(t): ll.llama_vocab_get_text(vocab, t).decode("utf-8", "replace") for t in control}
-            | {str(t): ll.llama_vocab_get_text(vocab, t).decode("utf-8", "replace") for t in user_defined},
-        }
-    finally:
-        ll.llama_model_free(model)
+            kinds = {ll.LLAMA_VOCAB_TYPE_BPE: "bpe", ll.LLAMA_VOCAB_TYPE_SPM: "spm"}
+            vocab_type = int(ll.llama_vocab_type(vocab))
+            spec = {
+                "kind": kinds.get(vocab_type, f"type-{vocab_type}"),
+                "bos": special(int(ll.llama_vocab_bos(vocab))),
+                "eos": special(int(ll.llama_vocab_eos(vocab))),
+                "eot": special(int(ll.llama_vocab_eot(vocab))),
+                "add_bos": bool(ll.llama_vocab_get_add_bos(vocab)),
+                "eog": eog,
+                "control": control,
+                "user_defined": user_defined,
+                "unused": unused,
+                "texts": {
+                    str(t): ll.llama_vocab_get_text(vocab, t).decode("utf-8", "replace") for t in control
+                }
+                | {
+                    str(t): ll.llama_vocab_get_text(vocab, t).decode("utf-8", "replace") for t in user_defined
+                },
+            }
+    except ModelLoadError as exc:
+        raise ExportError(str(exc)) from None
     if spec["kind"] != "bpe":
         raise ExportError(
             f"{path.name} has a {spec['kind']} tokenizer; the ONNX exporter supports byte-level BPE"

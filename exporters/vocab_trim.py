@@ -343,25 +343,20 @@ def _detected_special_ids(path: Path) -> dict[str, int]:
     """BOS/EOS/EOT/PAD ids as llama.cpp resolves them for this file (read vocabulary-only)."""
     import llama_cpp as ll
 
-    from edgespec.runtimes import llama_cpp as runtime
+    from edgespec.errors import ModelLoadError
+    from edgespec.runtimes.llama_cpp import vocab_only
 
-    runtime._backend()  # llama.cpp initialised, its log kept quiet
-    params = ll.llama_model_default_params()
-    params.vocab_only = True
-    model = ll.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        raise ExportError(f"llama.cpp cannot read the vocabulary of {path}")
     try:
-        v = ll.llama_model_get_vocab(model)
-        n_vocab = int(ll.llama_vocab_n_tokens(v))
-        found = {
-            "tokenizer.ggml.bos_token_id": ll.llama_vocab_bos(v),
-            "tokenizer.ggml.eos_token_id": ll.llama_vocab_eos(v),
-            "tokenizer.ggml.eot_token_id": ll.llama_vocab_eot(v),
-            "tokenizer.ggml.padding_token_id": ll.llama_vocab_pad(v),
-        }
-    finally:
-        ll.llama_model_free(model)
+        with vocab_only(path) as v:
+            n_vocab = int(ll.llama_vocab_n_tokens(v))
+            found = {
+                "tokenizer.ggml.bos_token_id": ll.llama_vocab_bos(v),
+                "tokenizer.ggml.eos_token_id": ll.llama_vocab_eos(v),
+                "tokenizer.ggml.eot_token_id": ll.llama_vocab_eot(v),
+                "tokenizer.ggml.padding_token_id": ll.llama_vocab_pad(v),
+            }
+    except ModelLoadError as exc:
+        raise ExportError(str(exc)) from None
     return {key: int(token) for key, token in found.items() if 0 <= int(token) < n_vocab}
 
 

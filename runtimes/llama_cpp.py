@@ -26,8 +26,9 @@ import contextlib
 import ctypes
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -115,6 +116,30 @@ def _backend() -> _Log:
             _log = _Log()
             _ll.llama_backend_init()
         return _log
+
+
+def backend() -> _Log:
+    """Initialise llama.cpp once and return its log sink (quiet; keeps the last warnings/errors)."""
+    return _backend()
+
+
+@contextlib.contextmanager
+def vocab_only(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """A llama.cpp model loaded vocabulary-only (no weights): yields its `llama_vocab` pointer.
+
+    For exporters that need llama.cpp's own view of a GGUF's tokens (special ids it detects by
+    text, token attributes) without loading a model.
+    """
+    log = _backend()
+    params = _ll.llama_model_default_params()
+    params.vocab_only = True
+    model = _ll.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise ModelLoadError(f"llama.cpp cannot read the vocabulary of {path}: {log.reason()}")
+    try:
+        yield _ll.llama_model_get_vocab(model)
+    finally:
+        _ll.llama_model_free(model)
 
 
 def _check_gguf_file(path: Path) -> None:

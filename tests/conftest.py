@@ -18,6 +18,27 @@ BENCH_QUESTIONS = SHARED / "bench" / "spec_bench_question.jsonl"
 TINY_SETTINGS = RuntimeSettings(n_ctx=256, n_threads=1)
 
 
+class ProgressRecorder:
+    """A progress factory `(total, label) → bar` for exporters that records what it is told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, str]] = []
+        self.updates: list[int] = []
+
+    def __call__(self, total: int, label: str) -> ProgressRecorder:
+        self.calls.append((total, label))
+        return self
+
+    def __enter__(self) -> ProgressRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        self.updates.append(n)
+
+
 def tiny_model_args(tiny_pair: tuple[Path, Path], ctx: int = 256) -> list[str]:
     """CLI options that point a command at the tiny pair, on one thread."""
     return ["--target", str(tiny_pair[0]), "--draft", str(tiny_pair[1]), "--threads", "1", "--ctx", str(ctx)]

@@ -15,6 +15,7 @@ from edgespec.exporters.gguf import export_gguf, quant_names
 from edgespec.runtimes.base import RuntimeSettings
 from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
+from .conftest import ProgressRecorder
 from .hfmodels import CHAT_TEMPLATE
 
 SETTINGS = RuntimeSettings(n_ctx=128, n_threads=1)
@@ -165,26 +166,13 @@ def test_k_quant_falls_back_on_narrow_rows(checkpoints, tmp_path: Path) -> None:
 
 
 def test_progress_counts_tensors(checkpoints, tmp_path: Path) -> None:
-    calls: list[tuple[int, str]] = []
-    updates: list[int] = []
-
-    class Bar:
-        def __enter__(self) -> Bar:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def update(self, n: int) -> None:
-            updates.append(n)
-
-    def factory(total: int, label: str) -> Bar:
-        calls.append((total, label))
-        return Bar()
-
-    report = export_gguf(checkpoints["qwen2"], tmp_path / "p.gguf", "Q8_0", factory, threads=1)
-    assert calls[0] == (report.n_tensors, "writing p.gguf") and calls[1] == (1, "quantizing to Q8_0")
-    assert sum(updates) == report.n_tensors + 1
+    recorder = ProgressRecorder()
+    report = export_gguf(checkpoints["qwen2"], tmp_path / "p.gguf", "Q8_0", recorder, threads=1)
+    assert recorder.calls[0] == (report.n_tensors, "writing p.gguf") and recorder.calls[1] == (
+        1,
+        "quantizing to Q8_0",
+    )
+    assert sum(recorder.updates) == report.n_tensors + 1
 
 
 # ----------------------------------------------------------------------------------- errors

@@ -27,6 +27,7 @@ from edgespec.runtimes.base import Runtime, RuntimeSettings  # noqa: E402
 from edgespec.runtimes.onnx import OnnxRuntime  # noqa: E402
 from edgespec.vocabmap import SIDECAR_NAME, VocabMap  # noqa: E402
 
+from .conftest import ProgressRecorder  # noqa: E402
 from .hfmodels import build_tiny_hf, load_hf  # noqa: E402
 
 SETTINGS = RuntimeSettings(n_ctx=256, n_threads=1)
@@ -248,25 +249,9 @@ def test_export_errors(hf_dirs, tmp_path: Path) -> None:
 
 
 def test_progress_steps(hf_dirs, tmp_path: Path) -> None:
-    calls: list[tuple[int, str]] = []
-    updates: list[int] = []
-
-    class Bar:
-        def __enter__(self) -> Bar:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def update(self, n: int) -> None:
-            updates.append(n)
-
-    def progress(total: int, label: str) -> Bar:
-        calls.append((total, label))
-        return Bar()
-
-    export_onnx(hf_dirs["llama"], tmp_path / "p", int8=True, progress=progress)
-    assert calls == [(3, "ONNX export of llama")] and updates == [1, 1, 1]
+    recorder = ProgressRecorder()
+    export_onnx(hf_dirs["llama"], tmp_path / "p", int8=True, progress=recorder)
+    assert recorder.calls == [(3, "ONNX export of llama")] and recorder.updates == [1, 1, 1]
 
 
 def test_runtime_errors(exported, tmp_path: Path) -> None:

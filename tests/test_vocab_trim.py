@@ -184,10 +184,8 @@ def runner(tmp_path, monkeypatch) -> CliRunner:
     return CliRunner()
 
 
-def test_cli_vocab_trim_from_generation_and_from_a_corpus(runner, tiny_pair, tmp_path):
-    calibration = tmp_path / "calibration.jsonl"
-    calibration.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in CALIBRATION))
-    base = [
+def trim_args(tiny_pair) -> list[str]:
+    return [
         "export",
         "vocab-trim",
         "--target",
@@ -197,6 +195,12 @@ def test_cli_vocab_trim_from_generation_and_from_a_corpus(runner, tiny_pair, tmp
         "--threads",
         "1",
     ]
+
+
+def test_cli_vocab_trim_from_generation_and_from_a_corpus(runner, tiny_pair, tmp_path):
+    calibration = tmp_path / "calibration.jsonl"
+    calibration.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in CALIBRATION))
+    base = trim_args(tiny_pair)
     out = tmp_path / "trims"
     result = runner.invoke(
         cli,
@@ -228,16 +232,7 @@ def test_cli_vocab_trim_from_generation_and_from_a_corpus(runner, tiny_pair, tmp
 
 
 def test_cli_vocab_trim_errors_are_one_line(runner, tiny_pair, tmp_path):
-    base = [
-        "export",
-        "vocab-trim",
-        "--target",
-        str(tiny_pair[0]),
-        "--draft",
-        str(tiny_pair[1]),
-        "--threads",
-        "1",
-    ]
+    base = trim_args(tiny_pair)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat")
     result = runner.invoke(
