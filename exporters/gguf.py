@@ -27,23 +27,22 @@ one at a time, so memory stays near the size of the largest tensor.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from ..errors import ExportError
 from ..fileio import atomic_path
+from .progress import ProgressFactory, progress_bar
 
-__all__ = ["ARCHITECTURES", "DIRECT_QUANTS", "ExportReport", "ProgressBar", "export_gguf", "quant_names"]
+__all__ = ["ARCHITECTURES", "DIRECT_QUANTS", "ExportReport", "export_gguf", "quant_names"]
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 """HF `architectures[0]` → llama.cpp architecture name."""
@@ -81,20 +80,6 @@ _LLAMA3_REGEX = (
 _PRE_TOKENIZERS = {_QWEN2_REGEX: "qwen2", _LLAMA3_REGEX: "llama-bpe"}
 
 _SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
-
-
-class ProgressBar(Protocol):
-    """What `export_gguf` needs from a progress bar: a context manager with `update(n)`."""
-
-    def __enter__(self) -> Any: ...
-
-    def __exit__(self, *exc: object) -> Any: ...
-
-    def update(self, n: int) -> Any: ...
-
-
-ProgressFactory = Callable[[int, str], ProgressBar]
-"""`progress(total, label)` → a progress bar counting to `total` (e.g. a wrapped tqdm or click bar)."""
 
 
 @dataclass(frozen=True)
@@ -584,7 +569,7 @@ def _write_gguf(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         maps: dict[Path, np.memmap] = {}
-        with _bar(progress, len(plan), label) as bar:
+        with progress_bar(progress, len(plan), label) as bar:
             for item in plan:
                 data = item.generated if item.source is None else _load(item.source, maps)
                 if item.permute_heads:
@@ -596,20 +581,6 @@ def _write_gguf(
         writer.close()
     n_params = sum(int(np.prod(p.shape)) for p in plan)
     return _Written(hp.arch, len(plan), n_params, vocab, has_template)
-
-
-@contextlib.contextmanager
-def _bar(progress: ProgressFactory | None, total: int, label: str) -> Iterator[Any]:
-    if progress is None:
-        yield _NullBar()
-    else:
-        with progress(total, label) as bar:
-            yield bar
-
-
-class _NullBar:
-    def update(self, n: int) -> None:
-        pass
 
 
 def _quantize(src: Path, dst: Path, quant: str, threads: int | None) -> None:
@@ -680,7 +651,7 @@ def export_gguf(
             f16 = Path(f16_name)
             try:
                 written = _write_gguf(model_dir, f16, "F16", progress, label)
-                with _bar(progress, 1, f"quantizing to {name}") as bar:
+                with progress_bar(progress, 1, f"quantizing to {name}") as bar:
                     _quantize(f16, tmp, name, threads)
                     bar.update(1)
             finally:

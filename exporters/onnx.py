@@ -37,7 +37,7 @@ from typing import Any
 
 from ..errors import ExportError
 from ..vocabmap import SIDECAR_NAME, VocabMap
-from .gguf import ProgressFactory
+from .progress import ProgressFactory, progress_bar
 
 __all__ = ["ARCHITECTURES", "OnnxExportReport", "export_onnx"]
 
@@ -128,7 +128,7 @@ def export_onnx(
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export gets a new folder's usual mode
     try:
-        with _bar(progress, stages, label) as bar:
+        with progress_bar(progress, stages, label) as bar:
             t0 = time.perf_counter()
             if kind == "gguf":
                 model, tokenizer, vocab_spec, arch = _load_gguf(source, torch, transformers)
@@ -470,20 +470,6 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink()
-
-
-@contextlib.contextmanager
-def _bar(progress: ProgressFactory | None, total: int, label: str) -> Iterator[Any]:
-    if progress is None:
-        yield _NoBar()
-    else:
-        with progress(total, label) as bar:
-            yield bar
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
 
 
 @contextlib.contextmanager

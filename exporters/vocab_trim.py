@@ -35,12 +35,11 @@ from edgespec.errors import ExportError
 from edgespec.fileio import atomic_path
 from edgespec.vocabmap import KEY_KEEP, PREFIX, VocabMap
 
+from .progress import ProgressFactory, progress_bar
+
 # gguf's TokenType values (kept here so that importing this module does not need gguf).
 _NORMAL, _UNUSED = 1, 5
 _TRIMMED_TENSORS = ("token_embd.weight", "output.weight")
-
-ProgressFactory = Callable[[int, str], Any]
-"""(total, label) → a context manager with `update(n)` (e.g. click.progressbar)."""
 
 
 def _byte_chars() -> set[str]:
@@ -289,16 +288,10 @@ def trim_gguf(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         total_bytes = sum(p.nbytes for p in payloads)
-        bar_cm = progress(total_bytes, f"writing {out.name}") if progress else None
-        bar = bar_cm.__enter__() if bar_cm is not None else None
-        try:
+        with progress_bar(progress, total_bytes, f"writing {out.name}") as bar:
             for data in payloads:
                 writer.write_tensor_data(data)
-                if bar is not None:
-                    bar.update(data.nbytes)
-        finally:
-            if bar_cm is not None:
-                bar_cm.__exit__(None, None, None)
+                bar.update(data.nbytes)
         writer.close()
     return TrimReport(
         out=out,
