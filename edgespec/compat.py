@@ -18,30 +18,37 @@ def check_compatible(target: Runtime, draft: Runtime) -> None:
     """Raise IncompatibleModelsError unless the draft's tokens mean the same as the target's.
 
     Checks tokenizer type, BOS/EOS/EOT ids and BOS insertion, vocabulary sizes (a difference of at
-    most MAX_VOCAB_PADDING), and identical token texts over the shared id range.
+    most MAX_VOCAB_PADDING), and identical token texts over the shared id range. A VocabTrim
+    drafter (`vocab_map`) must have been trimmed from this vocabulary: a trimmed GGUF's N tokens
+    must be the target's tokens keep[0 … N-1]; a drafter whose outputs alone are trimmed (it
+    reads target ids) is otherwise checked like an untrimmed one.
     """
     t, d = target.vocab, draft.vocab
     names = f"draft {draft.path.name} cannot draft for target {target.path.name}"
-    vmap = getattr(draft, "vocab_map", None)
-    if vmap is not None and not getattr(draft, "inputs_in_target_ids", False):
-        _check_trimmed(target, draft, vmap, names)
-        return
+    vmap: VocabMap | None = getattr(draft, "vocab_map", None)
+    trimmed_ids = vmap is not None and not getattr(draft, "inputs_in_target_ids", False)
     if t.kind != d.kind:
         raise IncompatibleModelsError(f"{names}: tokenizer types differ (target {t.kind}, draft {d.kind})")
+    if t.add_bos != d.add_bos:
+        raise IncompatibleModelsError(f"{names}: one adds a BOS token to prompts and the other does not")
+    if vmap is not None:
+        vmap.check_target_size(t.n_vocab, names)
+    if trimmed_ids:
+        if vmap.n_keep != d.n_vocab:
+            raise IncompatibleModelsError(
+                f"{names}: its vocabulary map has {vmap.n_keep} tokens, the model {d.n_vocab}"
+            )
+        vmap.check_fits(target.token_text, draft.token_text, names)
     for label in ("bos", "eos", "eot"):
         d_id = getattr(d, label)
+        if trimmed_ids and d_id is not None:
+            d_id = vmap.to_target(d_id)  # the draft's own ids are trimmed ids
         if getattr(t, label) != d_id:
             raise IncompatibleModelsError(
                 f"{names}: {label.upper()} token ids differ (target {getattr(t, label)}, draft {d_id})"
             )
-    if t.add_bos != d.add_bos:
-        raise IncompatibleModelsError(f"{names}: one adds a BOS token to prompts and the other does not")
-    if vmap is not None and vmap.target_n_vocab != t.n_vocab:
-        # Trimmed outputs over untrimmed inputs: the map must have been made for this vocabulary.
-        raise IncompatibleModelsError(
-            f"{names}: the drafter was trimmed for a target with {vmap.target_n_vocab} tokens, "
-            f"this target has {t.n_vocab}"
-        )
+    if trimmed_ids:
+        return
     # A drafter whose outputs alone are trimmed still reads (and tokenizes) the full vocabulary.
     d_n_vocab = getattr(draft, "n_input_vocab", d.n_vocab) if vmap is not None else d.n_vocab
     if abs(t.n_vocab - d_n_vocab) > MAX_VOCAB_PADDING:
@@ -54,25 +61,4 @@ def check_compatible(target: Runtime, draft: Runtime) -> None:
             raise IncompatibleModelsError(
                 f"{names}: token {token} differs (target {t_text.decode('utf-8', 'replace')!r}, "
                 f"draft {d_text.decode('utf-8', 'replace')!r})"
-            )
-
-
-def _check_trimmed(target: Runtime, draft: Runtime, vmap: VocabMap, names: str) -> None:
-    """A VocabTrim drafter: its N tokens must be the target's tokens keep[0 … N-1]."""
-    t, d = target.vocab, draft.vocab
-    if t.kind != d.kind:
-        raise IncompatibleModelsError(f"{names}: tokenizer types differ (target {t.kind}, draft {d.kind})")
-    if t.add_bos != d.add_bos:
-        raise IncompatibleModelsError(f"{names}: one adds a BOS token to prompts and the other does not")
-    if vmap.n_keep != d.n_vocab:
-        raise IncompatibleModelsError(
-            f"{names}: its vocabulary map has {vmap.n_keep} tokens, the model {d.n_vocab}"
-        )
-    vmap.check_fits(t.n_vocab, target.token_text, draft.token_text, names)
-    for label in ("bos", "eos", "eot"):
-        d_id = getattr(d, label)
-        mapped = None if d_id is None else vmap.to_target(d_id)
-        if getattr(t, label) != mapped:
-            raise IncompatibleModelsError(
-                f"{names}: {label.upper()} token ids differ (target {getattr(t, label)}, draft {mapped})"
             )

@@ -134,17 +134,20 @@ class VocabMap:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"cannot read the vocabulary map {path}: {exc}") from exc
 
-    def check_fits(self, target_n_vocab: int, target_text, draft_text, names: str) -> None:
-        """Raise unless this map was made for a target like this one.
-
-        Args:
-            target_text, draft_text: callables id → raw token text, of the target and the drafter.
-        """
+    def check_target_size(self, target_n_vocab: int, names: str) -> None:
+        """Raise unless this map was made for a vocabulary of `target_n_vocab` tokens."""
         if self.target_n_vocab != target_n_vocab:
             raise IncompatibleModelsError(
                 f"{names}: the drafter was trimmed for a target with {self.target_n_vocab} tokens, "
                 f"this target has {target_n_vocab}"
             )
+
+    def check_fits(self, target_text, draft_text, names: str) -> None:
+        """Raise unless every kept token has the same text in the drafter as in the target.
+
+        Args:
+            target_text, draft_text: callables id → raw token text, of the target and the drafter.
+        """
         for i, token in enumerate(self.keep.tolist()):
             if target_text(token) != draft_text(i):
                 raise IncompatibleModelsError(
