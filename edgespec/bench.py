@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,6 +115,17 @@ def read_config_file(path: str | Path) -> list[BenchConfig]:
     return [BenchConfig.parse(s) for s in specs]
 
 
+def check_drafter_names(configs: Sequence[BenchConfig], names: Iterable[str]) -> None:
+    """Raise unless every `model=NAME` configuration names one of the given draft models."""
+    known = set(names)
+    for config in configs:
+        if config.model is not None and config.model not in known:
+            listed = ", ".join(sorted(known)) or "none; add --drafter NAME=PATH"
+            raise SettingsError(
+                f"configuration {config.label!r}: no drafter named {config.model!r} (known: {listed})"
+            )
+
+
 @dataclass
 class BenchResult:
     """Every measurement of one bench run."""
@@ -179,14 +190,9 @@ def run(
     if any(c.drafter == "draft" and c.model is None for c in configs) and draft is None:
         raise SettingsError("a draft configuration needs a draft model")
     model_drafter = ModelDrafter(draft, max_id=target.vocab.n_vocab) if draft is not None else None
+    check_drafter_names(configs, drafts or {})
     # One drafter per model, shared by that model's configurations, so that its cache stays true.
     named = {name: ModelDrafter(rt, max_id=target.vocab.n_vocab) for name, rt in (drafts or {}).items()}
-    for config in configs:
-        if config.model is not None and config.model not in named:
-            known = ", ".join(sorted(named)) or "none"
-            raise SettingsError(
-                f"configuration {config.label!r}: no drafter named {config.model!r} (known: {known})"
-            )
     ngram_drafters: dict[tuple[int, int], NgramDrafter] = {}
     engines: dict[str, SpeculativeEngine] = {}
     for config in configs:

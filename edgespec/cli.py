@@ -586,12 +586,7 @@ def bench(
         if name in drafter_paths:
             raise click.BadParameter(f"drafter name {name!r} given twice", param_hint="--drafter")
         drafter_paths[name] = path
-    for config in configs:
-        if config.model is not None and config.model not in drafter_paths:
-            known = ", ".join(sorted(drafter_paths)) or "none; add --drafter NAME=PATH"
-            raise EdgespecError(
-                f"configuration {config.label!r}: no drafter named {config.model!r} (known: {known})"
-            )
+    harness.check_drafter_names(configs, drafter_paths)  # before the (slow) model loads
     need_draft = any(c.drafter == "draft" and c.model is None for c in configs) or ceiling
     pair, target_rt, draft_rt = _bench_runtimes(target, draft, threads, ctx_size, kernels, need_draft)
     extra_drafts: dict[str, Any] = {}
