@@ -287,15 +287,15 @@ def _llama_cpp_vocab(path: Path) -> tuple[str, dict[str, Any]]:
     import llama_cpp as ll
 
     from ..errors import ModelLoadError
-    from ..runtimes.llama_cpp import vocab_only
+    from ..runtimes.llama_cpp import vocab_info, vocab_only
     from ..vocabmap import read_gguf_metadata
 
     arch = str(read_gguf_metadata(path, "general.architecture").get("general.architecture", ""))
     try:
         with vocab_only(path) as vocab:
-            n_vocab = int(ll.llama_vocab_n_tokens(vocab))
-            control, user_defined, unused, eog = [], [], [], []
-            for token in range(n_vocab):
+            info = vocab_info(vocab)
+            control, user_defined, unused = [], [], []
+            for token in range(info.n_vocab):
                 attr = int(ll.llama_vocab_get_attr(vocab, token))
                 if attr & ll.LLAMA_TOKEN_ATTR_UNUSED:
                     unused.append(token)
@@ -303,29 +303,19 @@ def _llama_cpp_vocab(path: Path) -> tuple[str, dict[str, Any]]:
                     control.append(token)
                 elif attr & ll.LLAMA_TOKEN_ATTR_USER_DEFINED:
                     user_defined.append(token)
-                if ll.llama_vocab_is_eog(vocab, token):
-                    eog.append(token)
-
-            def special(value: int) -> int | None:
-                return value if 0 <= value < n_vocab else None
-
-            kinds = {ll.LLAMA_VOCAB_TYPE_BPE: "bpe", ll.LLAMA_VOCAB_TYPE_SPM: "spm"}
-            vocab_type = int(ll.llama_vocab_type(vocab))
             spec = {
-                "kind": kinds.get(vocab_type, f"type-{vocab_type}"),
-                "bos": special(int(ll.llama_vocab_bos(vocab))),
-                "eos": special(int(ll.llama_vocab_eos(vocab))),
-                "eot": special(int(ll.llama_vocab_eot(vocab))),
-                "add_bos": bool(ll.llama_vocab_get_add_bos(vocab)),
-                "eog": eog,
+                "kind": info.kind,
+                "bos": info.bos,
+                "eos": info.eos,
+                "eot": info.eot,
+                "add_bos": info.add_bos,
+                "eog": sorted(info.eog),
                 "control": control,
                 "user_defined": user_defined,
                 "unused": unused,
                 "texts": {
-                    str(t): ll.llama_vocab_get_text(vocab, t).decode("utf-8", "replace") for t in control
-                }
-                | {
-                    str(t): ll.llama_vocab_get_text(vocab, t).decode("utf-8", "replace") for t in user_defined
+                    str(t): ll.llama_vocab_get_text(vocab, t).decode("utf-8", "replace")
+                    for t in control + user_defined
                 },
             }
     except ModelLoadError as exc:

@@ -337,20 +337,21 @@ def _detected_special_ids(path: Path) -> dict[str, int]:
     import llama_cpp as ll
 
     from edgespec.errors import ModelLoadError
-    from edgespec.runtimes.llama_cpp import vocab_only
+    from edgespec.runtimes.llama_cpp import vocab_info, vocab_only
 
     try:
         with vocab_only(path) as v:
-            n_vocab = int(ll.llama_vocab_n_tokens(v))
-            found = {
-                "tokenizer.ggml.bos_token_id": ll.llama_vocab_bos(v),
-                "tokenizer.ggml.eos_token_id": ll.llama_vocab_eos(v),
-                "tokenizer.ggml.eot_token_id": ll.llama_vocab_eot(v),
-                "tokenizer.ggml.padding_token_id": ll.llama_vocab_pad(v),
-            }
+            info = vocab_info(v)
+            pad = int(ll.llama_vocab_pad(v))
     except ModelLoadError as exc:
         raise ExportError(str(exc)) from None
-    return {key: int(token) for key, token in found.items() if 0 <= int(token) < n_vocab}
+    found = {
+        "tokenizer.ggml.bos_token_id": info.bos,
+        "tokenizer.ggml.eos_token_id": info.eos,
+        "tokenizer.ggml.eot_token_id": info.eot,
+        "tokenizer.ggml.padding_token_id": pad if 0 <= pad < info.n_vocab else None,
+    }
+    return {key: token for key, token in found.items() if token is not None}
 
 
 def _copy_field(

@@ -142,6 +142,25 @@ def vocab_only(path: str | os.PathLike[str]) -> Iterator[Any]:
         _ll.llama_model_free(model)
 
 
+def vocab_info(v: Any) -> VocabInfo:
+    """What the engine needs to know about a loaded vocabulary (a `llama_vocab` pointer)."""
+    n_vocab = int(_ll.llama_vocab_n_tokens(v))
+
+    def special(value: int) -> int | None:
+        return value if 0 <= value < n_vocab else None
+
+    eog = frozenset(t for t in range(n_vocab) if _ll.llama_vocab_is_eog(v, t))
+    return VocabInfo(
+        kind=_VOCAB_KINDS.get(int(_ll.llama_vocab_type(v)), f"type-{_ll.llama_vocab_type(v)}"),
+        n_vocab=n_vocab,
+        bos=special(int(_ll.llama_vocab_bos(v))),
+        eos=special(int(_ll.llama_vocab_eos(v))),
+        eot=special(int(_ll.llama_vocab_eot(v))),
+        add_bos=bool(_ll.llama_vocab_get_add_bos(v)),
+        eog=eog,
+    )
+
+
 def _check_gguf_file(path: Path) -> None:
     """Refuse what llama.cpp would refuse with a worse message (or abort on)."""
     if not path.exists():
@@ -219,7 +238,7 @@ class LlamaCppRuntime:
         # llama.cpp may round the context up (to 256 cells); the limit is what the user asked for.
         self._n_ctx = min(self.settings.n_ctx, int(_ll.llama_n_ctx(self._ctx)))
         self._vocab_p = _ll.llama_model_get_vocab(self._model)
-        self.vocab = self._read_vocab()
+        self.vocab = vocab_info(self._vocab_p)
         # A VocabTrim drafter's map back to its target's ids (None for an ordinary model). The
         # scalar key is visible through llama.cpp; the arrays are read from the file's header.
         self.vocab_map: VocabMap | None = None
@@ -241,24 +260,6 @@ class LlamaCppRuntime:
         self._piece_buf = ctypes.create_string_buffer(256)
 
     # ----------------------------------------------------------------------------------- vocab
-
-    def _read_vocab(self) -> VocabInfo:
-        v = self._vocab_p
-        n_vocab = int(_ll.llama_vocab_n_tokens(v))
-
-        def special(value: int) -> int | None:
-            return value if 0 <= value < n_vocab else None
-
-        eog = frozenset(t for t in range(n_vocab) if _ll.llama_vocab_is_eog(v, t))
-        return VocabInfo(
-            kind=_VOCAB_KINDS.get(int(_ll.llama_vocab_type(v)), f"type-{_ll.llama_vocab_type(v)}"),
-            n_vocab=n_vocab,
-            bos=special(int(_ll.llama_vocab_bos(v))),
-            eos=special(int(_ll.llama_vocab_eos(v))),
-            eot=special(int(_ll.llama_vocab_eot(v))),
-            add_bos=bool(_ll.llama_vocab_get_add_bos(v)),
-            eog=eog,
-        )
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
