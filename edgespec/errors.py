@@ -38,3 +38,7 @@ class RuntimeFailure(EdgespecError):
 
 class ExportError(EdgespecError):
     """A model cannot be exported or trimmed (unsupported architecture, missing file, bad option)."""
+
+
+class ProfileError(SettingsError):
+    """A placement profile is missing, unknown, not valid TOML or breaks the profile schema."""

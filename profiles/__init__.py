@@ -1,0 +1,1 @@
+"""Built-in placement profiles (TOML data files), read by edgespec.placement."""
