@@ -8,7 +8,9 @@ and an n-gram drafter are interchangeable.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
@@ -44,12 +46,26 @@ class Drafter(Protocol):
         ...
 
 
+#: how far back NgramDrafter measures a match
+MATCH_LENGTH_MAX = 64
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+class _DraftState:
+    """What a model drafter's runtime holds, shared by every variant of one ModelDrafter."""
+
+    def __init__(self) -> None:
+        self.cached: list[int] = []  # target ids whose keys/values are in the draft cache
+        self.pool: ThreadPoolExecutor | None = None
+        # a continuation being drafted in the background: (what it follows, its future)
+        self.ahead: tuple[list[int], Future[tuple[list[int], bool]]] | None = None
 
 
 class ModelDrafter:
@@ -65,17 +81,35 @@ class ModelDrafter:
     its input ids, and its smaller logits rows back to target ids, so the engine only ever sees
     target ids.
 
+    Overlapped drafting (PEARL's post-verify, Liu et al. 2024): with `overlap`, once a draft is
+    proposed the drafter goes on drafting its continuation in a background thread, assuming every
+    draft token will be accepted, while the target verifies. If the target does accept them all
+    and its own next token is the continuation's first, the rest of the continuation is already
+    drafted and the next step starts with it; otherwise it is dropped (the prefix match rolls the
+    cache back). The backends release the GIL while they compute, so the two models run at once
+    when they sit on different devices or cores. Only greedy drafts (no sampler) run ahead: a
+    sampled continuation would share the generation's random generator with verification.
+
     Args:
         runtime: the draft model's runtime.
         max_id: draft tokens must be < max_id (the target's vocabulary size); a draft that reaches
             a token the target does not have stops there.
+        min_prob: stop drafting when the drafter's own probability for its next token (softmax of
+            its raw logits) is below this; 0 drafts all k tokens.
+        overlap: draft the next block in the background while the target verifies this one.
     """
 
     name = "draft"
     samples_from_q = True
 
-    def __init__(self, runtime: Runtime, max_id: int | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, max_id: int | None = None, *, min_prob: float = 0.0, overlap: bool = False
+    ) -> None:
+        if not 0.0 <= min_prob < 1.0:
+            raise ValueError(f"min_prob must be in [0, 1), got {min_prob}")
         self.runtime = runtime
+        self.min_prob = min_prob
+        self.overlap = overlap
         vmap = getattr(runtime, "vocab_map", None)
         # A VocabTrim drafter: its logits row j is target id keep[j]; its input ids are
         # input_map[target id], unless it still reads target ids (an ONNX export trims outputs only).
@@ -84,7 +118,17 @@ class ModelDrafter:
         self._input_map: list[int] | None = None if reads_target_ids else vmap.input_map.tolist()
         n_target = runtime.vocab.n_vocab if vmap is None else vmap.target_n_vocab
         self.max_id = n_target if max_id is None else max_id
-        self._cached: list[int] = []  # target ids whose keys/values are in the draft cache
+        self._state = _DraftState()
+        #: draft tokens that came from a background continuation instead of being drafted in turn
+        self.n_ahead_used = 0
+
+    def variant(self, *, min_prob: float | None = None, overlap: bool | None = None) -> ModelDrafter:
+        """The same model and cache with other options (one runtime must have one cache view)."""
+        other = copy.copy(self)
+        other.min_prob = self.min_prob if min_prob is None else min_prob
+        other.overlap = self.overlap if overlap is None else overlap
+        other.n_ahead_used = 0
+        return other
 
     def _inputs(self, tokens: Sequence[int]) -> list[int]:
         input_map = self._input_map
@@ -106,32 +150,71 @@ class ModelDrafter:
         full[keep[inside]] = row[inside]
         return sampler.pick(full, recent)
 
-    def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> list[int]:
-        if k <= 0:
-            return []
-        rt = self.runtime
-        room = rt.n_ctx - len(context)
-        k = min(k, room)
-        if k <= 0:
-            return []
-        keep = common_prefix(self._cached, context)
+    def _unsure(self, row: np.ndarray, token: int) -> bool:
+        """True when the drafter's own probability for `token` is below min_prob."""
+        j = token if self._keep is None else int(np.searchsorted(self._keep, token))
+        return float(np.exp(row - row[j], dtype=np.float64).sum()) * self.min_prob > 1.0
+
+    def _draft(self, context: Sequence[int], k: int, sampler: TokenSampler | None) -> tuple[list[int], bool]:
+        """Up to k draft tokens after `context`, and whether drafting stopped for low confidence."""
+        rt, cached = self.runtime, self._state.cached
+        keep = common_prefix(cached, context)
         if keep == len(context):
             keep -= 1  # logits are needed for the last context token, so evaluate it again
         rt.truncate(keep)
-        del self._cached[keep:]
+        del cached[keep:]
         logits = rt.eval(self._inputs(context[keep:]), logits="last")
-        self._cached.extend(context[keep:])
+        cached.extend(context[keep:])
         draft: list[int] = []
         tail = list(context[-sampler.window :]) if sampler is not None and sampler.window else []
         while True:
             token = self._choose(logits[0], sampler, tail + draft if tail else ())
             if token < 0:
-                break
+                return draft, False
+            if self.min_prob and self._unsure(logits[0], token):
+                return draft, True
             draft.append(token)
             if len(draft) == k:
-                break
+                return draft, False
             logits = rt.eval(self._inputs([token]), logits="last")
-            self._cached.append(token)
+            cached.append(token)
+
+    def _settle(self) -> tuple[list[int], list[int], bool] | None:
+        """Wait for a background continuation: (what it follows, its tokens, stopped), or None."""
+        state = self._state
+        if state.ahead is None:
+            return None
+        base, future = state.ahead
+        state.ahead = None
+        tokens, stopped = future.result()
+        return base, tokens, stopped
+
+    def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> list[int]:
+        ahead = self._settle()
+        k = min(k, self.runtime.n_ctx - len(context))
+        if k <= 0:
+            return []
+        head: list[int] = []
+        stopped = False
+        if ahead is not None and sampler is None:
+            base, tokens, ahead_stopped = ahead
+            # The previous draft was accepted whole and the target's next token is the
+            # continuation's first: the rest of the continuation is this step's draft.
+            if tokens and len(context) == len(base) + 1 and context[-1] == tokens[0] and context[:-1] == base:
+                head = tokens[1 : k + 1]
+                stopped = ahead_stopped and len(tokens) - 1 <= k
+                self.n_ahead_used += len(head)
+        draft = head
+        if len(head) < k and not stopped:
+            more, stopped = self._draft([*context, *head], k - len(head), sampler)
+            draft = head + more
+        room = self.runtime.n_ctx - len(context) - len(draft)
+        if self.overlap and sampler is None and draft and not stopped and room > 0:
+            state = self._state
+            if state.pool is None:
+                state.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgespec-draft")
+            base = [*context, *draft]
+            state.ahead = (base, state.pool.submit(self._draft, base, min(k, room), None))
         return draft
 
     def accepted(self, n_proposed: int, n_accepted: int) -> None:
@@ -140,12 +223,21 @@ class ModelDrafter:
 
     def begin(self, prompt: Sequence[int]) -> None:
         # Process the prompt now, so that the first propose evaluates only the first new token.
-        keep = common_prefix(self._cached, prompt)
+        self._settle()
+        cached = self._state.cached
+        keep = common_prefix(cached, prompt)
         self.runtime.truncate(keep)
-        del self._cached[keep:]
+        del cached[keep:]
         if keep < len(prompt):
             self.runtime.eval(self._inputs(prompt[keep:]), logits="none")
-            self._cached.extend(prompt[keep:])
+            cached.extend(prompt[keep:])
+
+    def close(self) -> None:
+        """Finish background drafting and stop its thread (the runtime stays open)."""
+        self._settle()
+        if self._state.pool is not None:
+            self._state.pool.shutdown()
+            self._state.pool = None
 
 
 @dataclass
@@ -159,6 +251,9 @@ class NgramDrafter:
 
     Args:
         n_min, n_max: n-gram lengths tried, longest first.
+
+    After each proposal `match_length` says how far back the matched text agrees with the
+    context's end (at least the n-gram's n, at most MATCH_LENGTH_MAX).
     """
 
     n_min: int = 2
@@ -169,6 +264,9 @@ class NgramDrafter:
     def __post_init__(self) -> None:
         if not 1 <= self.n_min <= self.n_max:
             raise ValueError(f"need 1 <= n_min <= n_max, got {self.n_min}, {self.n_max}")
+        #: after `propose`: how many context tokens the match behind the proposal covers (up to
+        #: MATCH_LENGTH_MAX; 0 when nothing was proposed)
+        self.match_length = 0
         self._tokens: list[int] = []
         self._index: dict[tuple[int, ...], int] = {}
 
@@ -187,6 +285,7 @@ class NgramDrafter:
                 self._index[tuple(tokens[end - n : end])] = end
 
     def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> list[int]:
+        self.match_length = 0
         if k <= 0 or len(context) < self.n_min + 1:
             return []
         self._extend_index(context)
@@ -194,6 +293,16 @@ class NgramDrafter:
         for n in range(min(self.n_max, len(tokens) - 1), self.n_min - 1, -1):
             start = self._index.get(tuple(tokens[-n:]))
             if start is not None:
+                # How far the match really reaches back (past n_max): a long match means the text
+                # is being copied, and its continuation is likely right (the controller uses this).
+                length, end = n, len(tokens)
+                while (
+                    length < MATCH_LENGTH_MAX
+                    and start - length > 0
+                    and (tokens[start - length - 1] == tokens[end - length - 1])
+                ):
+                    length += 1
+                self.match_length = length
                 return tokens[start : start + k]
         return []
 

@@ -57,7 +57,7 @@ def test_model_drafter_keeps_its_cache_in_step(tiny_runtimes):
     drafter.propose(prompt, 4)
     context = prompt + first[:2] + [42]
     second = drafter.propose(context, 3)
-    assert drafter._cached == context + second[:-1]
+    assert drafter._state.cached == context + second[:-1]
     assert draft_rt.n_past == len(context) + len(second) - 1
 
 

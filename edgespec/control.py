@@ -1,0 +1,298 @@
+"""How much to draft, and from where, before every step: a goodput controller.
+
+Speculation pays only when the tokens a step is expected to yield outweigh what the step costs.
+Before each step the controller picks the draft source s (the model drafter, the n-gram drafter or
+none) and the draft length k that maximise the expected tokens per second,
+
+    goodput(s, k) = E[accepted + 1 | s, k] / (k · T_draft(s) + T_verify(k + 1)),
+
+where T_verify(n) is the target's measured cost for one pass over n tokens, T_draft the measured
+cost of one draft token (0 for n-gram drafts), and k = 0 is an ordinary target step (goodput
+1 / T_verify(1)). With a_i the probability that draft token i is accepted given that the tokens
+before it were, E[accepted + 1 | k] = 1 + a_1 + a_1·a_2 + … + a_1·…·a_k.
+
+The a_i are learned online, per source, from every verified draft, with exponential forgetting,
+so the choice follows the text: n-gram drafts while the answer copies the prompt, model drafts
+where they are accepted and cheap enough, plain decoding elsewhere. N-gram acceptance depends
+strongly on how long the match behind the proposal is (a 1-token match is a guess, a 12-token match
+means the text is being copied), so it is learned separately for each match-length bucket. The
+model drafter's own confidence cuts its drafts short (`ModelDrafter.min_prob`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .drafting import ModelDrafter, NgramDrafter
+    from .sampling import TokenSampler
+
+#: n-gram match lengths are grouped into buckets starting at these lengths: 1, 2, 3-4, 5-8, 9-16, 17+
+MATCH_BUCKETS = (1, 2, 3, 5, 9, 17)
+
+#: Prior acceptance of an n-gram draft's first token, per match-length bucket. Measured by replaying
+#: the default target's greedy answers to 39 Spec-Bench prompts (the last 3 of each category, which
+#: the benchmarks do not use) through the n-gram drafter (benchmarks/ngram_acceptance.py).
+NGRAM_PRIOR = (0.24, 0.47, 0.74, 0.58, 0.74, 0.92)
+
+#: prior for a model drafter's per-position acceptance before anything was measured
+MODEL_PRIOR = 0.6
+
+
+def match_bucket(length: int) -> int:
+    """The bucket index of an n-gram match of `length` tokens (length >= 1)."""
+    bucket = 0
+    for i, start in enumerate(MATCH_BUCKETS):
+        if length >= start:
+            bucket = i
+    return bucket
+
+
+class Acceptance:
+    """Per-position acceptance of one kind of draft, learned online.
+
+    `alphas()[i]` estimates the probability that draft token i + 1 is accepted given that the
+    tokens before it were. A verified draft of length L with n accepted is a trial at positions
+    1 … min(n + 1, L) and a success at positions 1 … n. Before each update the counts decay by
+    `decay`, so about 1 / (1 - decay) recent drafts carry the estimate; `prior_weight`
+    pseudo-trials at the prior rates keep it sensible before there is data.
+
+    Args:
+        k_max: positions tracked.
+        prior: prior acceptance per position (the last value repeats; empty: 0.5).
+        prior_weight: how many drafts the prior counts as.
+        decay: forgetting factor per observed draft, in (0, 1].
+    """
+
+    def __init__(
+        self, k_max: int, prior: Sequence[float] = (), prior_weight: float = 2.0, decay: float = 0.9
+    ) -> None:
+        if k_max < 1:
+            raise ValueError(f"k_max must be at least 1, got {k_max}")
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        values = list(prior) or [0.5]
+        values += [values[-1]] * (k_max - len(values))
+        self.prior = np.clip(np.asarray(values[:k_max], dtype=np.float64), 0.0, 1.0)
+        self.prior_weight = prior_weight
+        self.decay = decay
+        self.trials = np.zeros(k_max)
+        self.successes = np.zeros(k_max)
+
+    def alphas(self) -> np.ndarray:
+        """Estimated conditional acceptance per position, shape (k_max,)."""
+        w = self.prior_weight
+        return (self.successes + w * self.prior) / (self.trials + w)
+
+    def observe(self, n_proposed: int, n_accepted: int) -> None:
+        """A draft of n_proposed tokens was verified and its first n_accepted were kept."""
+        if not 0 <= n_accepted <= n_proposed:
+            raise ValueError(f"accepted {n_accepted} of {n_proposed}")
+        self.trials *= self.decay
+        self.successes *= self.decay
+        tried = min(n_accepted + 1, n_proposed, len(self.trials))
+        self.trials[:tried] += 1.0
+        self.successes[: min(n_accepted, tried)] += 1.0
+
+
+def expected_tokens(alphas: Sequence[float] | np.ndarray, k: int) -> float:
+    """E[accepted + 1] for a k-token draft whose position i is accepted with alphas[i-1] given the
+    earlier ones were: 1 + a_1 + a_1·a_2 + … + a_1·…·a_k."""
+    if k <= 0:
+        return 1.0
+    return 1.0 + float(np.cumprod(np.asarray(alphas[:k], dtype=np.float64)).sum())
+
+
+def best_k(alphas: Sequence[float] | np.ndarray, step_cost: Sequence[float]) -> tuple[int, float]:
+    """(k, goodput) maximising expected tokens per second.
+
+    Args:
+        alphas: conditional acceptance per position (at least len(step_cost) - 1 values).
+        step_cost: step_cost[k] = seconds for a step with k draft tokens (drafting + verifying);
+            step_cost[0] is a plain target step.
+    """
+    products = np.cumprod(np.asarray(alphas[: len(step_cost) - 1], dtype=np.float64))
+    tokens = np.concatenate(([1.0], 1.0 + np.cumsum(products)))
+    rates = tokens / np.asarray(step_cost[: len(tokens)], dtype=np.float64)
+    k = int(rates.argmax())
+    return k, float(rates[k])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one step drafts: `source` ("model", "ngram" or None for a plain step) and k tokens,
+    with the expected tokens per second that made it the choice."""
+
+    source: str | None
+    k: int
+    goodput: float
+    bucket: int = 0
+
+
+@dataclass
+class SourceStats:
+    """How often a source was chosen and how its drafts fared (for reports)."""
+
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+
+class GoodputController:
+    """Chooses the draft source and length before every step (see the module docstring).
+
+    Args:
+        t_verify: T_verify(n) for n = 1 … len, in seconds (measured: `edgespec profile tune`,
+            `costs.measure`); longer passes are extrapolated linearly.
+        t_draft: seconds per model-draft token.
+        k_max: the most draft tokens per step.
+        model_prior: prior per-position acceptance of the model drafter.
+        ngram_prior: prior first-token acceptance per match-length bucket (MATCH_BUCKETS).
+        margin: a draft must promise this much more goodput than a plain step (1.02 = 2%), so that
+            estimation noise does not make speculation lose.
+        decay: forgetting factor of the acceptance estimates.
+    """
+
+    def __init__(
+        self,
+        t_verify: Sequence[float],
+        t_draft: float,
+        k_max: int = 16,
+        *,
+        model_prior: Sequence[float] = (MODEL_PRIOR,),
+        ngram_prior: Sequence[float] = NGRAM_PRIOR,
+        margin: float = 1.02,
+        decay: float = 0.9,
+    ) -> None:
+        if len(t_verify) < 2 or min(t_verify) <= 0:
+            raise ValueError("t_verify needs at least T(1) and T(2), all positive")
+        if k_max < 1:
+            raise ValueError(f"k_max must be at least 1, got {k_max}")
+        if len(ngram_prior) != len(MATCH_BUCKETS):
+            raise ValueError(f"ngram_prior needs {len(MATCH_BUCKETS)} values, one per match-length bucket")
+        self.k_max = k_max
+        self.t_draft = t_draft
+        self.margin = margin
+        self.decay = decay
+        measured = [float(t) for t in t_verify]
+        slope = measured[-1] - measured[-2]
+        while len(measured) < k_max + 1:
+            measured.append(measured[-1] + max(slope, 0.0))
+        self.t_verify = np.asarray(measured[: k_max + 1])
+        self._model_prior = tuple(model_prior)
+        # After a first accepted n-gram token the next ones are more likely: halfway to certain.
+        self._ngram_prior = tuple((p, (1.0 + p) / 2) for p in ngram_prior)
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the priors (a new generation)."""
+        self.model = Acceptance(self.k_max, self._model_prior, decay=self.decay)
+        self.ngram = [Acceptance(self.k_max, prior, decay=self.decay) for prior in self._ngram_prior]
+
+    def plan(self, k_cap: int, ngram_available: int = 0, ngram_match: int = 0, model: bool = False) -> Plan:
+        """The best plan for the next step.
+
+        Args:
+            k_cap: the most draft tokens this step may have (output and context room).
+            ngram_available: tokens the n-gram drafter proposes (0: it found no match).
+            ngram_match: the length of the match behind them.
+            model: whether a model drafter can be asked.
+        """
+        plain = 1.0 / self.t_verify[0]
+        best = Plan(None, 0, plain)
+        cap = min(k_cap, self.k_max)
+        if cap <= 0:
+            return best
+        if ngram_available > 0:
+            bucket = match_bucket(max(ngram_match, 1))
+            n = min(cap, ngram_available)
+            k, rate = best_k(self.ngram[bucket].alphas(), self.t_verify[: n + 1])
+            if k and rate > best.goodput:
+                best = Plan("ngram", k, rate, bucket)
+        if model:
+            cost = self.t_verify[: cap + 1] + self.t_draft * np.arange(cap + 1)
+            k, rate = best_k(self.model.alphas(), cost)
+            if k and rate > best.goodput:
+                best = Plan("model", k, rate)
+        if best.source is not None and best.goodput < plain * self.margin:
+            return Plan(None, 0, plain)
+        return best
+
+    def observe(self, plan: Plan, n_proposed: int, n_accepted: int) -> None:
+        """Learn from a verified draft made under `plan`."""
+        if plan.source == "model":
+            self.model.observe(n_proposed, n_accepted)
+        elif plan.source == "ngram":
+            self.ngram[plan.bucket].observe(n_proposed, n_accepted)
+
+
+@dataclass
+class ControlledDrafter:
+    """A drafter that asks a GoodputController, before every step, which source to draft from
+    (the model drafter, the n-gram drafter or none) and how many tokens.
+
+    It satisfies the Drafter protocol, so the engine runs it like any other drafter; k from the
+    engine (GenerationSettings.draft_max) caps what the controller may choose.
+    """
+
+    controller: GoodputController
+    model: ModelDrafter | None = None
+    ngram: NgramDrafter | None = None
+    name: str = "auto"
+    stats: dict[str, SourceStats] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._plan = Plan(None, 0, 0.0)
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.stats = {"model": SourceStats(), "ngram": SourceStats(), "none": SourceStats()}
+
+    @property
+    def samples_from_q(self) -> bool:  # type: ignore[override]
+        return self._plan.source == "model"
+
+    @property
+    def last_plan(self) -> Plan:
+        return self._plan
+
+    def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> list[int]:
+        proposal = self.ngram.propose(context, k) if self.ngram is not None else []
+        match = self.ngram.match_length if self.ngram is not None else 0
+        plan = self.controller.plan(k, len(proposal), match, model=self.model is not None)
+        self._plan = plan
+        if plan.source == "ngram":
+            draft = proposal[: plan.k]
+        elif plan.source == "model" and self.model is not None:
+            draft = self.model.propose(context, plan.k, sampler)
+        else:
+            draft = []
+        entry = self.stats[plan.source or "none"]
+        entry.steps += 1
+        entry.drafted += len(draft)
+        return draft
+
+    def accepted(self, n_proposed: int, n_accepted: int) -> None:
+        self.controller.observe(self._plan, n_proposed, n_accepted)
+        self.stats[self._plan.source or "none"].accepted += n_accepted
+
+    def begin(self, prompt: Sequence[int]) -> None:
+        # Every generation starts from the priors, and its statistics from zero.
+        self.controller.reset()
+        self.reset_stats()
+        self._plan = Plan(None, 0, 0.0)
+        if self.model is not None:
+            self.model.begin(prompt)
+        if self.ngram is not None:
+            self.ngram.begin(prompt)
+
+    def close(self) -> None:
+        if self.model is not None:
+            self.model.close()
+
+    def summary(self) -> Mapping[str, SourceStats]:
+        return dict(self.stats)
