@@ -15,7 +15,7 @@ import math
 import re
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,10 +25,11 @@ from .sampling import GREEDY, SamplingSettings
 
 if TYPE_CHECKING:
     from .costs import Costs
+    from .placement import Profile
     from .runtimes.base import Runtime
 
 _CONFIG = re.compile(
-    r"^(?P<kind>target-only|none|draft|ngram)(?::(?P<params>[a-z_]+=[\w.]+(?:,[a-z_]+=[\w.]+)*))?$"
+    r"^(?P<kind>target-only|none|draft|ngram|auto)(?::(?P<params>[a-z_]+=[\w.]+(?:,[a-z_]+=[\w.]+)*))?$"
 )
 
 
@@ -36,39 +37,48 @@ _CONFIG = re.compile(
 class BenchConfig:
     """One configuration to measure.
 
-    Spec syntax: `target-only`, `draft[:k=N]`, `ngram[:k=N,n_min=N,n_max=N]` (k defaults to 4);
-    drafters also take `accept=rejection|exact` (how drafts are verified when sampling; default:
-    the bench's --accept), and `draft` takes `model=NAME`, a draft model named with
-    `--drafter NAME=PATH` (default: the --draft model).
+    Spec syntax: `target-only`, `draft[:k=N]`, `ngram[:k=N,n_min=N,n_max=N]` (k defaults to 4),
+    `auto[:k=N]` (the tuned `--profile auto`: the goodput controller chooses the drafter and the
+    draft length up to k, default the profile's k_max); drafters also take
+    `accept=rejection|exact` (how drafts are verified when sampling; default: the bench's
+    --accept), `draft` takes `model=NAME`, a draft model named with `--drafter NAME=PATH`
+    (default: the --draft model), and `draft` and `auto` take `overlap=0|1` (draft the next block
+    while the target verifies; default: off for draft, the profile's for auto).
     """
 
     label: str
-    drafter: str  # "none", "draft" or "ngram"
+    drafter: str  # "none", "draft", "ngram" or "auto"
     k: int = 0
     n_min: int = 2
     n_max: int = 4
     accept: str | None = None
     model: str | None = None
+    overlap: bool | None = None
 
     @classmethod
     def parse(cls, spec: str) -> BenchConfig:
         match = _CONFIG.match(spec.strip())
         if not match:
             raise SettingsError(
-                f"unknown configuration {spec!r}; use target-only, draft[:k=N] or ngram[:k=N,n_min=N,n_max=N]"
+                f"unknown configuration {spec!r}; use target-only, draft[:k=N], ngram[:k=N,n_min=N,n_max=N] "
+                "or auto[:k=N]"
             )
         kind = "none" if match["kind"] in ("target-only", "none") else match["kind"]
         params = dict(p.split("=") for p in match["params"].split(",")) if match["params"] else {}
         allowed = {
             "none": set(),
-            "draft": {"k", "accept", "model"},
+            "draft": {"k", "accept", "model", "overlap"},
             "ngram": {"k", "n_min", "n_max", "accept"},
+            "auto": {"k", "accept", "overlap"},
         }[kind]
         unknown = set(params) - allowed
         if unknown:
             raise SettingsError(f"configuration {spec!r}: unknown parameter {sorted(unknown)[0]!r}")
         accept = params.pop("accept", None)
         model = params.pop("model", None)
+        overlap = params.pop("overlap", None)
+        if overlap not in (None, "0", "1"):
+            raise SettingsError(f"configuration {spec!r}: overlap must be 0 or 1")
         if accept not in (None, "rejection", "exact"):
             raise SettingsError(f"configuration {spec!r}: accept must be rejection or exact")
         try:
@@ -79,13 +89,16 @@ class BenchConfig:
             values["accept"] = accept
         if model:
             values["model"] = model
-        k = values.pop("k", 0 if kind == "none" else 4)
+        if overlap is not None:
+            values["overlap"] = overlap == "1"
+        k = values.pop("k", {"none": 0, "auto": AUTO_K}.get(kind, 4))
         if kind != "none" and not 1 <= k <= 64:
             raise SettingsError(f"configuration {spec!r}: k must be between 1 and 64")
+        shown = {key: int(value) if isinstance(value, bool) else value for key, value in values.items()}
         label = (
             "target-only"
             if kind == "none"
-            else f"{kind} k={k}" + "".join(f" {key}={value}" for key, value in sorted(values.items()))
+            else f"{kind} k={k}" + "".join(f" {key}={value}" for key, value in sorted(shown.items()))
         )
         config = cls(label=label, drafter=kind, k=k, **values)  # type: ignore[arg-type]
         if kind == "ngram" and not 1 <= config.n_min <= config.n_max:
@@ -94,6 +107,8 @@ class BenchConfig:
 
 
 TARGET_ONLY = BenchConfig(label="target-only", drafter="none")
+#: the draft-length cap of an `auto` configuration without k=N (the built-in profiles' k_max)
+AUTO_K = 16
 
 
 def read_config_file(path: str | Path) -> list[BenchConfig]:
@@ -160,6 +175,7 @@ def run(
     seed: int = 0,
     on_run: Callable[[], None] | None = None,
     drafts: Mapping[str, Runtime] | None = None,
+    auto_profile: Profile | None = None,
 ) -> BenchResult:
     """Run every configuration on every prompt, interleaved, and compare outputs with target-only.
 
@@ -178,6 +194,8 @@ def run(
             + turn, whatever the configuration.
         on_run: called after each measured generation (for a progress bar).
         drafts: further draft models by name, for configurations with `model=NAME`.
+        auto_profile: the tuned profile `auto` configurations follow (its drafters and costs;
+            the models are the ones loaded here).
     """
     from .drafting import Drafter, ModelDrafter, NgramDrafter
     from .engine import GenerationSettings, SpeculativeEngine
@@ -189,6 +207,8 @@ def run(
     configs.sort(key=lambda c: c.drafter != "none")  # the reference runs first each round
     if any(c.drafter == "draft" and c.model is None for c in configs) and draft is None:
         raise SettingsError("a draft configuration needs a draft model")
+    if any(c.drafter == "auto" for c in configs) and auto_profile is None:
+        raise SettingsError("an auto configuration needs a tuned profile")
     model_drafter = ModelDrafter(draft, max_id=target.vocab.n_vocab) if draft is not None else None
     check_drafter_names(configs, drafts or {})
     # One drafter per model, shared by that model's configurations, so that its cache stays true.
@@ -199,6 +219,16 @@ def run(
         drafter: Drafter | None = None
         if config.drafter == "draft":
             drafter = model_drafter if config.model is None else named[config.model]
+            if config.overlap:
+                drafter = drafter.variant(overlap=True)
+        elif config.drafter == "auto":
+            from .tuning import make_drafter
+
+            assert auto_profile is not None
+            profile = auto_profile
+            if config.overlap is not None:
+                profile = replace(profile, speculation=replace(profile.speculation, overlap=config.overlap))
+            drafter = make_drafter(profile, target, model_drafter)
         elif config.drafter == "ngram":
             key = (config.n_min, config.n_max)
             drafter = ngram_drafters.setdefault(key, NgramDrafter(n_min=config.n_min, n_max=config.n_max))
@@ -234,6 +264,8 @@ def run(
                             result.references[item.id] = list(gen.tokens)
                     # sampled outputs are not comparable token by token
                     identical = gen.tokens == reference.tokens if sampling.greedy else None
+                    summary = getattr(engines[config.label].drafter, "summary", None)
+                    sources = {k: asdict(v) for k, v in summary().items()} if summary else None
                     result.records.append(
                         {
                             "prompt_id": item.id,
@@ -247,6 +279,7 @@ def run(
                             "finish_reason": gen.finish_reason,
                             "identical_to_target_only": identical,
                             "rss_mib": _rss_mib(),
+                            "sources": sources,
                             **gen.stats.to_dict(),
                         }
                     )

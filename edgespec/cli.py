@@ -18,6 +18,7 @@ from . import __version__
 from .errors import EdgespecError
 
 EXIT_ERROR = 1
+DEFAULT_DRAFT = "default"
 EXIT_INTERRUPTED = 130
 
 
@@ -158,6 +159,26 @@ def _sampling_settings(kwargs: dict[str, Any]) -> Any:
     return SamplingSettings(**values)
 
 
+def _tune_progress(total: int) -> Any:
+    return click.progressbar(length=total, label="tuning for this machine (first use)", file=sys.stderr)
+
+
+def _format_sources(summary: Any) -> str:
+    """One line: how often the goodput controller chose each draft source, and how they fared."""
+    parts = []
+    for source, entry in summary.items():
+        if not entry.steps:
+            continue
+        if source == "none":
+            parts.append(f"plain {entry.steps} steps")
+        else:
+            rate = entry.accepted / entry.drafted if entry.drafted else 0.0
+            parts.append(
+                f"{source} {entry.steps} steps ({entry.accepted}/{entry.drafted} accepted, {rate:.0%})"
+            )
+    return "[controller] " + ", ".join(parts)
+
+
 def _read_prompt(prompt: str | None) -> str:
     if prompt is not None and prompt != "-":
         return prompt
@@ -263,6 +284,20 @@ def _format_stats(stats: Any, drafter: str) -> str:
     help="exact: batch-invariant kernels, output identical to target-only; fast: llama.cpp's "
     "fastest kernels, whose rounding depends on batch size (rare near-ties may flip).",
 )
+@click.option(
+    "--profile",
+    "profile_spec",
+    envvar="EDGESPEC_PROFILE",
+    default=None,
+    help="Placement profile (name or .toml; see `edgespec profile list`), or 'auto': the profile "
+    "detected for this machine, tuned on first use. Flags given explicitly override it.",
+)
+@click.option(
+    "--draft-threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for the draft model (default: as the profile says, else --threads).",
+)
 @click.option("--stats", is_flag=True, help="Print speed and drafting statistics to stderr.")
 @click.option(
     "--json",
@@ -271,7 +306,9 @@ def _format_stats(stats: Any, drafter: str) -> str:
     help="Print one JSON object (text, token ids, stats) instead of streaming text.",
 )
 @click.option("--verbose", "-v", is_flag=True, help="Let llama.cpp's own log lines through.")
+@click.pass_context
 def run(
+    ctx_obj: click.Context,
     prompt: str | None,
     target: str,
     draft: str,
@@ -288,6 +325,8 @@ def run(
     draft_provider: str | None,
     flash_attn: str,
     kernels: str,
+    profile_spec: str | None,
+    draft_threads: int | None,
     stats: bool,
     as_json: bool,
     verbose: bool,
@@ -304,33 +343,63 @@ def run(
       edgespec run --draft none --stats "Explain recursion"     # target only, for comparison
       edgespec run --target my.gguf --draft ngram --raw "def quicksort(xs):"
       edgespec run --temperature 0.8 --top-p 0.95 --seed 7 "Write a haiku about caches"
+      edgespec run --profile auto --stats "Add type hints: ..."   # measured placement and drafting
     """
     from .engine import GenerationSettings
-    from .loader import load, prompt_tokens
+    from .loader import ProfileOverrides, load, load_with_profile, prompt_tokens
     from .runtimes.base import RuntimeSettings
 
     text = _read_prompt(prompt)
     if not text.strip():  # before loading gigabytes of models (prompt_tokens checks it too)
         raise EdgespecError("the prompt is empty")
     sampling = _sampling_settings(sampling_flags)
+
+    def given(name: str) -> bool:
+        source = ctx_obj.get_parameter_source(name)
+        return source in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+
+    if profile_spec is not None:
+        overrides = ProfileOverrides(
+            threads=threads,
+            gpu_layers=gpu_layers if given("gpu_layers") else None,
+            draft_gpu_layers=draft_gpu_layers if given("draft_gpu_layers") else None,
+            draft_threads=draft_threads,
+            kernels=kernels if given("kernels") else None,
+        )
+        pair, profile = load_with_profile(
+            profile_spec,
+            target,
+            draft if given("draft") else DEFAULT_DRAFT,
+            n_ctx=ctx,
+            overrides=overrides,
+            verbose=verbose,
+            progress=_progress,
+            tune_progress=_tune_progress,
+            on_note=lambda line: click.echo(line, err=True),
+        )
+        spec = profile.speculation
+        if not given("draft_max"):
+            draft_max = spec.k_max if spec.controller == "goodput" else spec.k
+    else:
+        rt_settings = RuntimeSettings(
+            n_ctx=ctx,
+            n_threads=threads,
+            gpu_layers=gpu_layers,
+            flash_attn=flash_attn,
+            kernels=kernels,
+            verbose=verbose,
+        )  # type: ignore[arg-type]
+        pair = load(
+            target,
+            draft,
+            rt_settings,
+            draft_gpu_layers=draft_gpu_layers,
+            progress=_progress,
+            draft_provider=draft_provider,
+            draft_threads=draft_threads,
+        )
     settings = GenerationSettings(
         max_tokens=max_tokens, draft_max=draft_max, stop=stop, seed=seed, sampling=sampling
-    )
-    rt_settings = RuntimeSettings(
-        n_ctx=ctx,
-        n_threads=threads,
-        gpu_layers=gpu_layers,
-        flash_attn=flash_attn,
-        kernels=kernels,
-        verbose=verbose,
-    )  # type: ignore[arg-type]
-    pair = load(
-        target,
-        draft,
-        rt_settings,
-        draft_gpu_layers=draft_gpu_layers,
-        progress=_progress,
-        draft_provider=draft_provider,
     )
     try:
         tokens = prompt_tokens(pair.engine.target, text, raw=raw, system=system)
@@ -357,8 +426,13 @@ def run(
         elif not generation.text.endswith("\n"):
             out.write("\n")
         if stats:
-            label = pair.draft if pair.draft in ("none", "ngram") else f"draft {Path(pair.draft).name}"
+            label = pair.draft
+            if label not in ("none", "ngram") and not label.startswith("profile "):
+                label = f"draft {Path(pair.draft).name}"
             click.echo(_format_stats(generation.stats, label), err=True)
+            summary = getattr(pair.engine.drafter, "summary", None)
+            if summary is not None:
+                click.echo(_format_sources(summary()), err=True)
     finally:
         pair.close()
 
@@ -401,14 +475,50 @@ def models(as_json: bool, verify: bool) -> None:
         click.echo(f"{row['role']:<7} {row['description']:<38} {state}; {parts}\n        {row['path']}")
 
 
-def _bench_runtimes(target: str, draft: str, threads: int | None, ctx: int, kernels: str, need_draft: bool):
+def _bench_runtimes(
+    target: str,
+    draft: str,
+    threads: int | None,
+    ctx: int,
+    kernels: str,
+    need_draft: bool,
+    draft_threads: int | None = None,
+):
     """Load the pair through the same loader as `run` (compatibility check included)."""
     from .loader import load
     from .runtimes.base import RuntimeSettings
 
     settings = RuntimeSettings(n_ctx=ctx, n_threads=threads, kernels=kernels)  # type: ignore[arg-type]
-    pair = load(target, draft if need_draft else "none", settings, progress=_progress)
+    pair = load(
+        target, draft if need_draft else "none", settings, progress=_progress, draft_threads=draft_threads
+    )
     return pair, pair.engine.target, pair.draft_runtime
+
+
+def _bench_auto_profile(target_rt: Any, draft_rt: Any, draft: str) -> Any:
+    """The tuned profile that `auto` configurations follow: the placement detected for this
+    machine, tuned with the bench's loaded models on first use."""
+    from .hardware import detect_hardware
+    from .loader import ensure_tuned, resolve_model_path, resolve_profile
+
+    hw = detect_hardware()
+    draft_path = draft_rt.path if draft_rt is not None else resolve_model_path(draft, "draft", _progress)
+    base, reasons = resolve_profile("auto", hw, target_rt.path, draft_path)
+    click.echo(f"auto: profile {base.name} ({'; '.join(reasons)})", err=True)
+    profile = ensure_tuned(
+        base,
+        hw,
+        target_rt,
+        draft_rt,
+        tune_progress=_tune_progress,
+        on_note=lambda line: click.echo(line, err=True),
+    )
+    costs = profile.costs
+    drafters = ", ".join(profile.speculation.drafters) or "none"
+    click.echo(
+        f"auto: tuned profile {profile.source} (drafters: {drafters}; measured {costs.measured})", err=True
+    )
+    return profile
 
 
 _BENCH_MODEL_OPTIONS = [
@@ -419,6 +529,12 @@ _BENCH_MODEL_OPTIONS = [
         "--draft", envvar="EDGESPEC_DRAFT", default="default", show_default=True, help="Draft GGUF."
     ),
     click.option("--threads", envvar="EDGESPEC_THREADS", type=click.IntRange(min=1), default=None),
+    click.option(
+        "--draft-threads",
+        type=click.IntRange(min=1),
+        default=None,
+        help="CPU threads for the draft model (default: --threads).",
+    ),
     click.option("--ctx", "ctx_size", type=click.IntRange(min=64), default=4096, show_default=True),
     click.option("--kernels", type=click.Choice(["exact", "fast"]), default="exact", show_default=True),
 ]
@@ -452,7 +568,8 @@ def _model_options(func: Any) -> Any:
     "--config",
     "config_specs",
     multiple=True,
-    help="Configuration, repeatable: target-only, draft[:k=N], ngram[:k=N,n_min=N,n_max=N].",
+    help="Configuration, repeatable: target-only, draft[:k=N], ngram[:k=N,n_min=N,n_max=N], auto "
+    "(the tuned --profile auto).",
 )
 @click.option(
     "--drafter",
@@ -528,6 +645,7 @@ def bench(
     target: str,
     draft: str,
     threads: int | None,
+    draft_threads: int | None,
     ctx_size: int,
     kernels: str,
     seed: int,
@@ -587,11 +705,17 @@ def bench(
             raise click.BadParameter(f"drafter name {name!r} given twice", param_hint="--drafter")
         drafter_paths[name] = path
     harness.check_drafter_names(configs, drafter_paths)  # before the (slow) model loads
-    need_draft = any(c.drafter == "draft" and c.model is None for c in configs) or ceiling
-    pair, target_rt, draft_rt = _bench_runtimes(target, draft, threads, ctx_size, kernels, need_draft)
+    need_draft = any(c.drafter in ("draft", "auto") and c.model is None for c in configs) or ceiling
+    pair, target_rt, draft_rt = _bench_runtimes(
+        target, draft, threads, ctx_size, kernels, need_draft, draft_threads
+    )
     extra_drafts: dict[str, Any] = {}
     try:
         from .loader import load_draft_model
+
+        auto_profile = None
+        if any(c.drafter == "auto" for c in configs):
+            auto_profile = _bench_auto_profile(target_rt, draft_rt, draft)
 
         for name, path in drafter_paths.items():
             extra_drafts[name] = load_draft_model(path, target_rt, target_rt.settings)
@@ -620,6 +744,7 @@ def bench(
                 seed=seed,
                 on_run=lambda: bar.update(1),
                 drafts=extra_drafts,
+                auto_profile=auto_profile,
             )
         result.costs = measured
         if peers and not sampling.greedy:
@@ -644,7 +769,9 @@ def bench(
                 "threads": target_rt.settings.n_threads,
                 "target": str(target_rt.path),
                 "draft": str(draft_rt.path) if draft_rt else None,
+                "draft_threads": draft_rt.settings.n_threads if draft_rt else None,
                 "drafters": {name: str(rt.path) for name, rt in extra_drafts.items()},
+                "auto_profile": auto_profile.to_dict() if auto_profile is not None else None,
             }
             _write_bench_outputs(result, Path(out), settings, machine)
     finally:
@@ -747,14 +874,23 @@ def _run_peers(
 @click.option("--k-max", type=click.IntRange(1, 64), default=16, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 def bench_costs(
-    target: str, draft: str, threads: int | None, ctx_size: int, kernels: str, k_max: int, repeats: int
+    target: str,
+    draft: str,
+    threads: int | None,
+    draft_threads: int | None,
+    ctx_size: int,
+    kernels: str,
+    k_max: int,
+    repeats: int,
 ) -> None:
     """Measure draft and verification costs here and print the speed-up speculation could reach."""
     from . import bench as harness
     from . import costs as cost_model
     from .datasets import read_prompts, spec_bench_path
 
-    pair, target_rt, draft_rt = _bench_runtimes(target, draft, threads, ctx_size, kernels, True)
+    pair, target_rt, draft_rt = _bench_runtimes(
+        target, draft, threads, ctx_size, kernels, True, draft_threads
+    )
     try:
         text = read_prompts(spec_bench_path())[0].prompt * 4
         context = target_rt.tokenize(text, add_special=True, parse_special=False)[:256]
@@ -767,6 +903,10 @@ def bench_costs(
 from .cli_export import export  # noqa: E402  (registers `edgespec export …`)
 
 cli.add_command(export)
+
+from .cli_profile import profile  # noqa: E402  (registers `edgespec profile …`)
+
+cli.add_command(profile)
 
 
 def main() -> None:

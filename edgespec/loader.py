@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import models
 from .chat import render_chat
@@ -14,6 +16,9 @@ from .drafting import Drafter, ModelDrafter, NgramDrafter
 from .engine import SpeculativeEngine
 from .errors import PromptError, SettingsError
 from .runtimes.base import Runtime, RuntimeSettings
+
+if TYPE_CHECKING:
+    from .placement import Profile
 
 DEFAULT = "default"
 
@@ -30,9 +35,13 @@ class LoadedPair:
     def draft_runtime(self) -> Runtime | None:
         """The draft model's runtime, or None for an n-gram drafter or none."""
         drafter = self.engine.drafter
-        return drafter.runtime if isinstance(drafter, ModelDrafter) else None
+        model = getattr(drafter, "model", None) if not isinstance(drafter, ModelDrafter) else drafter
+        return model.runtime if isinstance(model, ModelDrafter) else None
 
     def close(self) -> None:
+        drafter = self.engine.drafter
+        if hasattr(drafter, "close"):
+            drafter.close()  # background drafting first, then the models
         if self.draft_runtime is not None:
             self.draft_runtime.close()
         self.engine.target.close()
@@ -54,6 +63,7 @@ def load(
     draft_gpu_layers: int = 0,
     progress: Callable | None = None,
     draft_provider: str | None = None,
+    draft_threads: int | None = None,
 ) -> LoadedPair:
     """Load a target and a drafter, checking that they are compatible.
 
@@ -67,6 +77,7 @@ def load(
             cannot change the output, only which tokens are proposed.
         progress: progress factory for joining a default model on first use (see models.resolve).
         draft_provider: ONNX Runtime execution provider for an ONNX drafter.
+        draft_threads: CPU threads for the draft model (None: the target's).
     """
     from .runtimes.llama_cpp import LlamaCppRuntime
 
@@ -83,8 +94,11 @@ def load(
             drafter = NgramDrafter()
             label = "ngram"
         else:
+            draft_settings = settings
+            if draft_threads is not None:
+                draft_settings = replace(settings, n_threads=draft_threads, n_threads_batch=draft_threads)
             draft_rt = load_draft_model(
-                draft_spec, target_rt, settings, draft_gpu_layers, progress, provider=draft_provider
+                draft_spec, target_rt, draft_settings, draft_gpu_layers, progress, provider=draft_provider
             )
             drafter = ModelDrafter(draft_rt, max_id=target_rt.vocab.n_vocab)
             label = str(draft_rt.path)
@@ -173,3 +187,165 @@ def chat_tokens(target: Runtime, template: str, messages: Sequence[Mapping[str, 
     if add_bos and vocab.bos is not None:
         tokens.insert(0, vocab.bos)
     return tokens
+
+
+@dataclass(frozen=True)
+class ProfileOverrides:
+    """Command-line settings that win over a profile's (None: take the profile's)."""
+
+    threads: int | None = None
+    gpu_layers: int | None = None
+    draft_gpu_layers: int | None = None
+    draft_threads: int | None = None
+    kernels: str | None = None
+
+
+def resolve_profile(
+    spec: str, hw: Any, target_path: Path, draft_path: Path | None
+) -> tuple[Profile, list[str]]:
+    """The profile `spec` names ("auto": the one detect_profile picks for this machine and pair),
+    with the reasons for an automatic choice."""
+    from .placement import detect_profile, load_profile
+
+    if spec != "auto":
+        return load_profile(spec), []
+    size = draft_path.stat().st_size if draft_path is not None else 0
+    detection = detect_profile(hw, target_path.stat().st_size, size)
+    profile = load_profile(detection.profile)
+    if detection.target_gpu_layers is not None:
+        profile = replace(profile, target=replace(profile.target, gpu_layers=detection.target_gpu_layers))
+    return profile, detection.reasons
+
+
+def load_with_profile(
+    spec: str,
+    target: str | os.PathLike[str] | None = None,
+    draft: str | os.PathLike[str] | None = DEFAULT,
+    *,
+    n_ctx: int = 4096,
+    overrides: ProfileOverrides = ProfileOverrides(),
+    verbose: bool = False,
+    progress: Callable | None = None,
+    tune_progress: Callable[[int], Any] | None = None,
+    on_note: Callable[[str], None] | None = None,
+    retune: bool = False,
+) -> tuple[LoadedPair, Profile]:
+    """Load a pair placed and drafted as a profile says.
+
+    A profile with the goodput controller needs measured costs: a tuned profile has them; for any
+    other the tuned profile saved for this machine, pair and base profile is used, and when there
+    is none the pair is tuned now (`tune_progress(total)` gives a progress bar) and saved.
+
+    Args:
+        spec: a profile name, a .toml path, or "auto" (the detected placement, tuned).
+        target, draft: as for `load`; draft names the draft model ("ngram"/"none" are the
+            profile's choice to make, and are refused here).
+        overrides: command-line settings that win over the profile's.
+        on_note: told what was decided (the automatic choice, tuning) in one line each.
+        retune: measure again even when a tuned profile exists (`edgespec profile tune`); a
+            profile that already has costs is re-tuned from its placement.
+
+    Returns:
+        (the loaded pair, the profile it follows, with costs).
+    """
+    from .hardware import detect_hardware
+    from .runtimes.llama_cpp import LlamaCppRuntime
+    from .tuning import make_drafter
+
+    note = on_note or (lambda line: None)
+    if str(draft) in ("none", "ngram"):
+        raise SettingsError(
+            f"--draft {draft} cannot be combined with a profile: the profile's [speculation] drafters "
+            'choose the draft sources (use a profile with drafters = [] or ["ngram"])'
+        )
+    hw = detect_hardware()
+    target_path = resolve_model_path(target, "target", progress)
+    probe_draft = resolve_model_path(draft, "draft", progress)
+    profile, reasons = resolve_profile(spec, hw, target_path, probe_draft)
+    if reasons:
+        note(f"profile {profile.name}: " + "; ".join(reasons))
+    o = overrides
+    threads, threads_batch = profile.target.resolve_threads(hw)
+    target_settings = RuntimeSettings(
+        n_ctx=n_ctx,
+        n_threads=o.threads or threads,
+        n_threads_batch=o.threads or threads_batch,
+        gpu_layers=profile.target.gpu_layers if o.gpu_layers is None else o.gpu_layers,
+        kernels=o.kernels or profile.target.kernels,  # type: ignore[arg-type]
+        verbose=verbose,
+    )
+    d_threads, d_threads_batch = profile.draft.resolve_threads(hw)
+    draft_settings = replace(
+        target_settings,
+        n_threads=o.draft_threads or d_threads,
+        n_threads_batch=o.draft_threads or d_threads_batch,
+    )
+    draft_layers = profile.draft.gpu_layers if o.draft_gpu_layers is None else o.draft_gpu_layers
+    wants_model = "model" in profile.speculation.drafters
+    target_rt = LlamaCppRuntime(target_path, target_settings)
+    draft_rt: Runtime | None = None
+    try:
+        if wants_model:
+            draft_rt = load_draft_model(probe_draft, target_rt, draft_settings, draft_layers, progress)
+        profile = ensure_tuned(
+            profile, hw, target_rt, draft_rt, tune_progress=tune_progress, on_note=note, retune=retune
+        )
+        if "model" not in profile.speculation.drafters and draft_rt is not None:
+            draft_rt.close()
+            draft_rt = None
+        model = ModelDrafter(draft_rt, max_id=target_rt.vocab.n_vocab) if draft_rt is not None else None
+        drafter = make_drafter(profile, target_rt, model)
+    except BaseException:
+        if draft_rt is not None:
+            draft_rt.close()
+        target_rt.close()
+        raise
+    label = f"profile {profile.name}"
+    return LoadedPair(SpeculativeEngine(target_rt, drafter), target_path, label), profile
+
+
+def ensure_tuned(
+    profile: Profile,
+    hw: Any,
+    target: Runtime,
+    draft: Runtime | None,
+    *,
+    tune_progress: Callable[[int], Any] | None = None,
+    on_note: Callable[[str], None] | None = None,
+    retune: bool = False,
+) -> Profile:
+    """The profile with measured costs where its controller needs them: its own, else the tuned
+    profile saved for this machine, pair and base profile, else measured now and saved.
+
+    Args:
+        target, draft: the loaded models, placed as the profile says (draft None: n-grams only).
+        tune_progress: `tune_progress(total)` → a progress bar for the measurement.
+        on_note: told in one line when tuning ran and where the result went.
+        retune: measure again even when costs exist.
+    """
+    from .tuning import find_tuned, save, steps, tune, tuned_profile
+
+    spec = profile.speculation
+    if retune and profile.costs is not None:
+        profile = replace(profile, costs=None)
+    if not retune and (profile.costs is not None or spec.controller != "goodput" or not spec.drafters):
+        return profile
+    draft_path = draft.path if draft is not None else None
+    found = None if retune else find_tuned(profile, hw, target.path, draft_path)
+    if found is not None:
+        return found
+    bar = tune_progress(steps(spec.drafters, draft is not None)) if tune_progress else None
+    with bar if bar is not None else contextlib.nullcontext() as b:
+        result = tune(
+            target,
+            draft,
+            drafters=spec.drafters,
+            k_max=spec.k_max,
+            on_step=(lambda label: b.update(1)) if b is not None else None,
+        )
+    tuned = tuned_profile(profile, result, hw, target.path, draft_path)
+    path = save(tuned)
+    if on_note is not None:
+        why = "; ".join(result.notes) or "all drafters kept"
+        on_note(f"tuned {profile.name} on this machine ({why}); saved {path}")
+    return replace(tuned, source=path)
