@@ -290,7 +290,8 @@ def _format_stats(stats: Any, drafter: str) -> str:
     envvar="EDGESPEC_PROFILE",
     default=None,
     help="Placement profile (name or .toml; see `edgespec profile list`), or 'auto': the profile "
-    "detected for this machine, tuned on first use. Flags given explicitly override it.",
+    "detected for this machine, tuned on first use. Flags given explicitly override it. Default: "
+    "auto, unless --draft or --draft-max is given.",
 )
 @click.option(
     "--draft-threads",
@@ -358,6 +359,9 @@ def run(
         source = ctx_obj.get_parameter_source(name)
         return source in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
 
+    if profile_spec is None and not given("draft") and not given("draft_max"):
+        # Nothing says how to draft: measure this machine and draft only where it pays.
+        profile_spec = "auto"
     if profile_spec is not None:
         overrides = ProfileOverrides(
             threads=threads,
@@ -483,6 +487,7 @@ def _bench_runtimes(
     kernels: str,
     need_draft: bool,
     draft_threads: int | None = None,
+    draft_gpu_layers: int = 0,
 ):
     """Load the pair through the same loader as `run` (compatibility check included)."""
     from .loader import load
@@ -490,7 +495,12 @@ def _bench_runtimes(
 
     settings = RuntimeSettings(n_ctx=ctx, n_threads=threads, kernels=kernels)  # type: ignore[arg-type]
     pair = load(
-        target, draft if need_draft else "none", settings, progress=_progress, draft_threads=draft_threads
+        target,
+        draft if need_draft else "none",
+        settings,
+        draft_gpu_layers=draft_gpu_layers,
+        progress=_progress,
+        draft_threads=draft_threads,
     )
     return pair, pair.engine.target, pair.draft_runtime
 
@@ -534,6 +544,13 @@ _BENCH_MODEL_OPTIONS = [
         type=click.IntRange(min=1),
         default=None,
         help="CPU threads for the draft model (default: --threads).",
+    ),
+    click.option(
+        "--draft-gpu-layers",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Draft layers on a GPU (-1 = all; llama.cpp's peer gets the same -ngld).",
     ),
     click.option("--ctx", "ctx_size", type=click.IntRange(min=64), default=4096, show_default=True),
     click.option("--kernels", type=click.Choice(["exact", "fast"]), default="exact", show_default=True),
@@ -646,6 +663,7 @@ def bench(
     draft: str,
     threads: int | None,
     draft_threads: int | None,
+    draft_gpu_layers: int,
     ctx_size: int,
     kernels: str,
     seed: int,
@@ -707,7 +725,7 @@ def bench(
     harness.check_drafter_names(configs, drafter_paths)  # before the (slow) model loads
     need_draft = any(c.drafter in ("draft", "auto") and c.model is None for c in configs) or ceiling
     pair, target_rt, draft_rt = _bench_runtimes(
-        target, draft, threads, ctx_size, kernels, need_draft, draft_threads
+        target, draft, threads, ctx_size, kernels, need_draft, draft_threads, draft_gpu_layers
     )
     extra_drafts: dict[str, Any] = {}
     try:
@@ -770,6 +788,7 @@ def bench(
                 "target": str(target_rt.path),
                 "draft": str(draft_rt.path) if draft_rt else None,
                 "draft_threads": draft_rt.settings.n_threads if draft_rt else None,
+                "draft_gpu_layers": draft_rt.settings.gpu_layers if draft_rt else None,
                 "drafters": {name: str(rt.path) for name, rt in extra_drafts.items()},
                 "auto_profile": auto_profile.to_dict() if auto_profile is not None else None,
             }
@@ -864,6 +883,8 @@ def _run_peers(
                 threads=threads,
                 n_ctx=target_rt.n_ctx,
                 bin_dir=bin_dir,
+                gpu_layers=target_rt.settings.gpu_layers,
+                draft_gpu_layers=draft_rt.settings.gpu_layers if draft_rt else 0,
             ),
         ),
     ]
@@ -878,6 +899,7 @@ def bench_costs(
     draft: str,
     threads: int | None,
     draft_threads: int | None,
+    draft_gpu_layers: int,
     ctx_size: int,
     kernels: str,
     k_max: int,

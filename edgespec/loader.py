@@ -14,7 +14,7 @@ from .chat import render_chat
 from .compat import check_compatible
 from .drafting import Drafter, ModelDrafter, NgramDrafter
 from .engine import SpeculativeEngine
-from .errors import PromptError, SettingsError
+from .errors import ModelLoadError, PromptError, SettingsError
 from .runtimes.base import Runtime, RuntimeSettings
 
 if TYPE_CHECKING:
@@ -258,8 +258,10 @@ def load_with_profile(
             f"--draft {draft} cannot be combined with a profile: the profile's [speculation] drafters "
             'choose the draft sources (use a profile with drafters = [] or ["ngram"])'
         )
-    hw = detect_hardware()
     target_path = resolve_model_path(target, "target", progress)
+    if not target_path.is_file():  # before a default drafter is joined on first use
+        raise ModelLoadError(f"model file not found: {target_path}")
+    hw = detect_hardware()
     probe_draft = resolve_model_path(draft, "draft", progress)
     profile, reasons = resolve_profile(spec, hw, target_path, probe_draft)
     if reasons:

@@ -186,8 +186,14 @@ def llama_speculative_simple(
     n_ctx: int,
     bin_dir: str | None,
     timeout: float = 600.0,
+    gpu_layers: int = 0,
+    draft_gpu_layers: int = 0,
 ) -> dict[str, Any]:
-    """llama.cpp's own draft-model speculation, as a subprocess, greedy, on the same formatted prompts."""
+    """llama.cpp's own draft-model speculation, as a subprocess, greedy, on the same formatted prompts.
+
+    gpu_layers, draft_gpu_layers: offload as edgespec's own models are (-1 = all), so that a
+    draft-on-GPU comparison runs llama.cpp's draft-on-GPU configuration (`-ngl 0 -ngld 99`).
+    """
     name = simple_name(k)
     if binary is None:
         where = f"in {bin_dir}" if bin_dir else "on PATH"
@@ -224,9 +230,9 @@ def llama_speculative_simple(
                 "-c",
                 str(n_ctx),
                 "-ngl",
-                "0",
+                str(999 if gpu_layers < 0 else gpu_layers),
                 "-ngld",
-                "0",
+                str(999 if draft_gpu_layers < 0 else draft_gpu_layers),
             ]
             try:
                 proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)

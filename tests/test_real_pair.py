@@ -70,8 +70,9 @@ def test_speculative_equals_target_only(real_runtimes, question):
             assert spec.stats.n_accepted > 0
 
 
-def test_cli_answers_the_readme_prompt(real_runtimes):
-    target_path, draft_path = real_pair_paths()
+def test_cli_answers_the_readme_prompt(real_runtimes, tmp_path, monkeypatch):
+    """The README's command: no --draft, so --profile auto, which tunes for this machine first."""
+    monkeypatch.setenv("EDGESPEC_CONFIG_DIR", str(tmp_path))
     result = CliRunner().invoke(
         cli,
         [
@@ -86,4 +87,6 @@ def test_cli_answers_the_readme_prompt(real_runtimes):
     )
     assert result.exit_code == 0, result.output
     assert "def " in result.stdout and "fib" in result.stdout.lower()
-    assert "tokens per target pass" in result.stderr
+    assert "on this machine" in result.stderr  # it tuned first: the config folder was empty
+    assert "[profile tuned-" in result.stderr and "tokens per target pass" in result.stderr
+    assert len(list((tmp_path / "profiles").glob("tuned-*.toml"))) == 1
