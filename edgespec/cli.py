@@ -160,7 +160,7 @@ def _sampling_settings(kwargs: dict[str, Any]) -> Any:
 
 
 def _tune_progress(total: int) -> Any:
-    return click.progressbar(length=total, label="tuning for this machine (first use)", file=sys.stderr)
+    return click.progressbar(length=total, label="tuning for this machine", file=sys.stderr)
 
 
 def _format_sources(summary: Any) -> str:

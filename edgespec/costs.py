@@ -81,6 +81,7 @@ def measure(
     context: Sequence[int],
     k_max: int = 16,
     repeats: int = 3,
+    switching: bool = False,
 ) -> Costs:
     """Measure T(1) … T(k_max + 1) on the target and one draft step, after `context`.
 
@@ -93,6 +94,11 @@ def measure(
         context: token ids to put in the caches first (at least k_max + 1 of them).
         k_max: largest number of drafts to cost.
         repeats: samples per figure; the median is kept.
+        switching: charge T(n) for what an n-token pass costs inside decoding, where it sits
+            between single-token steps: besides the pass itself, the single-token step right
+            after it is slower than in a run of single steps (llama.cpp reuses a compute graph
+            only while the batch shape stays the same). T(n) then is the pass plus that excess,
+            each the median of `repeats` alternating samples; T(1) stays a plain step's cost.
     """
     if len(context) < k_max + 1:
         raise ValueError(f"need at least {k_max + 1} context tokens, got {len(context)}")
@@ -107,6 +113,23 @@ def measure(
 
     target_pass(1)  # warm-up
     t_target = tuple(_median_time(lambda n=n: target_pass(n), repeats) for n in range(1, k_max + 2))
+    if switching:
+        steady = _median_time(lambda: target_pass(1), max(repeats, 9))
+        passes: dict[int, list[float]] = {n: [] for n in range(2, k_max + 2)}
+        after: dict[int, list[float]] = {n: [] for n in range(2, k_max + 2)}
+        clock = time.perf_counter
+        for _ in range(repeats):
+            for n in range(2, k_max + 2):
+                start = clock()
+                target_pass(n)
+                middle = clock()
+                target_pass(1)
+                passes[n].append(middle - start)
+                after[n].append(clock() - middle)
+        t_target = (steady,) + tuple(
+            statistics.median(passes[n]) + max(statistics.median(after[n]) - steady, 0.0)
+            for n in range(2, k_max + 2)
+        )
     target.truncate(0)
 
     t_draft = 0.0

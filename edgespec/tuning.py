@@ -37,8 +37,9 @@ CALIBRATION_PROMPTS = (
     "Rewrite this with a list comprehension:\n\nsquares = []\nfor x in range(10):\n    squares.append(x * x)",
 )
 
-#: a draft source is kept only if its best draft promises this much over a plain step
-KEEP_MARGIN = 1.02
+#: a draft source is kept only if its best draft promises this much over a plain step (as the
+#: controller's margin)
+KEEP_MARGIN = 1.05
 
 
 @dataclass
@@ -65,7 +66,7 @@ def tune(
     drafters: Sequence[str] = ("model", "ngram"),
     k_max: int = 16,
     max_tokens: int = 48,
-    repeats: int = 3,
+    repeats: int = 4,
     on_step: Callable[[str], None] | None = None,
 ) -> TuneResult:
     """Measure costs and acceptance with loaded models.
@@ -93,7 +94,9 @@ def tune(
     while len(context) < k_max + 1:
         context = context + context
     tick("context")
-    costs = measure(target, draft if "model" in drafters else None, context, k_max=k_max, repeats=repeats)
+    costs = measure(
+        target, draft if "model" in drafters else None, context, k_max=k_max, repeats=repeats, switching=True
+    )
     tick("costs")
     result = TuneResult(costs=costs, drafters=tuple(d for d in drafters if d == "ngram"))
     plain = 1.0 / costs.t_target[0]

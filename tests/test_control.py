@@ -235,3 +235,37 @@ def test_sampled_drafts_do_not_run_ahead(tiny_runtimes):
     assert a.tokens == b.tokens  # same seed, same draws: nothing ran in the background
     assert drafter.n_ahead_used == 0
     drafter.close()
+
+
+def test_switching_costs_charge_the_step_after_a_batch(tiny_runtimes, monkeypatch):
+    """With switching=True, T(n) is the n-token pass plus the excess of the single step after it."""
+    import edgespec.costs as costs_module
+
+    target, _ = tiny_runtimes
+    context = target.tokenize("the cat sat on the mat " * 8, add_special=True, parse_special=False)
+    calls: list[int] = []
+    real_eval = target.eval
+
+    def eval_spy(tokens, logits="last"):
+        calls.append(len(tokens))
+        return real_eval(tokens, logits)
+
+    # A fake clock: a pass over n tokens takes n ms, and a single step right after a batch 0.5 ms more.
+    now = [0.0]
+    last = [1]
+
+    def fake_eval(tokens, logits="last"):
+        n = len(tokens)
+        now[0] += n * 1e-3 + (0.5e-3 if n == 1 and last[0] > 1 and logits == "all" else 0.0)
+        last[0] = n
+        return eval_spy(tokens, logits)
+
+    monkeypatch.setattr(costs_module.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(target, "eval", fake_eval)
+    plain = costs_module.measure(target, None, context, k_max=4, repeats=3)
+    switching = costs_module.measure(target, None, context, k_max=4, repeats=3, switching=True)
+    assert plain.t_target[0] == pytest.approx(1e-3, abs=1e-6)
+    assert switching.t_target[0] == pytest.approx(1e-3, abs=1e-6)  # a run of single steps
+    for n in range(2, 6):
+        assert switching.t_target[n - 1] == pytest.approx(n * 1e-3 + 0.5e-3, abs=1e-6)
+    assert calls  # the real runtime still did the work
