@@ -10,6 +10,12 @@ goodput controller (`edgespec.control.NGRAM_PRIOR`); the controller then learns 
 
 The prompts are the LAST N of each Spec-Bench category, which the benchmarks (the first N) do not
 use. The target's answers are cached in --answers so the statistics can be recomputed quickly.
+
+With --oracle-costs PROFILE.toml it instead bounds what n-gram drafting could reach on that
+profile's measured cost curve (BENCHMARKS.md, issue 6):
+
+    python benchmarks/ngram_acceptance.py --dataset benchmarks/prompts/code_rewrite.jsonl \
+        --answers /tmp/code-rewrite-answers.json --oracle-costs ~/.config/edgespec/profiles/tuned-….toml
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from edgespec.datasets import last_per_category, read_prompts, spec_bench_path
 from edgespec.drafting import NgramDrafter
 
 
-def answers(path: Path, per_category: int, max_tokens: int) -> list[dict]:
+def answers(path: Path, per_category: int, max_tokens: int, dataset: str | None = None) -> list[dict]:
     if path.exists():
         return json.loads(path.read_text())
     from edgespec.engine import GenerationSettings
@@ -34,13 +40,34 @@ def answers(path: Path, per_category: int, max_tokens: int) -> list[dict]:
     target = pair.engine.target
     template = target.chat_template()
     out = []
-    for item in last_per_category(read_prompts(spec_bench_path()), per_category):
+    items = (
+        read_prompts(dataset) if dataset else last_per_category(read_prompts(spec_bench_path()), per_category)
+    )
+    for item in items:
         tokens = chat_tokens(target, template, [{"role": "user", "content": item.prompt}])
         gen = pair.engine.generate(tokens, GenerationSettings(max_tokens=max_tokens, draft_max=0)).run()
         out.append({"id": item.id, "category": item.category, "prompt": tokens, "output": gen.tokens})
     pair.close()
     path.write_text(json.dumps(out))
     return out
+
+
+def oracle(seq: list[int], start: int, ratios: list[float]) -> float:
+    """Speed-up over target-only of n-gram drafting with perfect foresight: at every step the
+    drafter's proposal is cut to the length that maximises tokens per unit of time, knowing how
+    many of its tokens the target will accept. `ratios[n - 1]` = T(n) / T(1)."""
+    drafter = NgramDrafter(n_min=1, n_max=8)
+    drafter.begin(seq[: start - 1])
+    t, time = start, 0.0
+    while t < len(seq):
+        draft = drafter.propose(seq[:t], min(len(ratios) - 1, len(seq) - t - 1))
+        good = 0
+        while good < len(draft) and draft[good] == seq[t + good]:
+            good += 1
+        k = max(range(good + 1), key=lambda k: (k + 1) / ratios[k])
+        time += ratios[k]
+        t += k + 1
+    return (len(seq) - start) / time if time else 1.0
 
 
 def main() -> None:
@@ -50,7 +77,33 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8, help="draft length replayed")
     parser.add_argument("--answers", type=Path, default=Path("/tmp/edgespec-ngram-answers.json"))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--dataset", help="a JSONL prompt file instead of Spec-Bench's last N per category")
+    parser.add_argument(
+        "--oracle-costs",
+        type=Path,
+        help="a tuned profile (.toml): also print the perfect-foresight n-gram speed-up per category "
+        "on its T(n) curve, and the most any drafter could reach (every draft accepted)",
+    )
     args = parser.parse_args()
+    if args.oracle_costs:
+        import math
+
+        from edgespec.placement import read_profile
+
+        costs = read_profile(args.oracle_costs).costs
+        if costs is None:
+            parser.error(f"{args.oracle_costs} has no [costs]")
+        ratios = [t / costs.t_verify_ms[0] for t in costs.t_verify_ms]
+        ceiling = max(n / r for n, r in enumerate(ratios, start=1))
+        print(f"every draft accepted, best n: {ceiling:.3f}x")
+        by_category: dict[str, list[float]] = {}
+        for item in answers(args.answers, args.per_category, args.max_tokens, args.dataset):
+            seq = item["prompt"] + item["output"]
+            by_category.setdefault(item["category"], []).append(oracle(seq, len(item["prompt"]) + 1, ratios))
+        for category, values in sorted(by_category.items()):
+            geo = math.exp(sum(math.log(v) for v in values) / len(values))
+            print(f"oracle n-gram speed-up, {category}: {geo:.3f}x over {len(values)} prompts")
+        return
     first = [[0, 0] for _ in MATCH_BUCKETS]  # [drafts, first token right]
     later = [[0, 0] for _ in MATCH_BUCKETS]  # [later tokens tried, right]
     for item in answers(args.answers, args.per_category, args.max_tokens):
@@ -81,9 +134,12 @@ def main() -> None:
         f = first[i][1] / first[i][0] if first[i][0] else None
         g = later[i][1] / later[i][0] if later[i][0] else None
         rows.append({"bucket": label, "drafts": first[i][0], "first": f, "later": g})
-        print(f"| {label} | {first[i][0]} | {f if f is None else f'{f:.2f}'} | {g if g is None else f'{g:.2f}'} |")
+        shown = ["–" if x is None else f"{x:.2f}" for x in (f, g)]
+        print(f"| {label} | {first[i][0]} | {shown[0]} | {shown[1]} |")
     if args.out:
-        args.out.write_text(json.dumps({"per_category": args.per_category, "k": args.k, "buckets": rows}, indent=1))
+        args.out.write_text(
+            json.dumps({"per_category": args.per_category, "k": args.k, "buckets": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":
