@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import click
@@ -41,19 +40,10 @@ class ModelSize:
         return f"{self.role}: {detail}{layers}"
 
 
-def _gguf_layers(path: Path) -> int | None:
-    """The block count in a GGUF's metadata; None when the file has none (the caller then says the
-    count is assumed). A file that is not GGUF fails here with a one-line ModelLoadError."""
-    from .vocabmap import read_gguf_metadata
-
-    meta = read_gguf_metadata(path, "")  # steps over the vocabulary: well under a second
-    count = meta.get(f"{meta.get('general.architecture')}.block_count")
-    return int(count) if isinstance(count, int) else None
-
-
 def model_size(spec: str, role: str) -> ModelSize:
     """The size of the model a user names, without joining a default model on first use."""
     from . import models
+    from .placement import gguf_block_count, model_bytes
 
     if role == "draft" and spec in NO_MODEL:
         return ModelSize(role, spec, None, 0, "no model")
@@ -61,7 +51,7 @@ def model_size(spec: str, role: str) -> ModelSize:
         model = models.DEFAULT_MODELS[role]
         path = models.cached_path(model)
         if path.is_file():
-            return ModelSize(role, spec, str(path), path.stat().st_size, "file", _gguf_layers(path))
+            return ModelSize(role, spec, str(path), path.stat().st_size, "file", gguf_block_count(path))
         if getattr(model, "size", None):
             return ModelSize(role, spec, str(path), model.size, "pinned")
         return ModelSize(role, spec, None, ASSUMED_BYTES[role], "assumed")
@@ -69,11 +59,10 @@ def model_size(spec: str, role: str) -> ModelSize:
 
     path = resolve_model_path(spec, role)
     if path.is_dir():  # an ONNX export folder
-        total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        return ModelSize(role, spec, str(path), total, "folder")
+        return ModelSize(role, spec, str(path), model_bytes(path), "folder")
     if not path.is_file():
         raise ModelLoadError(f"no {role} model file {path}")
-    return ModelSize(role, spec, str(path), path.stat().st_size, "file", _gguf_layers(path))
+    return ModelSize(role, spec, str(path), model_bytes(path), "file", gguf_block_count(path))
 
 
 @click.group()

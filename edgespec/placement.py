@@ -471,6 +471,23 @@ class Detection:
         return dataclasses.asdict(self)
 
 
+def model_bytes(path: Path) -> int:
+    """A model's size for placement: a GGUF file's size, or the files of an ONNX export folder."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def gguf_block_count(path: Path) -> int | None:
+    """The block (layer) count in a GGUF's metadata; None when the file has none. A file that is
+    not GGUF fails here with a one-line ModelLoadError."""
+    from .vocabmap import read_gguf_metadata
+
+    meta = read_gguf_metadata(path, "")  # steps over the vocabulary: well under a second
+    count = meta.get(f"{meta.get('general.architecture')}.block_count")
+    return int(count) if isinstance(count, int) else None
+
+
 def no_gpu_reason(hw: Hardware) -> str:
     """Why no GPU llama.cpp can use, e.g. "llama.cpp was built with CPU only; nvidia-smi not found"."""
     if not hw.llama_backends:
