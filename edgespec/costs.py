@@ -112,8 +112,9 @@ def measure(
         target.eval(probe[:n], logits="all")
 
     target_pass(1)  # warm-up
-    t_target = tuple(_median_time(lambda n=n: target_pass(n), repeats) for n in range(1, k_max + 2))
-    if switching:
+    if not switching:
+        t_target = tuple(_median_time(lambda n=n: target_pass(n), repeats) for n in range(1, k_max + 2))
+    else:
         steady = _median_time(lambda: target_pass(1), max(repeats, 9))
         passes: dict[int, list[float]] = {n: [] for n in range(2, k_max + 2)}
         after: dict[int, list[float]] = {n: [] for n in range(2, k_max + 2)}

@@ -205,12 +205,14 @@ def resolve_profile(
 ) -> tuple[Profile, list[str]]:
     """The profile `spec` names ("auto": the one detect_profile picks for this machine and pair),
     with the reasons for an automatic choice."""
-    from .placement import detect_profile, load_profile
+    from .placement import DEFAULT_N_LAYERS, detect_profile, gguf_block_count, load_profile, model_bytes
 
     if spec != "auto":
         return load_profile(spec), []
-    size = draft_path.stat().st_size if draft_path is not None else 0
-    detection = detect_profile(hw, target_path.stat().st_size, size)
+    size = model_bytes(draft_path) if draft_path is not None else 0
+    # The layer count only matters when a GPU could take some of the target's layers (partial).
+    layers = (gguf_block_count(target_path) if hw.best_gpu() is not None else None) or DEFAULT_N_LAYERS
+    detection = detect_profile(hw, model_bytes(target_path), size, n_layers=layers)
     profile = load_profile(detection.profile)
     if detection.target_gpu_layers is not None:
         profile = replace(profile, target=replace(profile.target, gpu_layers=detection.target_gpu_layers))
@@ -250,7 +252,7 @@ def load_with_profile(
     """
     from .hardware import detect_hardware
     from .runtimes.llama_cpp import LlamaCppRuntime
-    from .tuning import make_drafter
+    from .tuning import find_tuned, make_drafter, needs_costs
 
     note = on_note or (lambda line: None)
     if str(draft) in ("none", "ngram"):
@@ -283,6 +285,10 @@ def load_with_profile(
         n_threads_batch=o.draft_threads or d_threads_batch,
     )
     draft_layers = profile.draft.gpu_layers if o.draft_gpu_layers is None else o.draft_gpu_layers
+    if not retune and needs_costs(profile):
+        # A saved tune may have dropped the model drafter: then the draft model is not loaded.
+        wanted = probe_draft if "model" in profile.speculation.drafters else None
+        profile = find_tuned(profile, hw, target_path, wanted) or profile
     wants_model = "model" in profile.speculation.drafters
     target_rt = LlamaCppRuntime(target_path, target_settings)
     draft_rt: Runtime | None = None
@@ -325,12 +331,12 @@ def ensure_tuned(
         on_note: told in one line when tuning ran and where the result went.
         retune: measure again even when costs exist.
     """
-    from .tuning import find_tuned, save, steps, tune, tuned_profile
+    from .tuning import find_tuned, needs_costs, save, steps, tune, tuned_profile
 
     spec = profile.speculation
     if retune and profile.costs is not None:
         profile = replace(profile, costs=None)
-    if not retune and (profile.costs is not None or spec.controller != "goodput" or not spec.drafters):
+    if not retune and not needs_costs(profile):
         return profile
     draft_path = draft.path if draft is not None else None
     found = None if retune else find_tuned(profile, hw, target.path, draft_path)

@@ -99,11 +99,11 @@ def tune(
     )
     tick("costs")
     result = TuneResult(costs=costs, drafters=tuple(d for d in drafters if d == "ngram"))
-    plain = 1.0 / costs.t_target[0]
+    plain_t = costs.t_target[0]
+    plain = 1.0 / plain_t  # tokens per second without drafting
     if "model" in drafters and draft is not None:
         model_cost = [t + k * costs.t_draft for k, t in enumerate(costs.t_target)]
         k_sure, rate_sure = best_k([1.0] * k_max, model_cost)
-        plain_t = costs.t_target[0]
         ratio = costs.t_draft / plain_t
         if k_sure == 0 or rate_sure < plain * KEEP_MARGIN:
             result.notes.append(
@@ -115,12 +115,10 @@ def tune(
             acceptance = Acceptance(k_max, (MODEL_PRIOR,), prior_weight=1.0, decay=1.0)
             drafter = ModelDrafter(draft, max_id=target.vocab.n_vocab)
             engine = SpeculativeEngine(target, drafter)
+            k_used = min(8, k_max)
             for tokens in prompts:
-                gen = engine.generate(
-                    tokens, GenerationSettings(max_tokens=max_tokens, draft_max=min(8, k_max))
-                )
+                gen = engine.generate(tokens, GenerationSettings(max_tokens=max_tokens, draft_max=k_used))
                 gen.run()
-                k_used = min(8, k_max)
                 for n in gen.stats.accepted_per_step:
                     acceptance.observe(k_used, n)
                 tick("calibration")
@@ -136,6 +134,13 @@ def tune(
                     f"token) no draft length beats plain decoding (a draft token = {ratio:.2f} target steps)"
                 )
     return result
+
+
+def needs_costs(profile: Profile) -> bool:
+    """Whether the profile's drafting needs measured costs it does not have (a goodput
+    controller with something to choose from, and no [costs])."""
+    spec = profile.speculation
+    return profile.costs is None and spec.controller == "goodput" and bool(spec.drafters)
 
 
 def steps(drafters: Sequence[str], has_draft: bool) -> int:

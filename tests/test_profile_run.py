@@ -68,6 +68,13 @@ def test_tune_writes_a_tuned_profile_that_run_uses(config_dir, tiny_pair):
     assert json.loads(spec.stdout)["tokens"] == json.loads(base.stdout)["tokens"]
     assert json.loads(spec.stdout)["draft"] == f"profile {tuned.name}"
     assert "[controller]" in spec.stderr
+    # the saved tune decides whether the draft model is loaded at all
+    pair, used = load_with_profile("cpu-only", tiny_pair[0], tiny_pair[1], n_ctx=256)
+    try:
+        assert used.name == tuned.name
+        assert (pair.draft_runtime is not None) == ("model" in tuned.speculation.drafters)
+    finally:
+        pair.close()
 
 
 def test_run_profile_auto_tunes_on_first_use(config_dir, tiny_pair):
