@@ -18,7 +18,6 @@ from . import __version__
 from .errors import EdgespecError
 
 EXIT_ERROR = 1
-DEFAULT_DRAFT = "default"
 EXIT_INTERRUPTED = 130
 
 
@@ -373,7 +372,7 @@ def run(
         pair, profile = load_with_profile(
             profile_spec,
             target,
-            draft if given("draft") else DEFAULT_DRAFT,
+            draft,
             n_ctx=ctx,
             overrides=overrides,
             verbose=verbose,
@@ -911,7 +910,7 @@ def bench_costs(
     from .datasets import read_prompts, spec_bench_path
 
     pair, target_rt, draft_rt = _bench_runtimes(
-        target, draft, threads, ctx_size, kernels, True, draft_threads
+        target, draft, threads, ctx_size, kernels, True, draft_threads, draft_gpu_layers
     )
     try:
         text = read_prompts(spec_bench_path())[0].prompt * 4

@@ -233,6 +233,10 @@ class GoodputController:
             self.ngram[plan.bucket].observe(n_proposed, n_accepted)
 
 
+def _fresh_stats() -> dict[str, SourceStats]:
+    return {"model": SourceStats(), "ngram": SourceStats(), "none": SourceStats()}
+
+
 @dataclass
 class ControlledDrafter:
     """A drafter that asks a GoodputController, before every step, which source to draft from
@@ -246,22 +250,15 @@ class ControlledDrafter:
     model: ModelDrafter | None = None
     ngram: NgramDrafter | None = None
     name: str = "auto"
-    stats: dict[str, SourceStats] = field(default_factory=dict)
+    #: this generation's choices per source ("model", "ngram", "none")
+    stats: dict[str, SourceStats] = field(default_factory=_fresh_stats, init=False)
 
     def __post_init__(self) -> None:
         self._plan = Plan(None, 0, 0.0)
-        self.reset_stats()
-
-    def reset_stats(self) -> None:
-        self.stats = {"model": SourceStats(), "ngram": SourceStats(), "none": SourceStats()}
 
     @property
     def samples_from_q(self) -> bool:  # type: ignore[override]
         return self._plan.source == "model"
-
-    @property
-    def last_plan(self) -> Plan:
-        return self._plan
 
     def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> list[int]:
         proposal = self.ngram.propose(context, k) if self.ngram is not None else []
@@ -286,7 +283,7 @@ class ControlledDrafter:
     def begin(self, prompt: Sequence[int]) -> None:
         # Every generation starts from the priors, and its statistics from zero.
         self.controller.reset()
-        self.reset_stats()
+        self.stats = _fresh_stats()
         self._plan = Plan(None, 0, 0.0)
         if self.model is not None:
             self.model.begin(prompt)

@@ -192,7 +192,7 @@ def llama_speculative_simple(
     """llama.cpp's own draft-model speculation, as a subprocess, greedy, on the same formatted prompts.
 
     gpu_layers, draft_gpu_layers: offload as edgespec's own models are (-1 = all), so that a
-    draft-on-GPU comparison runs llama.cpp's draft-on-GPU configuration (`-ngl 0 -ngld 99`).
+    draft-on-GPU comparison runs llama.cpp's draft-on-GPU configuration (`-ngl 0 -ngld 999`).
     """
     name = simple_name(k)
     if binary is None:
