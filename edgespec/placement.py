@@ -356,10 +356,21 @@ def _costs(r: TomlReader, table: dict[str, Any]) -> TunedCosts:
         acceptance_model=r.numbers(
             table.get("acceptance_model", []), "costs.acceptance_model", 0, "a list of numbers in [0, 1]"
         ),
-        acceptance_ngram=r.numbers(
-            table.get("acceptance_ngram", []), "costs.acceptance_ngram", 0, "a list of numbers in [0, 1]"
-        ),
+        acceptance_ngram=_ngram_priors(r, table.get("acceptance_ngram", [])),
     )
+
+
+def _ngram_priors(r: TomlReader, value: Any) -> tuple[float, ...]:
+    """costs.acceptance_ngram: empty, or one prior per n-gram match-length bucket."""
+    from .control import MATCH_BUCKETS
+
+    priors = r.numbers(value, "costs.acceptance_ngram", 0, "a list of numbers in [0, 1]")
+    if priors and len(priors) != len(MATCH_BUCKETS):
+        raise r.fail(
+            f"costs.acceptance_ngram must have {len(MATCH_BUCKETS)} values, one per match-length bucket "
+            f"(1, 2, 3-4, 5-8, 9-16, 17+ tokens), got {len(priors)}"
+        )
+    return priors
 
 
 # --- finding profiles -------------------------------------------------------------------------------

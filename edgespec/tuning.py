@@ -239,12 +239,7 @@ def make_drafter(profile: Profile, target: Runtime, model: ModelDrafter | None) 
             f"profile {profile.name} has no measured costs for the goodput controller; "
             "run `edgespec profile tune` or use --profile auto"
         )
-    costs = profile.costs
-    if costs.acceptance_ngram and len(costs.acceptance_ngram) != len(NGRAM_PRIOR):
-        raise ProfileError(
-            f"profile {profile.name}: costs.acceptance_ngram needs {len(NGRAM_PRIOR)} values, one per "
-            "match-length bucket (1, 2, 3-4, 5-8, 9-16, 17+ tokens)"
-        )
+    costs = profile.costs  # validated by placement.parse_profile (acceptance_ngram: one per bucket)
     controller = GoodputController(
         [t / 1000 for t in costs.t_verify_ms],
         costs.t_draft_ms / 1000,

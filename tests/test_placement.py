@@ -212,6 +212,11 @@ def test_profile_error_is_a_settings_error():
             "t_draft_ms = 1\nacceptance_ngram = [1.5]\n",
             "my.toml: costs.acceptance_ngram must be a list of numbers in [0, 1], got [1.5]",
         ),
+        (
+            MINIMAL + '[costs]\nmachine = "m"\ntarget = "t"\nmeasured = "now"\nt_verify_ms = [5, 6]\n'
+            "t_draft_ms = 1\nacceptance_ngram = [0.5, 0.5]\n",
+            "my.toml: costs.acceptance_ngram must have 6 values, one per match-length bucket",
+        ),
     ],
 )
 def test_validation_errors_name_the_file_and_the_key(text, expected):
