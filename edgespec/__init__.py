@@ -3,9 +3,27 @@
 A small draft model (or a free n-gram lookup) proposes tokens; the target model checks them all in
 one forward pass; the output is exactly what the target alone would produce.
 
-Importing this package is cheap: llama.cpp and numpy-heavy modules load when first used.
+Importing this package is cheap: llama.cpp and numpy-heavy modules load when first used, e.g. when
+`edgespec.Engine` (the Python API, `edgespec.api`) is first named.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["Chunk", "Engine", "EngineBusy", "Result", "Stream", "__version__"]
+
+if TYPE_CHECKING:
+    from .api import Chunk, Engine, EngineBusy, Result, Stream
+
+_API = frozenset({"Chunk", "Engine", "EngineBusy", "Result", "Stream"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'edgespec' has no attribute {name!r}")

@@ -15,6 +15,19 @@ from typing import Any
 import click
 
 from . import __version__
+from .cli_common import (
+    SAMPLING_KEYS,
+    draft_label,
+    engine_options,
+    format_sources,
+    format_stats,
+    open_engine,
+    progress,
+    read_prompt,
+    sampling_options,
+    sampling_settings,
+    tune_progress,
+)
 from .errors import EdgespecError
 
 EXIT_ERROR = 1
@@ -72,149 +85,9 @@ def cli() -> None:
     """
 
 
-def _progress(model: Any) -> Any:
-    return click.progressbar(
-        length=model.size, label=f"preparing {model.description} (first use)", file=sys.stderr
-    )
-
-
-def _logit_bias(values: tuple[str, ...]) -> dict[int, float]:
-    bias: dict[int, float] = {}
-    for value in values:
-        token, sep, amount = value.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            bias[int(token)] = float(amount)
-        except ValueError:
-            raise click.BadParameter(f"expected TOKEN_ID=BIAS (e.g. 13=-inf), got {value!r}") from None
-    return bias
-
-
-def _sampling_options(func: Any) -> Any:
-    """Sampling flags shared by `run` and `bench`; collected by `_sampling_settings`."""
-    options = [
-        click.option(
-            "--temperature",
-            "-t",
-            type=click.FloatRange(0, 100),
-            default=0.0,
-            show_default=True,
-            help="0 is greedy decoding; above 0, tokens are sampled.",
-        ),
-        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, help="1 = off."),
-        click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0, help="0 = off."),
-        click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="1 = off."),
-        click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
-        click.option("--presence-penalty", type=float, default=0.0, show_default=True),
-        click.option(
-            "--penalty-last-n",
-            type=click.IntRange(min=0),
-            default=64,
-            show_default=True,
-            help="Latest context tokens the penalties look at.",
-        ),
-        click.option(
-            "--logit-bias",
-            multiple=True,
-            metavar="TOKEN_ID=BIAS",
-            help="Add BIAS to a token's logit (repeatable; -inf bans it).",
-        ),
-        click.option(
-            "--accept",
-            type=click.Choice(["rejection", "exact"]),
-            default="rejection",
-            show_default=True,
-            help="How drafts are verified when sampling: rejection sampling (keeps more drafts) or "
-            "exact match with the target's own sample (llama.cpp's rule, for comparison).",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-_SAMPLING_KEYS = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repeat_penalty",
-    "frequency_penalty",
-    "presence_penalty",
-    "penalty_last_n",
-    "logit_bias",
-    "accept",
-)
-
-
-def _sampling_settings(kwargs: dict[str, Any]) -> Any:
-    """Pop the sampling flags from a command's keyword arguments into SamplingSettings."""
-    from .sampling import SamplingSettings
-
-    values = {key: kwargs.pop(key) for key in _SAMPLING_KEYS}
-    values["logit_bias"] = _logit_bias(values["logit_bias"])
-    return SamplingSettings(**values)
-
-
-def _tune_progress(total: int) -> Any:
-    return click.progressbar(length=total, label="tuning for this machine", file=sys.stderr)
-
-
-def _format_sources(summary: Any) -> str:
-    """One line: how often the goodput controller chose each draft source, and how they fared."""
-    parts = []
-    for source, entry in summary.items():
-        if not entry.steps:
-            continue
-        if source == "none":
-            parts.append(f"plain {entry.steps} steps")
-        else:
-            rate = entry.accepted / entry.drafted if entry.drafted else 0.0
-            parts.append(
-                f"{source} {entry.steps} steps ({entry.accepted}/{entry.drafted} accepted, {rate:.0%})"
-            )
-    return "[controller] " + ", ".join(parts)
-
-
-def _read_prompt(prompt: str | None) -> str:
-    if prompt is not None and prompt != "-":
-        return prompt
-    if sys.stdin is None or (prompt is None and sys.stdin.isatty()):
-        raise click.UsageError("no prompt: give it as an argument or on standard input")
-    return sys.stdin.read()
-
-
-def _format_stats(stats: Any, drafter: str) -> str:
-    line = (
-        f"[{drafter}] {stats.n_generated} tokens, {stats.tokens_per_second:.2f} tokens/s "
-        f"(prompt {stats.n_prompt} tokens in {stats.t_prompt:.2f} s), "
-        f"{stats.tokens_per_step:.2f} tokens per target pass"
-    )
-    if stats.n_drafted:
-        line += f", acceptance {stats.acceptance_rate:.1%} ({stats.n_accepted}/{stats.n_drafted} drafted)"
-    line += f"; drafting {stats.t_draft:.2f} s, verifying {stats.t_verify:.2f} s"
-    return line
-
-
 @cli.command()
 @click.argument("prompt", required=False)
-@click.option(
-    "--target",
-    envvar="EDGESPEC_TARGET",
-    default="default",
-    show_default=True,
-    help="Target GGUF path, or 'default' for Qwen2.5-Coder-1.5B-Instruct Q4_K_M.",
-)
-@click.option(
-    "--draft",
-    envvar="EDGESPEC_DRAFT",
-    default="default",
-    show_default=True,
-    help="Draft GGUF path, 'default' (Qwen2.5-Coder-0.5B-Instruct Q4_K_M), "
-    "'ngram' (prompt lookup, no model) or 'none' (target only).",
-)
+@engine_options
 @click.option(
     "--max-tokens",
     type=click.IntRange(min=1),
@@ -222,29 +95,7 @@ def _format_stats(stats: Any, drafter: str) -> str:
     show_default=True,
     help="Most tokens to generate.",
 )
-@click.option(
-    "--draft-max",
-    "-k",
-    type=click.IntRange(0, 64),
-    default=4,
-    show_default=True,
-    help="Most draft tokens per step (k).",
-)
-@click.option(
-    "--threads",
-    envvar="EDGESPEC_THREADS",
-    type=click.IntRange(min=1),
-    default=None,
-    help="CPU threads (default: physical cores).",
-)
-@click.option(
-    "--ctx",
-    type=click.IntRange(min=8),
-    default=4096,
-    show_default=True,
-    help="Context size in tokens (prompt + answer).",
-)
-@_sampling_options
+@sampling_options
 @click.option(
     "--seed",
     type=int,
@@ -255,49 +106,6 @@ def _format_stats(stats: Any, drafter: str) -> str:
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
 @click.option("--system", default=None, help="System message for the chat template.")
 @click.option("--raw", is_flag=True, help="Send the prompt as it is, without the chat template.")
-@click.option(
-    "--gpu-layers",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Target layers to offload to a GPU (-1 = all).",
-)
-@click.option(
-    "--draft-gpu-layers",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Draft layers to offload to a GPU (-1 = all).",
-)
-@click.option(
-    "--draft-provider",
-    default=None,
-    help="ONNX Runtime provider for an ONNX drafter (cuda, dml, coreml, cpu; default: the best available).",
-)
-@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
-@click.option(
-    "--kernels",
-    type=click.Choice(["exact", "fast"]),
-    default="exact",
-    show_default=True,
-    help="exact: batch-invariant kernels, output identical to target-only; fast: llama.cpp's "
-    "fastest kernels, whose rounding depends on batch size (rare near-ties may flip).",
-)
-@click.option(
-    "--profile",
-    "profile_spec",
-    envvar="EDGESPEC_PROFILE",
-    default=None,
-    help="Placement profile (name or .toml; see `edgespec profile list`), or 'auto': the profile "
-    "detected for this machine, tuned on first use. Flags given explicitly override it. Default: "
-    "auto, unless --draft or --draft-max is given.",
-)
-@click.option(
-    "--draft-threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="CPU threads for the draft model (default: as the profile says, else --threads).",
-)
 @click.option("--stats", is_flag=True, help="Print speed and drafting statistics to stderr.")
 @click.option(
     "--json",
@@ -305,32 +113,18 @@ def _format_stats(stats: Any, drafter: str) -> str:
     is_flag=True,
     help="Print one JSON object (text, token ids, stats) instead of streaming text.",
 )
-@click.option("--verbose", "-v", is_flag=True, help="Let llama.cpp's own log lines through.")
 @click.pass_context
 def run(
     ctx_obj: click.Context,
     prompt: str | None,
-    target: str,
-    draft: str,
     max_tokens: int,
-    draft_max: int,
-    threads: int | None,
-    ctx: int,
     seed: int | None,
     stop: tuple[str, ...],
     system: str | None,
     raw: bool,
-    gpu_layers: int,
-    draft_gpu_layers: int,
-    draft_provider: str | None,
-    flash_attn: str,
-    kernels: str,
-    profile_spec: str | None,
-    draft_threads: int | None,
     stats: bool,
     as_json: bool,
-    verbose: bool,
-    **sampling_flags: Any,
+    **flags: Any,
 ) -> None:
     """Generate an answer to PROMPT (or standard input), streaming it as tokens are accepted.
 
@@ -345,99 +139,46 @@ def run(
       edgespec run --temperature 0.8 --top-p 0.95 --seed 7 "Write a haiku about caches"
       edgespec run --profile auto --stats "Add type hints: ..."   # measured placement and drafting
     """
-    from .engine import GenerationSettings
-    from .loader import ProfileOverrides, load, load_with_profile, prompt_tokens
-    from .runtimes.base import RuntimeSettings
-
-    text = _read_prompt(prompt)
-    if not text.strip():  # before loading gigabytes of models (prompt_tokens checks it too)
+    text = read_prompt(prompt)
+    if not text.strip():  # before loading gigabytes of models (tokenizing checks it too)
         raise EdgespecError("the prompt is empty")
-    sampling = _sampling_settings(sampling_flags)
-
-    def given(name: str) -> bool:
-        source = ctx_obj.get_parameter_source(name)
-        return source in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
-
-    if profile_spec is None and not given("draft") and not given("draft_max"):
-        # Nothing says how to draft: measure this machine and draft only where it pays.
-        profile_spec = "auto"
-    if profile_spec is not None:
-        overrides = ProfileOverrides(
-            threads=threads,
-            gpu_layers=gpu_layers if given("gpu_layers") else None,
-            draft_gpu_layers=draft_gpu_layers if given("draft_gpu_layers") else None,
-            draft_threads=draft_threads,
-            kernels=kernels if given("kernels") else None,
-        )
-        pair, profile = load_with_profile(
-            profile_spec,
-            target,
-            draft,
-            n_ctx=ctx,
-            overrides=overrides,
-            verbose=verbose,
-            progress=_progress,
-            tune_progress=_tune_progress,
-            on_note=lambda line: click.echo(line, err=True),
-        )
-        spec = profile.speculation
-        if not given("draft_max"):
-            draft_max = spec.k_max if spec.controller == "goodput" else spec.k
-    else:
-        rt_settings = RuntimeSettings(
-            n_ctx=ctx,
-            n_threads=threads,
-            gpu_layers=gpu_layers,
-            flash_attn=flash_attn,
-            kernels=kernels,
-            verbose=verbose,
-        )  # type: ignore[arg-type]
-        pair = load(
-            target,
-            draft,
-            rt_settings,
-            draft_gpu_layers=draft_gpu_layers,
-            progress=_progress,
-            draft_provider=draft_provider,
-            draft_threads=draft_threads,
-        )
-    settings = GenerationSettings(
-        max_tokens=max_tokens, draft_max=draft_max, stop=stop, seed=seed, sampling=sampling
-    )
-    try:
-        tokens = prompt_tokens(pair.engine.target, text, raw=raw, system=system)
-        generation = pair.engine.generate(tokens, settings)
+    sampling = sampling_settings(flags)
+    with open_engine(ctx_obj, flags) as engine:
+        tokens = engine.tokenize(text, raw=raw, system=system)
         out = sys.stdout
-        for token in generation:
-            if token.text and not as_json:
-                out.write(token.text)
-                out.flush()
+        with engine.stream(
+            tokens,
+            max_tokens=max_tokens,
+            stop=stop,
+            seed=seed,
+            **{key: getattr(sampling, key) for key in SAMPLING_KEYS},
+        ) as stream:
+            for chunk in stream:
+                if chunk.text and not as_json:
+                    out.write(chunk.text)
+                    out.flush()
+        result = stream.result
+        assert result is not None
         if as_json:
             record = {
-                "text": generation.text,
-                "tokens": generation.tokens,
-                "finish_reason": generation.finish_reason,
-                "prompt_tokens": len(tokens),
-                "target": str(pair.target_path),
-                "draft": pair.draft,
-                "draft_max": draft_max,
-                "seed": generation.seed,
+                "text": result.text,
+                "tokens": result.tokens,
+                "finish_reason": result.finish_reason,
+                "prompt_tokens": result.prompt_tokens,
+                "target": str(engine.target_path),
+                "draft": engine.draft,
+                "draft_max": engine.draft_max,
+                "seed": result.seed,
                 "sampling": sampling.to_dict(),
-                "stats": generation.stats.to_dict(),
+                "stats": result.stats.to_dict(),
             }
             click.echo(json.dumps(record, ensure_ascii=False))
-        elif not generation.text.endswith("\n"):
+        elif not result.text.endswith("\n"):
             out.write("\n")
         if stats:
-            label = pair.draft
-            if label not in ("none", "ngram") and not label.startswith("profile "):
-                label = f"draft {Path(pair.draft).name}"
-            click.echo(_format_stats(generation.stats, label), err=True)
-            summary = getattr(pair.engine.drafter, "summary", None)
-            if summary is not None:
-                click.echo(_format_sources(summary()), err=True)
-    finally:
-        pair.close()
+            click.echo(format_stats(result.stats, draft_label(engine.draft)), err=True)
+            if result.sources is not None:
+                click.echo(format_sources(result.sources), err=True)
 
 
 @cli.command()
@@ -498,7 +239,7 @@ def _bench_runtimes(
         draft if need_draft else "none",
         settings,
         draft_gpu_layers=draft_gpu_layers,
-        progress=_progress,
+        progress=progress,
         draft_threads=draft_threads,
     )
     return pair, pair.engine.target, pair.draft_runtime
@@ -511,7 +252,7 @@ def _bench_auto_profile(target_rt: Any, draft_rt: Any, draft: str) -> Any:
     from .loader import ensure_tuned, resolve_model_path, resolve_profile
 
     hw = detect_hardware()
-    draft_path = draft_rt.path if draft_rt is not None else resolve_model_path(draft, "draft", _progress)
+    draft_path = draft_rt.path if draft_rt is not None else resolve_model_path(draft, "draft", progress)
     base, reasons = resolve_profile("auto", hw, target_rt.path, draft_path)
     click.echo(f"auto: profile {base.name} ({'; '.join(reasons)})", err=True)
     profile = ensure_tuned(
@@ -519,7 +260,7 @@ def _bench_auto_profile(target_rt: Any, draft_rt: Any, draft: str) -> Any:
         hw,
         target_rt,
         draft_rt,
-        tune_progress=_tune_progress,
+        tune_progress=tune_progress,
         on_note=lambda line: click.echo(line, err=True),
     )
     costs = profile.costs
@@ -630,7 +371,7 @@ def _model_options(func: Any) -> Any:
     default=None,
     help="Folder holding llama.cpp's llama-speculative-simple (default: search PATH).",
 )
-@_sampling_options
+@sampling_options
 @click.option(
     "--seed",
     type=int,
@@ -684,7 +425,7 @@ def bench(
     """
     if ctx.invoked_subcommand is not None:
         return
-    sampling = _sampling_settings(sampling_flags)
+    sampling = sampling_settings(sampling_flags)
     from . import bench as harness
     from . import costs as cost_model
     from .datasets import first_per_category, read_prompts, spec_bench_path

@@ -248,7 +248,7 @@ def tune(base: str, target: str, draft: str, ctx: int, threads: int | None, verb
       edgespec profile tune
       edgespec profile tune --profile dovetail --draft small.gguf
     """
-    from .cli import _progress, _tune_progress
+    from .cli_common import progress, tune_progress
     from .loader import ProfileOverrides, load_with_profile
 
     pair, tuned = load_with_profile(
@@ -258,8 +258,8 @@ def tune(base: str, target: str, draft: str, ctx: int, threads: int | None, verb
         n_ctx=ctx,
         overrides=ProfileOverrides(threads=threads),
         verbose=verbose,
-        progress=_progress,
-        tune_progress=_tune_progress,
+        progress=progress,
+        tune_progress=tune_progress,
         on_note=lambda line: click.echo(line, err=True),
         retune=True,
     )

@@ -10,11 +10,16 @@ Greedy decoding (temperature 0) keeps a draft token when it equals the target's 
 temperature > 0 the model drafter samples its draft from q and verification is speculative
 sampling (see `verify.verify_rejection`), or exact-match acceptance when asked; either way the
 output is distributed exactly as the target alone would sample it.
+
+The engine remembers which tokens the target's cache holds after a generation, so the next one
+(a chat's next turn, which repeats the conversation so far) evaluates only the tokens after the
+longest common prefix; a model drafter does the same with its own cache.
 """
 
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +27,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from .drafting import common_prefix
 from .errors import PromptError, SettingsError
 from .sampling import GREEDY, LazyDists, LogitsProcessor, SamplingSettings, TokenSampler
 from .text import TextStream
@@ -31,7 +37,7 @@ if TYPE_CHECKING:
     from .drafting import Drafter
     from .runtimes.base import Runtime
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -69,9 +75,12 @@ class Stats:
     Times are seconds from `time.perf_counter`. t_prompt is prompt processing up to the first
     token, the drafter's own pass over the prompt included. A "step" is one target forward pass
     after the prompt; tokens_per_step (τ) counts the accepted draft tokens plus the target's own.
+    n_prompt_cached of the n_prompt prompt tokens were already in the target's KV cache (the
+    longest common prefix with what the previous generation left there) and were not evaluated.
     """
 
     n_prompt: int = 0
+    n_prompt_cached: int = 0
     n_generated: int = 0
     n_steps: int = 0
     n_drafted: int = 0
@@ -134,8 +143,8 @@ class Generation:
     Attributes (complete once iteration ends):
         tokens: generated token ids (an end-of-generation token is not included).
         text: generated text (stop strings excluded).
-        finish_reason: "stop" (end-of-generation token or stop string) or "length" (max_tokens or
-            a full context).
+        finish_reason: "stop" (end-of-generation token or stop string), "length" (max_tokens or
+            a full context) or "cancelled" (`cancel()` was called).
         stats: timings and drafting statistics.
     """
 
@@ -152,6 +161,16 @@ class Generation:
         #: the seed sampling used (settings.seed, or a fresh one)
         self.seed = settings.seed if settings.seed is not None else secrets.randbits(63)
         self._started = False
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop before the next step; safe from any thread. Tokens already yielded stay; the
+        generation ends with finish_reason "cancelled" (unless it had already finished)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
 
     def __iter__(self) -> Iterator[Token]:
         if self._started:
@@ -190,8 +209,16 @@ class Generation:
             return [tail + list(draft[:i]) for i in range(len(draft) + 1)]
 
         start = clock()
-        target.truncate(0)
-        p_logits = target.eval(context, logits="last")
+        # Reuse the longest common prefix of the cache and the prompt; the last prompt token is
+        # always evaluated, for its logits.
+        held = engine._held
+        engine._held = []  # unknown until this generation leaves the cache in a known state
+        keep = min(common_prefix(held, context), len(context) - 1) if target.n_past == len(held) else 0
+        target.truncate(keep)
+        p_logits = target.eval(context[keep:], logits="last")
+        stats.n_prompt_cached = keep
+        held = list(context)  # what the target's cache holds from here on
+        consistent = True
         if drafter is not None:
             drafter.begin(context)
         first, _ = processor.choose(p_logits[0], recents([])[0], rng)
@@ -219,6 +246,10 @@ class Generation:
                         self.finish_reason = "length"
                         return
 
+                if self._cancel.is_set():
+                    self.finish_reason = "cancelled"
+                    return
+
                 # Draft: at most k tokens, no more than the output and the context still allow.
                 k = min(settings.draft_max, settings.max_tokens - len(self.tokens) - 1, n_ctx - len(context))
                 draft: list[int] = []
@@ -231,6 +262,7 @@ class Generation:
 
                 # Verify: the newest token plus the draft, in one target pass.
                 t0 = clock()
+                consistent = False
                 p_logits = target.eval([context[-1], *draft], logits="all")
                 if sampling.greedy:
                     # bias and penalties move the argmax (adjusted is a view when there are none)
@@ -252,6 +284,9 @@ class Generation:
                 # Keep the cache for the newest token and the accepted drafts; the correction or
                 # bonus token is evaluated at the next step.
                 target.truncate(len(context) + n_accepted)
+                held.append(context[-1])
+                held.extend(draft[:n_accepted])
+                consistent = True
                 stats.t_verify += clock() - t0
 
                 stats.n_steps += 1
@@ -262,6 +297,8 @@ class Generation:
                     drafter.accepted(len(draft), n_accepted)
                 pending = [(t, True) for t in draft[:n_accepted]] + [(next_token, False)]
         finally:
+            if consistent:
+                engine._held = held
             tail = stream.flush()
             if tail:
                 text_parts.append(tail)
@@ -280,6 +317,13 @@ class SpeculativeEngine:
     def __init__(self, target: Runtime, drafter: Drafter | None = None) -> None:
         self.target = target
         self.drafter = drafter
+        # the tokens in the target's KV cache after the last generation, for prefix reuse
+        self._held: list[int] = []
+
+    def forget(self) -> None:
+        """Drop what the caches hold, so the next generation evaluates its whole prompt."""
+        self._held = []
+        self.target.truncate(0)
 
     def generate(self, prompt: Sequence[int], settings: GenerationSettings | None = None) -> Generation:
         """Start generating after `prompt` (token ids). Nothing runs until the result is iterated.

@@ -1,0 +1,578 @@
+"""The Python API for apps that embed edgespec: `edgespec.Engine`.
+
+    from edgespec import Engine
+
+    with Engine() as engine:                      # the default pair, placed and tuned for this machine
+        print(engine.generate("Explain recursion in one sentence.", max_tokens=64).text)
+        for chunk in engine.chat([{"role": "user", "content": "Hi!"}], stream=True):
+            print(chunk.text, end="", flush=True)
+
+An engine runs one generation at a time. Calls from other threads wait their turn, first come
+first served, or give up with `EngineBusy` after `timeout` seconds. `Engine.cancel()` (from any
+thread) stops the running generation before its next step. The caches are kept between calls, so a
+chat's next turn evaluates only what follows the longest common prefix with the previous one.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from .engine import FinishReason, Generation, GenerationSettings, Stats
+from .errors import EdgespecError, PromptError, SettingsError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .control import SourceStats
+    from .loader import LoadedPair
+    from .placement import Profile
+
+__all__ = ["Chunk", "Engine", "EngineBusy", "GenerateOptions", "Result", "Stream"]
+
+ROLES = ("system", "user", "assistant")
+
+
+class EngineBusy(EdgespecError):
+    """The engine was still generating for someone else when the wait timed out."""
+
+
+class GenerateOptions(TypedDict, total=False):
+    """Per-call options of `Engine.generate`, `stream` and `chat` (all optional).
+
+    max_tokens (256), draft_max (the engine's), stop (a string or several), seed, and the
+    sampling settings of `edgespec.sampling.SamplingSettings`: temperature (0: greedy), top_k,
+    top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty, penalty_last_n, logit_bias,
+    accept.
+    """
+
+    max_tokens: int
+    draft_max: int
+    stop: str | Sequence[str]
+    seed: int | None
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repeat_penalty: float
+    frequency_penalty: float
+    presence_penalty: float
+    penalty_last_n: int
+    logit_bias: Mapping[int, float]
+    accept: str
+
+
+_GENERATION_KEYS = ("max_tokens", "draft_max", "stop", "seed")
+_OPTION_KEYS = frozenset(GenerateOptions.__annotations__)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One accepted token of a streamed generation.
+
+    Attributes:
+        text: the text it made safe to show (may be "" while a multi-byte character or a possible
+            stop string is incomplete, or several characters).
+        token: its token id.
+        from_draft: True when a drafter proposed it and the target accepted it.
+    """
+
+    text: str
+    token: int
+    from_draft: bool
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished generation.
+
+    Attributes:
+        text: the generated text (stop strings excluded).
+        tokens: the generated token ids (an end-of-generation token excluded).
+        finish_reason: "stop", "length" or "cancelled".
+        prompt_tokens: tokens in the prompt (stats.n_prompt_cached of them came from the cache).
+        seed: the sampling seed used (given, or drawn fresh).
+        stats: timings and drafting statistics.
+        sources: with a goodput controller, how often each draft source was chosen; else None.
+    """
+
+    text: str
+    tokens: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    seed: int
+    stats: Stats
+    sources: Mapping[str, SourceStats] | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+class _FifoLock:
+    """A lock granted in the order it was asked for, with a timeout, that knows its owner."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
+        self.owner: int | None = None
+
+    def acquire(self, timeout: float | None) -> bool:
+        with self._cond:
+            ticket = object()
+            self._queue.append(ticket)
+            granted = self._cond.wait_for(lambda: self.owner is None and self._queue[0] is ticket, timeout)
+            self._queue.remove(ticket)
+            if granted:
+                self.owner = threading.get_ident()
+            else:
+                self._cond.notify_all()  # the next in line may be free to go
+            return granted
+
+    def release(self) -> None:
+        with self._cond:
+            self.owner = None
+            self._cond.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+
+class Stream:
+    """The chunks of one generation as they are accepted; `result` is set once it ends.
+
+    A stream holds its engine until it is exhausted, closed, or garbage-collected: other calls
+    wait meanwhile. Breaking out of a `for` loop early is fine in CPython; `with engine.stream(...)
+    as s:` makes the release explicit. `cancel()` stops it before the next step (safe from any
+    thread); `close()` stops it at once.
+    """
+
+    def __init__(self, engine: Engine, generation: Generation) -> None:
+        self._engine = engine
+        self._generation = generation
+        self._tokens = iter(generation)
+        self.result: Result | None = None
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Chunk:
+        if self.result is not None:
+            raise StopIteration
+        try:
+            token = next(self._tokens)
+        except BaseException:
+            self._finish()
+            raise
+        return Chunk(token.text, token.id, token.from_draft)
+
+    def cancel(self) -> None:
+        """Stop before the next step; chunks already accepted may still come."""
+        self._generation.cancel()
+
+    def close(self) -> None:
+        """Stop now and release the engine; `result` holds what was generated."""
+        if self.result is None:
+            self._generation.cancel()
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.result is not None:
+            return
+        generation = self._generation
+        try:
+            self._tokens.close()  # type: ignore[attr-defined]  # a generator: runs its cleanup
+        finally:
+            summary = getattr(self._engine.drafter, "summary", None)
+            self.result = Result(
+                text=generation.text,
+                tokens=list(generation.tokens),
+                finish_reason=generation.finish_reason or "cancelled",
+                prompt_tokens=generation.stats.n_prompt,
+                seed=generation.seed,
+                stats=generation.stats,
+                sources=summary() if summary is not None else None,
+            )
+            self._engine._release(self._generation)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "result", True) is None:
+            self.close()
+
+
+class Engine:
+    """A loaded target and drafter, ready to generate; thread-safe.
+
+    Args:
+        target: target GGUF path, or None for the default target (Qwen2.5-Coder-1.5B-Instruct).
+        draft: draft model (GGUF path, ONNX export folder, or "default"), "ngram" (prompt lookup)
+            or "none" (target only). Given without `profile`, it drafts every step.
+        profile: placement profile: a name, a .toml path, or "auto" (detected for this machine,
+            tuned on first use and saved). When neither `draft` nor `draft_max` is given, "auto".
+        draft_max: most draft tokens per step (default 4; with a profile, the profile's).
+        n_ctx: context size in tokens (prompt + answer).
+        threads, draft_threads: CPU threads for the target and the draft model.
+        gpu_layers, draft_gpu_layers: layers to offload to a GPU (-1: all).
+        kernels: "exact" (output identical to target-only, the default) or "fast".
+        flash_attn: "auto", "on" or "off" (without a profile).
+        draft_provider: ONNX Runtime provider for an ONNX drafter.
+        verbose: let llama.cpp's log lines through.
+        progress: progress factory for joining a default model on first use (`models.resolve`).
+        tune_progress: `tune_progress(total)` → a progress bar while a profile is tuned.
+        on_note: told, one line each, what was decided (automatic placement, tuning).
+
+    Raises:
+        EdgespecError: a model is missing or unusable, the pair is incompatible, or a setting is
+            out of range.
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike[str] | None = None,
+        draft: str | os.PathLike[str] | None = None,
+        *,
+        profile: str | os.PathLike[str] | None = None,
+        draft_max: int | None = None,
+        n_ctx: int = 4096,
+        threads: int | None = None,
+        draft_threads: int | None = None,
+        gpu_layers: int | None = None,
+        draft_gpu_layers: int | None = None,
+        kernels: str | None = None,
+        flash_attn: str = "auto",
+        draft_provider: str | None = None,
+        verbose: bool = False,
+        progress: Callable[..., Any] | None = None,
+        tune_progress: Callable[[int], Any] | None = None,
+        on_note: Callable[[str], None] | None = None,
+    ) -> None:
+        from .loader import DEFAULT, ProfileOverrides, load, load_with_profile
+        from .runtimes.base import RuntimeSettings
+
+        if profile is None and draft is None and draft_max is None:
+            profile = "auto"  # nothing says how to draft: measure, and draft only where it pays
+        self.profile: Profile | None = None
+        if profile is not None:
+            pair, self.profile = load_with_profile(
+                str(profile),
+                target,
+                DEFAULT if draft is None else draft,
+                n_ctx=n_ctx,
+                overrides=ProfileOverrides(
+                    threads=threads,
+                    gpu_layers=gpu_layers,
+                    draft_gpu_layers=draft_gpu_layers,
+                    draft_threads=draft_threads,
+                    kernels=kernels,
+                ),
+                verbose=verbose,
+                progress=progress,
+                tune_progress=tune_progress,
+                on_note=on_note,
+            )
+            spec = self.profile.speculation
+            if draft_max is None:
+                draft_max = spec.k_max if spec.controller == "goodput" else spec.k
+        else:
+            settings = RuntimeSettings(
+                n_ctx=n_ctx,
+                n_threads=threads,
+                gpu_layers=gpu_layers or 0,
+                flash_attn=flash_attn,  # type: ignore[arg-type]
+                kernels=kernels or "exact",  # type: ignore[arg-type]
+                verbose=verbose,
+            )
+            pair = load(
+                target,
+                DEFAULT if draft is None else draft,
+                settings,
+                draft_gpu_layers=draft_gpu_layers or 0,
+                progress=progress,
+                draft_provider=draft_provider,
+                draft_threads=draft_threads,
+            )
+        self._init(pair, 4 if draft_max is None else draft_max)
+
+    @classmethod
+    def from_pair(cls, pair: LoadedPair, draft_max: int = 4, profile: Profile | None = None) -> Engine:
+        """An engine over models loaded with `edgespec.loader` (it takes ownership of them)."""
+        engine = cls.__new__(cls)
+        engine.profile = profile
+        engine._init(pair, draft_max)
+        return engine
+
+    def _init(self, pair: LoadedPair, draft_max: int) -> None:
+        GenerationSettings(draft_max=draft_max)  # range check
+        self._pair = pair
+        self.draft_max = draft_max
+        self._lock = _FifoLock()
+        self._current: Generation | None = None
+        self._closed = False
+
+    # -- what it is ---------------------------------------------------------------------------
+
+    @property
+    def target_path(self) -> Path:
+        return self._pair.target_path
+
+    @property
+    def model(self) -> str:
+        """The target model's name (its file name without .gguf), as the server lists it."""
+        return self._pair.target_path.stem
+
+    @property
+    def draft(self) -> str:
+        """What drafts: a draft model's path, "ngram", "none", or "profile NAME"."""
+        return self._pair.draft
+
+    @property
+    def n_ctx(self) -> int:
+        return self._pair.engine.target.n_ctx
+
+    @property
+    def drafter(self) -> Any:
+        return self._pair.engine.drafter
+
+    @property
+    def busy(self) -> bool:
+        """True while a generation runs or a stream is open."""
+        return self._lock.owner is not None
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for the engine."""
+        return self._lock.waiting
+
+    # -- prompts ------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str, *, raw: bool = False, system: str | None = None) -> list[int]:
+        """Token ids for a prompt: through the model's chat template as one user message (with
+        an optional system message), or as it is with `raw`."""
+        from .loader import prompt_tokens
+
+        self._check_open()
+        return prompt_tokens(self._pair.engine.target, prompt, raw=raw, system=system)
+
+    def chat_tokens(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids for a conversation, rendered with the model's chat template, ending with the
+        header of the assistant's answer."""
+        from .loader import chat_tokens
+
+        self._check_open()
+        check_messages(messages)
+        target = self._pair.engine.target
+        template = getattr(target, "chat_template", lambda: None)()
+        if not template:
+            raise PromptError(f"{target.path.name} has no chat template (tokenizer.chat_template)")
+        return chat_tokens(target, template, messages)
+
+    # -- generating ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        raw: bool = False,
+        system: str | None = None,
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> Result:
+        """Generate an answer to `prompt` and return it whole.
+
+        Args:
+            prompt: text (sent through the chat template as a user message unless `raw`) or token ids.
+            system: a system message for the chat template.
+            timeout: seconds to wait while another generation runs (None: as long as it takes);
+                then `EngineBusy`.
+            options: see `GenerateOptions`.
+        """
+        with self.stream(prompt, raw=raw, system=system, timeout=timeout, **options) as stream:
+            for _ in stream:
+                pass
+        assert stream.result is not None
+        return stream.result
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        raw: bool = False,
+        system: str | None = None,
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> Stream:
+        """Start generating; iterate the returned `Stream` for chunks as tokens are accepted.
+
+        The engine is held from this call until the stream ends or is closed. Arguments as for
+        `generate`.
+        """
+        settings = self._settings(options)
+        tokens = self.tokenize(prompt, raw=raw, system=system) if isinstance(prompt, str) else list(prompt)
+        return self._start(tokens, settings, timeout)
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        stream: bool = False,
+        timeout: float | None = None,
+        **options: Unpack[GenerateOptions],
+    ) -> Any:
+        """Answer a conversation: [{"role": "system" | "user" | "assistant", "content": str}, ...].
+
+        Returns a `Result`, or with `stream=True` a `Stream`. Only the tokens after the longest
+        common prefix with the previous call's are evaluated, so sending the whole conversation
+        again each turn is cheap.
+        """
+        settings = self._settings(options)
+        started = self._start(self.chat_tokens(messages), settings, timeout)
+        if stream:
+            return started
+        with started:
+            for _ in started:
+                pass
+        assert started.result is not None
+        return started.result
+
+    def cancel(self) -> bool:
+        """Stop the running generation before its next step (from any thread). Returns whether
+        one was running."""
+        current = self._current
+        if current is None:
+            return False
+        current.cancel()
+        return True
+
+    def reset(self) -> None:
+        """Forget the cached conversation: the next prompt is evaluated whole."""
+        if not self._acquire(None):
+            return
+        try:
+            self._pair.engine.forget()
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        """Wait for a running generation (cancelling it) and free the models."""
+        if self._closed:
+            return
+        self.cancel()
+        if self._lock.owner == threading.get_ident():
+            raise EngineBusy("close the open stream before closing its engine")
+        self._lock.acquire(None)
+        try:
+            if not self._closed:
+                self._closed = True
+                self._pair.close()
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EdgespecError("the engine is closed")
+
+    def _settings(self, options: Mapping[str, Any]) -> GenerationSettings:
+        from .sampling import SamplingSettings
+
+        unknown = sorted(set(options) - _OPTION_KEYS)
+        if unknown:
+            raise SettingsError(
+                f"unknown option {unknown[0]!r}; expected one of: {', '.join(sorted(_OPTION_KEYS))}"
+            )
+        for key, value in options.items():
+            _check_type(key, value)
+        values = dict(options)
+        general = {key: values.pop(key) for key in _GENERATION_KEYS if key in values}
+        stop = general.get("stop", ())
+        general["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        general.setdefault("draft_max", self.draft_max)
+        return GenerationSettings(**general, sampling=SamplingSettings(**values))
+
+    def _acquire(self, timeout: float | None) -> bool:
+        self._check_open()
+        if self._lock.owner == threading.get_ident():
+            raise EngineBusy("this thread has an open stream on this engine: finish or close it first")
+        if not self._lock.acquire(timeout):
+            raise EngineBusy(f"the engine is busy with another generation (waited {timeout:g} s)")
+        if self._closed:
+            self._lock.release()
+            raise EdgespecError("the engine is closed")
+        return True
+
+    def _start(self, tokens: list[int], settings: GenerationSettings, timeout: float | None) -> Stream:
+        self._acquire(timeout)
+        try:
+            generation = self._pair.engine.generate(tokens, settings)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._current = generation
+        return Stream(self, generation)
+
+    def _release(self, generation: Generation) -> None:
+        if self._current is generation:
+            self._current = None
+            self._lock.release()
+
+
+_INTS = frozenset({"max_tokens", "draft_max", "top_k", "penalty_last_n", "seed"})
+_NUMBERS = frozenset(
+    {"temperature", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty"}
+)
+
+
+def _check_type(key: str, value: Any) -> None:
+    """SettingsError naming the option when a value has the wrong type (ranges are checked by
+    the settings themselves)."""
+    if key == "seed" and value is None:
+        return
+    if isinstance(value, bool) or (
+        (key in _INTS and not isinstance(value, numbers.Integral))
+        or (key in _NUMBERS and not isinstance(value, numbers.Real))
+    ):
+        kind = "an integer" if key in _INTS else "a number"
+        raise SettingsError(f"{key} must be {kind}, got {value!r}")
+    if key == "stop" and not (
+        isinstance(value, str) or (isinstance(value, Sequence) and all(isinstance(v, str) for v in value))
+    ):
+        raise SettingsError(f"stop must be a string or a list of strings, got {value!r}")
+    if key == "logit_bias" and not isinstance(value, Mapping):
+        raise SettingsError(f"logit_bias must map token ids to numbers, got {value!r}")
+    if key == "accept" and not isinstance(value, str):
+        raise SettingsError(f"accept must be 'rejection' or 'exact', got {value!r}")
+
+
+def check_messages(messages: Any) -> None:
+    """Raise PromptError unless `messages` is a non-empty list of {"role", "content"} mappings
+    with a known role and text content."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise PromptError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise PromptError(f"messages[{i}] must be an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise PromptError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise PromptError(f"messages[{i}].content must be a string")

@@ -1,0 +1,296 @@
+"""Command-line pieces shared by `run`, `chat`, `serve`, `bench` and `profile`: progress bars,
+sampling flags, the flags that load an engine, and the one-line statistics."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from .api import Engine
+
+
+def progress(model: Any) -> Any:
+    return click.progressbar(
+        length=model.size, label=f"preparing {model.description} (first use)", file=sys.stderr
+    )
+
+
+def logit_bias(values: tuple[str, ...]) -> dict[int, float]:
+    bias: dict[int, float] = {}
+    for value in values:
+        token, sep, amount = value.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            bias[int(token)] = float(amount)
+        except ValueError:
+            raise click.BadParameter(f"expected TOKEN_ID=BIAS (e.g. 13=-inf), got {value!r}") from None
+    return bias
+
+
+def sampling_options(func: Any) -> Any:
+    """Sampling flags shared by `run` and `bench`; collected by `_sampling_settings`."""
+    options = [
+        click.option(
+            "--temperature",
+            "-t",
+            type=click.FloatRange(0, 100),
+            default=0.0,
+            show_default=True,
+            help="0 is greedy decoding; above 0, tokens are sampled.",
+        ),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, help="1 = off."),
+        click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0, help="0 = off."),
+        click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="1 = off."),
+        click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
+        click.option("--presence-penalty", type=float, default=0.0, show_default=True),
+        click.option(
+            "--penalty-last-n",
+            type=click.IntRange(min=0),
+            default=64,
+            show_default=True,
+            help="Latest context tokens the penalties look at.",
+        ),
+        click.option(
+            "--logit-bias",
+            multiple=True,
+            metavar="TOKEN_ID=BIAS",
+            help="Add BIAS to a token's logit (repeatable; -inf bans it).",
+        ),
+        click.option(
+            "--accept",
+            type=click.Choice(["rejection", "exact"]),
+            default="rejection",
+            show_default=True,
+            help="How drafts are verified when sampling: rejection sampling (keeps more drafts) or "
+            "exact match with the target's own sample (llama.cpp's rule, for comparison).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+SAMPLING_KEYS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repeat_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "penalty_last_n",
+    "logit_bias",
+    "accept",
+)
+
+
+def sampling_settings(kwargs: dict[str, Any]) -> Any:
+    """Pop the sampling flags from a command's keyword arguments into SamplingSettings."""
+    from .sampling import SamplingSettings
+
+    values = {key: kwargs.pop(key) for key in SAMPLING_KEYS}
+    values["logit_bias"] = logit_bias(values["logit_bias"])
+    return SamplingSettings(**values)
+
+
+def tune_progress(total: int) -> Any:
+    return click.progressbar(length=total, label="tuning for this machine", file=sys.stderr)
+
+
+def format_sources(summary: Any) -> str:
+    """One line: how often the goodput controller chose each draft source, and how they fared."""
+    parts = []
+    for source, entry in summary.items():
+        if not entry.steps:
+            continue
+        if source == "none":
+            parts.append(f"plain {entry.steps} steps")
+        else:
+            rate = entry.accepted / entry.drafted if entry.drafted else 0.0
+            parts.append(
+                f"{source} {entry.steps} steps ({entry.accepted}/{entry.drafted} accepted, {rate:.0%})"
+            )
+    return "[controller] " + ", ".join(parts)
+
+
+def read_prompt(prompt: str | None) -> str:
+    if prompt is not None and prompt != "-":
+        return prompt
+    if sys.stdin is None or (prompt is None and sys.stdin.isatty()):
+        raise click.UsageError("no prompt: give it as an argument or on standard input")
+    return sys.stdin.read()
+
+
+def draft_label(draft: str) -> str:
+    """How statistics lines name what drafted: "none", "ngram", "profile NAME" or "draft FILE"."""
+    if draft in ("none", "ngram") or draft.startswith("profile "):
+        return draft
+    return f"draft {Path(draft).name}"
+
+
+def format_stats(stats: Any, drafter: str) -> str:
+    line = (
+        f"[{drafter}] {stats.n_generated} tokens, {stats.tokens_per_second:.2f} tokens/s "
+        f"(prompt {stats.n_prompt} tokens in {stats.t_prompt:.2f} s), "
+        f"{stats.tokens_per_step:.2f} tokens per target pass"
+    )
+    if stats.n_drafted:
+        line += f", acceptance {stats.acceptance_rate:.1%} ({stats.n_accepted}/{stats.n_drafted} drafted)"
+    line += f"; drafting {stats.t_draft:.2f} s, verifying {stats.t_verify:.2f} s"
+    return line
+
+
+def _engine_option_list() -> list[Any]:
+    return [
+        click.option(
+            "--target",
+            envvar="EDGESPEC_TARGET",
+            default="default",
+            show_default=True,
+            help="Target GGUF path, or 'default' for Qwen2.5-Coder-1.5B-Instruct Q4_K_M.",
+        ),
+        click.option(
+            "--draft",
+            envvar="EDGESPEC_DRAFT",
+            default="default",
+            show_default=True,
+            help="Draft GGUF path, 'default' (Qwen2.5-Coder-0.5B-Instruct Q4_K_M), "
+            "'ngram' (prompt lookup, no model) or 'none' (target only).",
+        ),
+        click.option(
+            "--draft-max",
+            "-k",
+            type=click.IntRange(0, 64),
+            default=4,
+            show_default=True,
+            help="Most draft tokens per step (k).",
+        ),
+        click.option(
+            "--profile",
+            "profile_spec",
+            envvar="EDGESPEC_PROFILE",
+            default=None,
+            help="Placement profile (name or .toml; see `edgespec profile list`), or 'auto': the profile "
+            "detected for this machine, tuned on first use. Flags given explicitly override it. Default: "
+            "auto, unless --draft or --draft-max is given.",
+        ),
+        click.option(
+            "--threads",
+            envvar="EDGESPEC_THREADS",
+            type=click.IntRange(min=1),
+            default=None,
+            help="CPU threads (default: physical cores).",
+        ),
+        click.option(
+            "--draft-threads",
+            type=click.IntRange(min=1),
+            default=None,
+            help="CPU threads for the draft model (default: as the profile says, else --threads).",
+        ),
+        click.option(
+            "--ctx",
+            type=click.IntRange(min=8),
+            default=4096,
+            show_default=True,
+            help="Context size in tokens (prompt + answer).",
+        ),
+        click.option(
+            "--gpu-layers",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Target layers to offload to a GPU (-1 = all).",
+        ),
+        click.option(
+            "--draft-gpu-layers",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Draft layers to offload to a GPU (-1 = all).",
+        ),
+        click.option(
+            "--draft-provider",
+            default=None,
+            help="ONNX Runtime provider for an ONNX drafter (cuda, dml, coreml, cpu; default: the best "
+            "available).",
+        ),
+        click.option(
+            "--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True
+        ),
+        click.option(
+            "--kernels",
+            type=click.Choice(["exact", "fast"]),
+            default="exact",
+            show_default=True,
+            help="exact: batch-invariant kernels, output identical to target-only; fast: llama.cpp's "
+            "fastest kernels, whose rounding depends on batch size (rare near-ties may flip).",
+        ),
+        click.option("--verbose", "-v", is_flag=True, help="Let llama.cpp's own log lines through."),
+    ]
+
+
+#: the keyword arguments `engine_options` adds to a command (consumed by `open_engine`)
+ENGINE_KEYS = (
+    "target",
+    "draft",
+    "draft_max",
+    "profile_spec",
+    "threads",
+    "draft_threads",
+    "ctx",
+    "gpu_layers",
+    "draft_gpu_layers",
+    "draft_provider",
+    "flash_attn",
+    "kernels",
+    "verbose",
+)
+
+
+def engine_options(func: Any) -> Any:
+    """The flags that choose, place and load the models (`run`, `chat`, `serve`)."""
+    for option in reversed(_engine_option_list()):
+        func = option(func)
+    return func
+
+
+def open_engine(ctx: click.Context, kwargs: dict[str, Any]) -> Engine:
+    """Pop the `engine_options` flags from a command's keyword arguments and load the engine.
+
+    A flag counts as given when it is on the command line or in its environment variable; flags
+    left at their defaults leave the choice to the profile (`--profile auto` when neither
+    --draft nor --draft-max is given).
+    """
+    from .api import Engine
+
+    values = {key: kwargs.pop(key) for key in ENGINE_KEYS}
+
+    def given(name: str) -> Any:
+        source = ctx.get_parameter_source(name)
+        explicit = source in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+        return values[name] if explicit else None
+
+    return Engine(
+        values["target"],
+        given("draft"),
+        profile=values["profile_spec"],
+        draft_max=given("draft_max"),
+        n_ctx=values["ctx"],
+        threads=values["threads"],
+        draft_threads=values["draft_threads"],
+        gpu_layers=given("gpu_layers"),
+        draft_gpu_layers=given("draft_gpu_layers"),
+        kernels=given("kernels"),
+        flash_attn=values["flash_attn"],
+        draft_provider=values["draft_provider"],
+        verbose=values["verbose"],
+        progress=progress,
+        tune_progress=tune_progress,
+        on_note=lambda line: click.echo(line, err=True),
+    )
