@@ -241,7 +241,9 @@ def run(
         tokens = chat_tokens(target, template, messages)
         mine = replace(sampling, accept=config.accept) if config.accept else sampling
         settings = GenerationSettings(max_tokens=max_tokens, draft_max=config.k, seed=seed, sampling=mine)
-        return tokens, engines[config.label].generate(tokens, settings).run()
+        engine = engines[config.label]
+        engine.forget()  # every configuration pays for the whole prompt, not the previous one's cache
+        return tokens, engine.generate(tokens, settings).run()
 
     result = BenchResult(configs=configs, sampling=sampling)
     if prompts:

@@ -290,6 +290,10 @@ class ControlledDrafter:
         if self.ngram is not None:
             self.ngram.begin(prompt)
 
+    def forget(self) -> None:
+        if self.model is not None:
+            self.model.forget()
+
     def close(self) -> None:
         if self.model is not None:
             self.model.close()

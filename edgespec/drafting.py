@@ -232,6 +232,12 @@ class ModelDrafter:
             self.runtime.eval(self._inputs(prompt[keep:]), logits="none")
             cached.extend(prompt[keep:])
 
+    def forget(self) -> None:
+        """Empty the draft model's cache: the next prompt is evaluated whole."""
+        self._settle()
+        self.runtime.truncate(0)
+        self._state.cached.clear()
+
     def close(self) -> None:
         """Finish background drafting and stop its thread (the runtime stays open)."""
         self._settle()

@@ -11,9 +11,9 @@ temperature > 0 the model drafter samples its draft from q and verification is s
 sampling (see `verify.verify_rejection`), or exact-match acceptance when asked; either way the
 output is distributed exactly as the target alone would sample it.
 
-The engine remembers which tokens the target's cache holds after a generation, so the next one
-(a chat's next turn, which repeats the conversation so far) evaluates only the tokens after the
-longest common prefix; a model drafter does the same with its own cache.
+A new generation keeps what the target's cache already holds up to the longest common prefix with
+its prompt (`Runtime.tokens`), so a chat's next turn, which repeats the conversation so far,
+evaluates only the new tokens; a model drafter does the same with its own cache.
 """
 
 from __future__ import annotations
@@ -211,14 +211,11 @@ class Generation:
         start = clock()
         # Reuse the longest common prefix of the cache and the prompt; the last prompt token is
         # always evaluated, for its logits.
-        held = engine._held
-        engine._held = []  # unknown until this generation leaves the cache in a known state
-        keep = min(common_prefix(held, context), len(context) - 1) if target.n_past == len(held) else 0
+        held = getattr(target, "tokens", None)
+        keep = min(common_prefix(held, context), len(context) - 1) if held is not None else 0
         target.truncate(keep)
         p_logits = target.eval(context[keep:], logits="last")
         stats.n_prompt_cached = keep
-        held = list(context)  # what the target's cache holds from here on
-        consistent = True
         if drafter is not None:
             drafter.begin(context)
         first, _ = processor.choose(p_logits[0], recents([])[0], rng)
@@ -262,7 +259,6 @@ class Generation:
 
                 # Verify: the newest token plus the draft, in one target pass.
                 t0 = clock()
-                consistent = False
                 p_logits = target.eval([context[-1], *draft], logits="all")
                 if sampling.greedy:
                     # bias and penalties move the argmax (adjusted is a view when there are none)
@@ -284,9 +280,6 @@ class Generation:
                 # Keep the cache for the newest token and the accepted drafts; the correction or
                 # bonus token is evaluated at the next step.
                 target.truncate(len(context) + n_accepted)
-                held.append(context[-1])
-                held.extend(draft[:n_accepted])
-                consistent = True
                 stats.t_verify += clock() - t0
 
                 stats.n_steps += 1
@@ -297,8 +290,6 @@ class Generation:
                     drafter.accepted(len(draft), n_accepted)
                 pending = [(t, True) for t in draft[:n_accepted]] + [(next_token, False)]
         finally:
-            if consistent:
-                engine._held = held
             tail = stream.flush()
             if tail:
                 text_parts.append(tail)
@@ -317,13 +308,13 @@ class SpeculativeEngine:
     def __init__(self, target: Runtime, drafter: Drafter | None = None) -> None:
         self.target = target
         self.drafter = drafter
-        # the tokens in the target's KV cache after the last generation, for prefix reuse
-        self._held: list[int] = []
 
     def forget(self) -> None:
-        """Drop what the caches hold, so the next generation evaluates its whole prompt."""
-        self._held = []
+        """Empty the caches, so the next generation evaluates its whole prompt."""
         self.target.truncate(0)
+        forget = getattr(self.drafter, "forget", None)
+        if forget is not None:
+            forget()
 
     def generate(self, prompt: Sequence[int], settings: GenerationSettings | None = None) -> Generation:
         """Start generating after `prompt` (token ids). Nothing runs until the result is iterated.

@@ -69,7 +69,9 @@ class Runtime(Protocol):
 
     A runtime may also have `vocab_map` (an `edgespec.vocabmap.VocabMap`, for a VocabTrim drafter
     whose ids are a subset of its target's; None or absent otherwise) and `inputs_in_target_ids`
-    (True when such a model still reads target ids and only its output rows are trimmed).
+    (True when such a model still reads target ids and only its output rows are trimmed), and
+    `tokens` (the ids in its cache, in position order), which lets the engine reuse the longest
+    common prefix of the cache and a new prompt; without it every prompt is evaluated whole.
     """
 
     path: Path

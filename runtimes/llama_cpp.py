@@ -256,6 +256,7 @@ class LlamaCppRuntime:
             self._batch.n_seq_id[i] = 1
             self._batch.seq_id[i][0] = 0
         self._n_past = 0
+        self._held: list[int] = []  # the token ids in the cache, in position order
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
 
@@ -310,6 +311,11 @@ class LlamaCppRuntime:
     def n_past(self) -> int:
         return self._n_past
 
+    @property
+    def tokens(self) -> Sequence[int]:
+        """The token ids in the KV cache, positions 0 … n_past-1 (a read-only view)."""
+        return tuple(self._held)
+
     def eval(self, tokens: Sequence[int], logits: LogitRows = "last") -> np.ndarray:
         n = len(tokens)
         if n == 0:
@@ -354,6 +360,7 @@ class LlamaCppRuntime:
                 _ll.llama_memory_seq_rm(self._mem, 0, self._n_past, -1)
                 raise RuntimeFailure(f"llama_decode failed with status {status}: {_backend().reason()}")
             self._n_past += count
+            self._held.extend(tokens[start : start + count])
             start += count
         if logits == "none":
             return np.empty((0, n_vocab), dtype=np.float32)
@@ -373,6 +380,7 @@ class LlamaCppRuntime:
         if not _ll.llama_memory_seq_rm(self._mem, 0, n, -1):
             raise RuntimeFailure(f"llama.cpp could not roll the KV cache back to {n} tokens")
         self._n_past = n
+        del self._held[n:]
 
     def close(self) -> None:
         if self._batch is not None:

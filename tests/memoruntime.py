@@ -34,6 +34,10 @@ class MemoRuntime:
     def n_past(self) -> int:
         return len(self._tokens)
 
+    @property
+    def tokens(self) -> Sequence[int]:
+        return tuple(self._tokens)
+
     def logits_after(self, context: Sequence[int]) -> np.ndarray:
         """The inner model's logits row for the token after `context` (computed once)."""
         key = tuple(context)
