@@ -5,6 +5,12 @@ Skipped only when the pair's packages are absent; CI installs them, so there it 
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -22,6 +28,22 @@ pytestmark = pytest.mark.real
 N_NEW = 96
 PROMPTS = bench_prompts(per_category=1, categories=12)  # 12 prompts, 12 categories
 SETTINGS = RuntimeSettings(n_ctx=2048)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_python_block(heading: str) -> str:
+    """The first ```python block after `heading` in the README."""
+    text = README.read_text(encoding="utf-8")
+    after = text[text.index(heading) :]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One user config folder for the README tests: the first tunes, the later reuse its profile."""
+    return tmp_path_factory.mktemp("config")
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
@@ -70,9 +92,9 @@ def test_speculative_equals_target_only(real_runtimes, question):
             assert spec.stats.n_accepted > 0
 
 
-def test_cli_answers_the_readme_prompt(real_runtimes, tmp_path, monkeypatch):
+def test_cli_answers_the_readme_prompt(real_runtimes, config_dir, monkeypatch):
     """The README's command: no --draft, so --profile auto, which tunes for this machine first."""
-    monkeypatch.setenv("EDGESPEC_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setenv("EDGESPEC_CONFIG_DIR", str(config_dir))
     result = CliRunner().invoke(
         cli,
         [
@@ -89,4 +111,17 @@ def test_cli_answers_the_readme_prompt(real_runtimes, tmp_path, monkeypatch):
     assert "def " in result.stdout and "fib" in result.stdout.lower()
     assert "on this machine" in result.stderr  # it tuned first: the config folder was empty
     assert "[profile tuned-" in result.stderr and "tokens per target pass" in result.stderr
-    assert len(list((tmp_path / "profiles").glob("tuned-*.toml"))) == 1
+    assert len(list((config_dir / "profiles").glob("tuned-*.toml"))) == 1
+
+
+def test_readme_embedding_example_runs_as_written(config_dir):
+    """The README's Python API example, pasted into a fresh interpreter."""
+    code = readme_python_block("## Python API")
+    env = {**os.environ, "EDGESPEC_CONFIG_DIR": str(config_dir)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "def " in proc.stdout and "tokens/s, finished by" in proc.stdout
+    reused = re.search(r"reused (\d+) of (\d+) prompt tokens", proc.stdout)
+    assert reused is not None, proc.stdout
+    # The third call's prompt repeats the conversation so far: most of it came from the cache.
+    assert int(reused[1]) > int(reused[2]) // 2
