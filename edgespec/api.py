@@ -79,12 +79,13 @@ class Chunk:
     Attributes:
         text: the text it made safe to show (may be "" while a multi-byte character or a possible
             stop string is incomplete, or several characters).
-        token: its token id.
+        token: its token id; None for the last chunk of a stream when it only carries text held
+            back until the end (the start of a possible stop string, an unfinished character).
         from_draft: True when a drafter proposed it and the target accepted it.
     """
 
     text: str
-    token: int
+    token: int | None
     from_draft: bool
 
 
@@ -158,6 +159,7 @@ class Stream:
         self._engine = engine
         self._generation = generation
         self._tokens = iter(generation)
+        self._shown = 0  # characters of text given out in chunks
         self.result: Result | None = None
 
     def __iter__(self) -> Stream:
@@ -168,9 +170,18 @@ class Stream:
             raise StopIteration
         try:
             token = next(self._tokens)
+        except StopIteration:
+            self._finish()
+            assert self.result is not None
+            tail = self.result.text[self._shown :]
+            if tail:  # the chunks' texts always add up to the result's text
+                self._shown += len(tail)
+                return Chunk(tail, None, False)
+            raise
         except BaseException:
             self._finish()
             raise
+        self._shown += len(token.text)
         return Chunk(token.text, token.id, token.from_draft)
 
     def cancel(self) -> None:

@@ -671,6 +671,11 @@ from .cli_profile import profile  # noqa: E402  (registers `edgespec profile …
 cli.add_command(profile)
 
 
+from .cli_chat import chat  # noqa: E402  (registers `edgespec chat`)
+
+cli.add_command(chat)
+
+
 def main() -> None:
     cli.main(prog_name="edgespec")
 

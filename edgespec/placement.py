@@ -399,15 +399,20 @@ def builtin_profiles() -> list[Profile]:
     return sorted(found, key=lambda p: p.name)
 
 
-def user_profile_dir() -> Path:
-    """Where user profiles live: `$EDGESPEC_CONFIG_DIR/profiles`, else the platform's user config
-    directory for edgespec (e.g. ~/.config/edgespec/profiles), which may not exist yet."""
+def user_config_dir() -> Path:
+    """edgespec's user folder: `$EDGESPEC_CONFIG_DIR`, else the platform's user config directory
+    for edgespec (e.g. ~/.config/edgespec), which may not exist yet."""
     override = os.environ.get(CONFIG_ENV)
     if override:
-        return Path(override).expanduser() / "profiles"
+        return Path(override).expanduser()
     import platformdirs
 
-    return Path(platformdirs.user_config_dir("edgespec", appauthor=False)) / "profiles"
+    return Path(platformdirs.user_config_dir("edgespec", appauthor=False))
+
+
+def user_profile_dir() -> Path:
+    """Where user profiles live: `user_config_dir()/profiles`."""
+    return user_config_dir() / "profiles"
 
 
 def user_profiles() -> list[Profile]:

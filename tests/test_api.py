@@ -75,13 +75,26 @@ def test_generate_equals_target_only_and_streams_the_same(tiny_pair, engine):
     assert stream.result is not None and stream.result.tokens == base.tokens
 
 
+def test_text_held_back_to_the_end_comes_in_a_last_chunk(engine):
+    """A possible stop string's start is held back while it may still complete; when generation
+    ends first, the held-back text still reaches the stream, so its chunks add up to the result."""
+    whole = engine.generate("hello world", max_tokens=30).text
+    stop = whole[-3:] + "@@"  # its start ends the text, but it never completes
+    with engine.stream("hello world", max_tokens=30, stop=stop) as stream:
+        chunks = list(stream)
+    assert stream.result is not None and stream.result.text == whole
+    assert "".join(c.text for c in chunks) == whole
+    assert chunks[-1].token is None and chunks[-1].text.endswith(whole[-3:])
+    assert all(c.token is not None for c in chunks[:-1]) and len(chunks) == 31
+
+
 def test_options_reach_the_generation(engine):
     first = engine.generate("hello world", max_tokens=30)
     stop = first.text.split()[3]
     stopped = engine.generate("hello world", max_tokens=30, stop=stop)
     assert stopped.finish_reason == "stop" and stop not in stopped.text
     assert first.text.startswith(stopped.text)
-    sampled = [engine.generate("hello world", max_tokens=20, temperature=0.9, seed=5).tokens for _ in range(2)]
+    sampled = [engine.generate("hi there", max_tokens=20, temperature=0.9, seed=5).tokens for _ in "ab"]
     assert sampled[0] == sampled[1] != first.tokens[:20]
     raw = engine.generate([1, 50, 60, 70], max_tokens=5, draft_max=0)
     assert raw.prompt_tokens == 4 and raw.stats.n_drafted == 0
@@ -193,9 +206,7 @@ def _try(engine: Engine) -> Exception | None:
 def test_cancel_from_another_thread(tiny_pair):
     with Engine(tiny_pair[0], tiny_pair[1], n_ctx=2048, threads=1) as engine:
         stream = engine.stream("the cat", max_tokens=2000)
-        seen = 0
-        for _chunk in stream:
-            seen += 1
+        for seen, _chunk in enumerate(stream, 1):
             if seen == 5:
                 threading.Thread(target=engine.cancel).start()
         result = stream.result
