@@ -430,7 +430,7 @@ class Engine:
         The engine is held from this call until the stream ends or is closed. Arguments as for
         `generate`.
         """
-        settings = self._settings(options)
+        settings = self.check_options(**options)
         tokens = self.tokenize(prompt, raw=raw, system=system) if isinstance(prompt, str) else list(prompt)
         return self._start(tokens, settings, timeout)
 
@@ -448,7 +448,7 @@ class Engine:
         common prefix with the previous call's are evaluated, so sending the whole conversation
         again each turn is cheap.
         """
-        settings = self._settings(options)
+        settings = self.check_options(**options)
         started = self._start(self.chat_tokens(messages), settings, timeout)
         if stream:
             return started
@@ -503,8 +503,10 @@ class Engine:
         if self._closed:
             raise EdgespecError("the engine is closed")
 
-    def _settings(self, options: Mapping[str, Any]) -> GenerationSettings:
-        from .sampling import SamplingSettings
+    def check_options(self, **options: Any) -> GenerationSettings:
+        """Check per-call options (see `GenerateOptions`) without generating: the settings they
+        make, or a one-line `SettingsError` naming the option (e.g. before a request is queued)."""
+        from .sampling import LogitsProcessor, SamplingSettings
 
         unknown = sorted(set(options) - _OPTION_KEYS)
         if unknown:
@@ -518,7 +520,9 @@ class Engine:
         stop = general.get("stop", ())
         general["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
         general.setdefault("draft_max", self.draft_max)
-        return GenerationSettings(**general, sampling=SamplingSettings(**values))
+        settings = GenerationSettings(**general, sampling=SamplingSettings(**values))
+        LogitsProcessor(settings.sampling, self._pair.engine.target.vocab.n_vocab)  # logit_bias ids
+        return settings
 
     def _acquire(self, timeout: float | None) -> bool:
         self._check_open()

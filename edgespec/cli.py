@@ -676,6 +676,11 @@ from .cli_chat import chat  # noqa: E402  (registers `edgespec chat`)
 cli.add_command(chat)
 
 
+from .cli_serve import serve  # noqa: E402  (registers `edgespec serve`)
+
+cli.add_command(serve)
+
+
 def main() -> None:
     cli.main(prog_name="edgespec")
 

@@ -66,6 +66,8 @@ class GenerationSettings:
             raise SettingsError(f"draft_max must be 0 or more, got {self.draft_max}")
         if self.draft_max > 64:
             raise SettingsError(f"draft_max must be at most 64, got {self.draft_max}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise SettingsError(f"seed must be between 0 and 2**64 - 1, got {self.seed}")
 
 
 @dataclass

@@ -109,6 +109,8 @@ def test_options_reach_the_generation(engine):
         ({"top_p": 2.0}, "top_p must be in (0, 1]"),
         ({"stop": [1]}, "stop must be a string or a list of strings"),
         ({"colour": "red"}, "unknown option 'colour'"),
+        ({"seed": -1}, "seed must be between 0 and 2**64 - 1"),
+        ({"logit_bias": {10**6: 1.0}}, "logit_bias token 1000000 is not in the vocabulary"),
     ],
 )
 def test_bad_options_are_one_line_settings_errors(engine, options, message):

@@ -1,0 +1,152 @@
+"""`edgespec serve`: the OpenAI-compatible HTTP API on this machine (see `edgespec.server`).
+
+FastAPI and uvicorn (the `server` extra) are imported only when the command runs, so the rest of
+the command line works without them.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+from typing import Any
+
+import click
+
+from .cli_common import engine_options, open_engine
+from .errors import EdgespecError
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (port 0: any free one), or an EdgespecError saying why not.
+
+    Binding before the models load makes a taken port fail at once, not after seconds of loading.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise EdgespecError(f"cannot listen on {host!r}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name != "nt":  # allows a restart right after a stop; on Windows it would share the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = (
+            "; is a server running there already? choose another --port"
+            if exc.errno == errno.EADDRINUSE
+            else ""
+        )
+        raise EdgespecError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    """http://HOST:PORT of a bound socket."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _loopback(sock: socket.socket) -> bool:
+    return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
+
+
+@click.command()
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 opens the server to other machines (then set --api-key).",
+)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port."
+)
+@click.option(
+    "--api-key",
+    envvar="EDGESPEC_API_KEY",
+    default=None,
+    help="Require the header 'Authorization: Bearer KEY' on /v1 requests (also $EDGESPEC_API_KEY).",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="Let web pages from ORIGIN call the API, e.g. http://localhost:3000 (repeatable; '*': any). "
+    "None by default.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Most requests accepted at once, the running one included; more are answered 503.",
+)
+@engine_options
+@click.pass_context
+def serve(
+    click_ctx: click.Context,  # not `ctx`: --ctx is an engine option
+    host: str,
+    port: int,
+    api_key: str | None,
+    cors_origins: tuple[str, ...],
+    max_queue: int,
+    **flags: Any,
+) -> None:
+    """Serve an OpenAI-compatible HTTP API (chat and completions) on this machine.
+
+    Endpoints: /v1/chat/completions, /v1/completions, /v1/models and /health. Requests run one at a
+    time, first come first served; streamed answers are server-sent events, as OpenAI sends them.
+    The request's `model` may be anything: the loaded target answers. Without a temperature,
+    decoding is greedy. Responses carry an extra `edgespec` field with the drafting statistics.
+
+    \b
+    Examples:
+      edgespec serve
+      edgespec serve --port 8000 --api-key "$(openssl rand -hex 16)" --cors-origin http://localhost:3000
+      curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+          -d '{"model": "any", "messages": [{"role": "user", "content": "Hi!"}], "stream": true}'
+
+    \b
+    From Python, with the official client:
+      client = openai.OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="KEY or anything")
+    """
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise EdgespecError(
+            f'edgespec serve needs {exc.name or "fastapi and uvicorn"}: pip install "edgespec[server]"'
+        ) from None
+    from . import server
+
+    if api_key is not None and not api_key.strip():
+        raise click.BadParameter("the API key is empty", param_hint="--api-key")
+    log_level = "info" if flags["verbose"] else "warning"
+    sock = bind(host, port)
+    try:
+        url = url_of(sock)
+        if not _loopback(sock) and api_key is None:
+            click.echo(
+                f"warning: {url} is open to other machines without an API key (set --api-key)", err=True
+            )
+        engine = open_engine(click_ctx, flags)
+        try:
+            ready = f"serving {engine.model} on {url}/v1 (OpenAI-compatible API; Ctrl-C to stop)"
+            httpd = server.make_server(
+                engine,
+                api_key=api_key,
+                cors_origins=cors_origins,
+                max_queue=max_queue,
+                on_ready=lambda: click.echo(ready, err=True),
+                log_level=log_level,
+            )
+            httpd.run(sockets=[sock])
+        finally:
+            engine.close()
+    finally:
+        sock.close()

@@ -1,0 +1,232 @@
+"""OpenAI's completion formats for `edgespec serve`: reading a request's fields into engine options
+(every problem a 400 `APIError` naming the field) and rendering results, chunks and errors.
+
+Where it differs from OpenAI's API, on purpose:
+- `model` may be any value; responses name the served model (`Engine.model`).
+- Omitted sampling settings take edgespec's defaults: greedy decoding (temperature 0), not OpenAI's
+  temperature 1. Omitted `max_tokens` means "until the context is full".
+- `n` must be 1; logprobs, tools and response formats other than text are refused (400).
+- edgespec's own settings are accepted too: top_k, min_p, repeat_penalty, penalty_last_n, draft_max.
+- Responses carry an extra field `edgespec`: the generation's statistics (`Stats.to_dict()`, with
+  `n_prompt_cached`, the prompt tokens reused from the cache), `draft`, `draft_max`, `seed`, and
+  `sources` under a goodput controller. A stream carries it on its last chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .api import check_messages
+from .errors import EdgespecError, PromptError, SettingsError
+from .serving import APIError
+
+if TYPE_CHECKING:
+    from .api import Result
+
+# Request fields, beyond each endpoint's own (messages / prompt, max tokens, stream, n).
+_OPTIONS = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "stop", "logit_bias")
+_EXTENSIONS = ("top_k", "min_p", "repeat_penalty", "penalty_last_n", "draft_max")  # edgespec's own
+_IGNORED = ("model", "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
+# Features edgespec does not have: accepted only when null or set to a do-nothing value.
+_UNSUPPORTED = frozenset(
+    {
+        *("logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "functions"),
+        *("function_call", "response_format", "modalities", "audio", "prediction", "reasoning_effort"),
+        *("verbosity", "web_search_options", "echo", "best_of", "suffix"),
+    }
+)
+_NO_OP = (None, False, "", "none", [], ["text"], {"type": "text"})
+_COMMON = frozenset({"stream", "stream_options", "n", "max_tokens", *_OPTIONS, *_EXTENSIONS, *_IGNORED})
+_FIELDS = {
+    True: _COMMON | {"messages", "max_completion_tokens"} | _UNSUPPORTED,
+    False: _COMMON | {"prompt"} | _UNSUPPORTED,
+}
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """The API error for an exception: 400 for a bad setting or prompt, 500 otherwise."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, (SettingsError, PromptError)):
+        name = str(exc).split(" ", 1)[0]  # "temperature must be ...", "messages[0].role must be ..."
+        known = re.split(r"[\[.]", name)[0] in _FIELDS[True] | _FIELDS[False]
+        return APIError(400, str(exc), param=name if known else None)
+    if isinstance(exc, EdgespecError):
+        return APIError(500, str(exc), type="server_error")
+    return APIError(500, f"unexpected {type(exc).__name__}: {exc}", type="server_error")
+
+
+@dataclass(frozen=True)
+class Params:
+    stream: bool
+    include_usage: bool
+    options: dict[str, Any]
+
+
+def typed(body: dict[str, Any], key: str, kind: type, what: str, param: str = "") -> Any:
+    """body[key], None when absent or null; a 400 APIError when it is not `what`."""
+    value = body.get(key)
+    if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
+        raise APIError(400, f"{param or key} must be {what}, got {value!r}", param=param or key)
+    return value
+
+
+def params(body: dict[str, Any], chat: bool) -> Params:
+    """Check a completion request's fields and gather the engine options (a 400 APIError if bad)."""
+    for key, value in body.items():
+        if key not in _FIELDS[chat]:
+            raise APIError(400, f"unrecognized request argument supplied: {key}", param=key)
+        if key in _UNSUPPORTED and value not in _NO_OP and (key != "best_of" or value != 1):
+            raise APIError(400, f"{key} is not supported by edgespec serve", param=key)
+    if typed(body, "n", int, "an integer") not in (None, 1):
+        raise APIError(400, "n must be 1: edgespec serve generates one choice per request", param="n")
+    typed(body, "model", str, "a string")
+    stream = bool(typed(body, "stream", bool, "true or false"))
+    stream_options = typed(body, "stream_options", dict, "an object")
+    if stream_options is not None and not stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    include_usage = stream_options is not None and bool(
+        typed(stream_options, "include_usage", bool, "true or false", "stream_options.include_usage")
+    )
+    options = {key: body[key] for key in (*_OPTIONS, *_EXTENSIONS) if body.get(key) is not None}
+    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = typed(body, name, int, "an integer of at least 1")
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise APIError(400, f"{name} must be an integer of at least 1, got {max_tokens}", param=name)
+        options["max_tokens"] = max_tokens
+    if (typed(body, "seed", int, "an integer of 0 or more") or 0) < 0:
+        raise APIError(400, f"seed must be an integer of 0 or more, got {body['seed']}", param="seed")
+    if "logit_bias" in options:
+        options["logit_bias"] = logit_bias(options["logit_bias"])
+    return Params(stream, include_usage, options)
+
+
+def logit_bias(value: Any) -> dict[int, float]:
+    """OpenAI's logit_bias, {"token id": bias}, with integer keys."""
+    if not isinstance(value, dict):
+        raise APIError(400, f"logit_bias must map token ids to numbers, got {value!r}", param="logit_bias")
+    bias: dict[int, float] = {}
+    for key, amount in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(
+                400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+            ) from None
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+            raise APIError(400, f"logit_bias[{key!r}] must be a number, got {amount!r}", param="logit_bias")
+        bias[token] = amount
+    return bias
+
+
+def messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The conversation; role "developer" is read as "system", text content parts are joined with
+    newlines."""
+    messages = body.get("messages")
+    if messages is None:
+        raise APIError(400, "missing required parameter: 'messages'", param="messages")
+    if isinstance(messages, list):
+        messages = [_message(i, m) if isinstance(m, dict) else m for i, m in enumerate(messages)]
+    check_messages(messages)
+    return messages
+
+
+def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
+    role, content = message.get("role"), message.get("content")
+    if isinstance(content, list):
+        texts = [p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None for p in content]
+        if any(not isinstance(t, str) for t in texts):
+            raise PromptError(
+                f"messages[{i}].content parts must be {{'type': 'text', 'text': ...}} (text only)"
+            )
+        content = "\n".join(texts)
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def prompt(body: dict[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise APIError(400, "missing required parameter: 'prompt'", param="prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise APIError(400, "prompt must be a string, or a list of exactly one string", param="prompt")
+    return prompt
+
+
+@dataclass
+class Reply:
+    """Renders one request's answer as OpenAI's objects."""
+
+    chat: bool
+    model: str
+    include_usage: bool
+    draft: str
+    draft_max: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        prefix = "chatcmpl-" if self.chat else "cmpl-"
+        return {"id": prefix + self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def usage(self, result: Result) -> dict[str, Any]:
+        return {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": result.stats.n_prompt_cached},
+        }
+
+    def extra(self, result: Result) -> dict[str, Any]:
+        """The `edgespec` field: how the generation went."""
+        data: dict[str, Any] = {"draft": self.draft, "draft_max": self.draft_max, "seed": result.seed}
+        data.update(result.stats.to_dict())
+        if result.sources is not None:
+            data["sources"] = {name: dataclasses.asdict(s) for name, s in result.sources.items()}
+        return data
+
+    def response(self, result: Result) -> dict[str, Any]:
+        """The non-streamed answer."""
+        if self.chat:
+            head = self._head("chat.completion")
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}}
+        else:
+            head = self._head("text_completion")
+            choice = {"index": 0, "text": result.text}
+        choice.update(logprobs=None, finish_reason=result.finish_reason)
+        return {**head, "choices": [choice], "usage": self.usage(result), "edgespec": self.extra(result)}
+
+    def chunk(self, text: str | None = None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+        """One streamed chunk: text, a finish reason, or (chat) the first one with the role."""
+        if self.chat:
+            head = self._head("chat.completion.chunk")
+            delta = (
+                {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            )
+            choice: dict[str, Any] = {"index": 0, "delta": delta}
+        else:
+            head = self._head("text_completion")
+            choice = {"index": 0, "text": text or ""}
+        choice.update(logprobs=None, finish_reason=finish)
+        return {**head, "choices": [choice], **({"usage": None} if self.include_usage else {})}
+
+    def last_chunks(self, result: Result) -> list[dict[str, Any]]:
+        """The chunks that end a stream: the finish reason, then the usage if asked for; the last
+        one carries `edgespec`."""
+        chunks = [self.chunk(finish=result.finish_reason)]
+        if self.include_usage:
+            chunks.append({**self.chunk(), "choices": [], "usage": self.usage(result)})
+        chunks[-1]["edgespec"] = self.extra(result)
+        return chunks
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"

@@ -1,0 +1,189 @@
+"""The request queue of `edgespec serve`: generations run on one engine one at a time, first in
+first out, from a bounded queue, by one worker thread; their events reach the event loop through
+`loop.call_soon_threadsafe`. Nothing here knows HTTP beyond the status codes of its errors.
+
+When a client goes away its job is dropped if it is still waiting, or cancelled before the engine's
+next step if it runs, so the engine is free for the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import EdgespecError, SettingsError
+
+if TYPE_CHECKING:
+    from .api import Engine, Stream
+
+__all__ = ["DEFAULT_MAX_QUEUE", "APIError", "Job", "Scheduler", "shutting_down"]
+
+log = logging.getLogger("edgespec.server")
+
+DEFAULT_MAX_QUEUE = 8
+
+
+@dataclass
+class APIError(Exception):
+    """An error answered with an OpenAI-style JSON body and an HTTP status."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+    def body(self) -> dict[str, Any]:
+        message = " ".join(line.strip() for line in self.message.splitlines() if line.strip())
+        return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+
+
+class Job:
+    """One request's generation: run by the worker thread, heard of by the event loop.
+
+    Events, in order: ("chunk", Chunk) when streaming, then ("done", Result) or ("error", exception).
+    """
+
+    def __init__(self, tokens: list[int], options: dict[str, Any], streaming: bool) -> None:
+        self.tokens = tokens
+        self.options = options
+        self.streaming = streaming
+        self.cancelled = False
+        self.stream: Stream | None = None  # set by the worker, under the scheduler's lock
+        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+
+    def push(self, kind: str, value: Any) -> None:
+        """Hand an event to the event loop (from any thread)."""
+        with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody listens any more
+            self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+class Scheduler:
+    """Runs jobs on the engine one at a time, first in first out, from a bounded queue.
+
+    Args:
+        engine: the engine every job runs on.
+        max_queue: the most jobs accepted at once, the running one included; `submit` refuses more.
+    """
+
+    def __init__(self, engine: Engine, max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+        if max_queue < 1:
+            raise SettingsError(f"max_queue must be at least 1, got {max_queue}")
+        self.engine = engine
+        self.max_queue = max_queue
+        self.running: Job | None = None
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
+        self._waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="edgespec-serve", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise a 503 APIError when the queue is full or the server is stopping."""
+        with self._cond:
+            if self._closed:
+                raise shutting_down()
+            if len(self._waiting) + (self.running is not None) >= self.max_queue:
+                self.counts["rejected"] += 1
+                raise APIError(
+                    503,
+                    f"the server is busy: {self.max_queue} requests are already running or waiting "
+                    "(edgespec serve --max-queue); retry later",
+                    type="server_error",
+                    code="queue_full",
+                )
+            self._waiting.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a waiting job, or stop a running one before its next step (its client went away)."""
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self.counts["cancelled"] += 1
+                return
+            job.cancelled = True
+            stream = job.stream
+        if stream is not None:
+            stream.cancel()
+
+    def health(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "busy": self.running is not None,
+                "queued": len(self._waiting),
+                "max_queue": self.max_queue,
+                **self.counts,
+            }
+
+    def close(self) -> None:
+        """Refuse new jobs, answer the waiting ones with 503 and cancel the running one."""
+        with self._cond:
+            self._closed = True
+            dropped = list(self._waiting)
+            self._waiting.clear()
+            self.counts["cancelled"] += len(dropped)
+            running = self.running
+            self._cond.notify_all()
+        for job in dropped:
+            job.push("error", shutting_down())
+        if running is not None:
+            self.cancel(running)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the worker thread to stop (after `close`)."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._waiting or self._closed)
+                if not self._waiting:
+                    return
+                job = self._waiting.popleft()
+                self.running = job
+            outcome, event = self._run(job)
+            with self._cond:  # before the answer goes out: its client then sees the engine free
+                self.running = None
+                self.counts[outcome] += 1
+            job.push(*event)
+
+    def _run(self, job: Job) -> tuple[str, tuple[str, Any]]:
+        """Run one job to its end; return the counter it adds to and its last event."""
+        try:
+            stream = self.engine.stream(job.tokens, **job.options)
+            with self._cond:
+                job.stream = stream
+                cancelled = job.cancelled
+            with stream:
+                if cancelled:
+                    stream.cancel()
+                for chunk in stream:
+                    if job.cancelled:
+                        break
+                    if job.streaming:
+                        job.push("chunk", chunk)
+        except Exception as exc:
+            if not isinstance(exc, EdgespecError):
+                log.error("generation failed", exc_info=exc)
+            return "failed", ("error", exc)
+        result = stream.result
+        assert result is not None
+        return "cancelled" if result.finish_reason == "cancelled" else "completed", ("done", result)
