@@ -46,7 +46,8 @@ class EngineBusy(EdgespecError):
 class GenerateOptions(TypedDict, total=False):
     """Per-call options of `Engine.generate`, `stream` and `chat` (all optional).
 
-    max_tokens (256), draft_max (the engine's), stop (a string or several), seed, and the
+    max_tokens (256), draft_max (the engine's), stop (a string or several), seed, cache_prompt
+    (True: reuse the cached prefix, see `GenerationSettings`), and the
     sampling settings of `edgespec.sampling.SamplingSettings`: temperature (0: greedy), top_k,
     top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty, penalty_last_n, logit_bias,
     accept.
@@ -56,6 +57,7 @@ class GenerateOptions(TypedDict, total=False):
     draft_max: int
     stop: str | Sequence[str]
     seed: int | None
+    cache_prompt: bool
     temperature: float
     top_k: int
     top_p: float
@@ -68,7 +70,7 @@ class GenerateOptions(TypedDict, total=False):
     accept: str
 
 
-_GENERATION_KEYS = ("max_tokens", "draft_max", "stop", "seed")
+_GENERATION_KEYS = ("max_tokens", "draft_max", "stop", "seed", "cache_prompt")
 _OPTION_KEYS = frozenset(GenerateOptions.__annotations__)
 
 
@@ -238,6 +240,9 @@ class Engine:
         threads, draft_threads: CPU threads for the target and the draft model.
         gpu_layers, draft_gpu_layers: layers to offload to a GPU (-1: all).
         kernels: "exact" (output identical to target-only, the default) or "fast".
+        cache_prompt: the default of the per-call option: reuse the cached prefix of the previous
+            call (True), or evaluate every prompt whole, so that greedy output depends on the
+            prompt alone (False; see `GenerationSettings.cache_prompt`).
         flash_attn: "auto", "on" or "off" (without a profile).
         draft_provider: ONNX Runtime provider for an ONNX drafter.
         verbose: let llama.cpp's log lines through.
@@ -265,6 +270,7 @@ class Engine:
         kernels: str | None = None,
         flash_attn: str = "auto",
         draft_provider: str | None = None,
+        cache_prompt: bool = True,
         verbose: bool = False,
         progress: Callable[..., Any] | None = None,
         tune_progress: Callable[[int], Any] | None = None,
@@ -315,20 +321,23 @@ class Engine:
                 draft_provider=draft_provider,
                 draft_threads=draft_threads,
             )
-        self._init(pair, 4 if draft_max is None else draft_max)
+        self._init(pair, 4 if draft_max is None else draft_max, cache_prompt)
 
     @classmethod
-    def from_pair(cls, pair: LoadedPair, draft_max: int = 4, profile: Profile | None = None) -> Engine:
+    def from_pair(
+        cls, pair: LoadedPair, draft_max: int = 4, profile: Profile | None = None, cache_prompt: bool = True
+    ) -> Engine:
         """An engine over models loaded with `edgespec.loader` (it takes ownership of them)."""
         engine = cls.__new__(cls)
         engine.profile = profile
-        engine._init(pair, draft_max)
+        engine._init(pair, draft_max, cache_prompt)
         return engine
 
-    def _init(self, pair: LoadedPair, draft_max: int) -> None:
+    def _init(self, pair: LoadedPair, draft_max: int, cache_prompt: bool) -> None:
         GenerationSettings(draft_max=draft_max)  # range check
         self._pair = pair
         self.draft_max = draft_max
+        self.cache_prompt = cache_prompt
         self._lock = _FifoLock()
         self._current: Generation | None = None
         self._closed = False
@@ -520,6 +529,7 @@ class Engine:
         stop = general.get("stop", ())
         general["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
         general.setdefault("draft_max", self.draft_max)
+        general.setdefault("cache_prompt", self.cache_prompt)
         settings = GenerationSettings(**general, sampling=SamplingSettings(**values))
         LogitsProcessor(settings.sampling, self._pair.engine.target.vocab.n_vocab)  # logit_bias ids
         return settings
@@ -561,6 +571,10 @@ def _check_type(key: str, value: Any) -> None:
     """SettingsError naming the option when a value has the wrong type (ranges are checked by
     the settings themselves)."""
     if key == "seed" and value is None:
+        return
+    if key == "cache_prompt":
+        if not isinstance(value, bool):
+            raise SettingsError(f"cache_prompt must be true or false, got {value!r}")
         return
     if isinstance(value, bool) or (
         (key in _INTS and not isinstance(value, numbers.Integral))

@@ -260,12 +260,12 @@ def engine_options(func: Any) -> Any:
     return func
 
 
-def open_engine(ctx: click.Context, kwargs: dict[str, Any]) -> Engine:
+def open_engine(ctx: click.Context, kwargs: dict[str, Any], **extra: Any) -> Engine:
     """Pop the `engine_options` flags from a command's keyword arguments and load the engine.
 
     A flag counts as given when it is on the command line or in its environment variable; flags
     left at their defaults leave the choice to the profile (`--profile auto` when neither
-    --draft nor --draft-max is given).
+    --draft nor --draft-max is given). `extra` goes to `Engine` as it is.
     """
     from .api import Engine
 
@@ -293,4 +293,5 @@ def open_engine(ctx: click.Context, kwargs: dict[str, Any]) -> Engine:
         progress=progress,
         tune_progress=tune_progress,
         on_note=lambda line: click.echo(line, err=True),
+        **extra,
     )

@@ -86,6 +86,14 @@ def _loopback(sock: socket.socket) -> bool:
     show_default=True,
     help="Most requests accepted at once, the running one included; more are answered 503.",
 )
+@click.option(
+    "--cache-prompt/--no-cache-prompt",
+    default=True,
+    show_default=True,
+    help="Reuse the cached prefix of the previous request (a request's cache_prompt field "
+    "overrides it). --no-cache-prompt evaluates every prompt whole, so greedy answers depend on "
+    "the request alone, as `edgespec run` gives them.",
+)
 @engine_options
 @click.pass_context
 def serve(
@@ -95,6 +103,7 @@ def serve(
     api_key: str | None,
     cors_origins: tuple[str, ...],
     max_queue: int,
+    cache_prompt: bool,
     **flags: Any,
 ) -> None:
     """Serve an OpenAI-compatible HTTP API (chat and completions) on this machine.
@@ -134,7 +143,7 @@ def serve(
             click.echo(
                 f"warning: {url} is open to other machines without an API key (set --api-key)", err=True
             )
-        engine = open_engine(click_ctx, flags)
+        engine = open_engine(click_ctx, flags, cache_prompt=cache_prompt)
         try:
             ready = f"serving {engine.model} on {url}/v1 (OpenAI-compatible API; Ctrl-C to stop)"
             httpd = server.make_server(

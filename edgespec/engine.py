@@ -50,6 +50,11 @@ class GenerationSettings:
         stop: strings that end generation; not included in the text.
         seed: seed for sampling; the same seed and settings give the same output. None draws a
             fresh one, recorded as `Generation.seed`. Greedy decoding does not use it.
+        cache_prompt: keep what the target's cache already holds up to the longest common prefix
+            with the prompt, and evaluate only the rest. Those keys and values were computed in
+            other batch shapes than one pass over this prompt, and llama.cpp's kernels round
+            differently per batch shape, so near-ties may then break otherwise than in a fresh
+            pass; False evaluates the whole prompt, giving the output a fresh process gives.
         sampling: temperature, truncation, penalties, logit bias and the acceptance rule.
     """
 
@@ -58,6 +63,7 @@ class GenerationSettings:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     sampling: SamplingSettings = GREEDY
+    cache_prompt: bool = True
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -213,7 +219,7 @@ class Generation:
         start = clock()
         # Reuse the longest common prefix of the cache and the prompt; the last prompt token is
         # always evaluated, for its logits.
-        held = getattr(target, "tokens", None)
+        held = getattr(target, "tokens", None) if settings.cache_prompt else None
         keep = min(common_prefix(held, context), len(context) - 1) if held is not None else 0
         target.truncate(keep)
         p_logits = target.eval(context[keep:], logits="last")

@@ -6,7 +6,10 @@ Where it differs from OpenAI's API, on purpose:
 - Omitted sampling settings take edgespec's defaults: greedy decoding (temperature 0), not OpenAI's
   temperature 1. Omitted `max_tokens` means "until the context is full".
 - `n` must be 1; logprobs, tools and response formats other than text are refused (400).
-- edgespec's own settings are accepted too: top_k, min_p, repeat_penalty, penalty_last_n, draft_max.
+- edgespec's own settings are accepted too: top_k, min_p, repeat_penalty, penalty_last_n, draft_max,
+  and cache_prompt (default true: reuse the cached prefix of the previous request; false evaluates
+  the whole prompt, so greedy output is what a fresh `edgespec run` gives; see
+  `GenerationSettings.cache_prompt`).
 - Responses carry an extra field `edgespec`: the generation's statistics (`Stats.to_dict()`, with
   `n_prompt_cached`, the prompt tokens reused from the cache), `draft`, `draft_max`, `seed`, and
   `sources` under a goodput controller. A stream carries it on its last chunk.
@@ -31,7 +34,8 @@ if TYPE_CHECKING:
 
 # Request fields, beyond each endpoint's own (messages / prompt, max tokens, stream, n).
 _OPTIONS = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "stop", "logit_bias")
-_EXTENSIONS = ("top_k", "min_p", "repeat_penalty", "penalty_last_n", "draft_max")  # edgespec's own
+# edgespec's own (cache_prompt as llama.cpp's server names it)
+_EXTENSIONS = ("top_k", "min_p", "repeat_penalty", "penalty_last_n", "draft_max", "cache_prompt")
 _IGNORED = ("model", "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
 # Features edgespec does not have: accepted only when null or set to a do-nothing value.
 _UNSUPPORTED = frozenset(

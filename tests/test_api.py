@@ -39,7 +39,8 @@ class Counting:
 
 @pytest.fixture()
 def engine(tiny_pair):
-    with Engine(tiny_pair[0], tiny_pair[1], n_ctx=256, threads=1) as engine:
+    # Every prompt evaluated whole: these tests compare answers to one prompt asked several times.
+    with Engine(tiny_pair[0], tiny_pair[1], n_ctx=256, threads=1, cache_prompt=False) as engine:
         yield engine
 
 
@@ -111,6 +112,7 @@ def test_options_reach_the_generation(engine):
         ({"colour": "red"}, "unknown option 'colour'"),
         ({"seed": -1}, "seed must be between 0 and 2**64 - 1"),
         ({"logit_bias": {10**6: 1.0}}, "logit_bias token 1000000 is not in the vocabulary"),
+        ({"cache_prompt": 1}, "cache_prompt must be true or false"),
     ],
 )
 def test_bad_options_are_one_line_settings_errors(engine, options, message):
@@ -160,6 +162,34 @@ def test_second_chat_turn_evaluates_only_the_new_tokens(counted):
     assert target.evals[0] == len(prompt2)
 
 
+def test_chat_with_cache_reuse_still_equals_target_only_turn_by_turn(tiny_pair):
+    """The promise under prefix reuse: given the same conversation (so the same cache history),
+    speculative output is token for token the target-only output."""
+    messages: list[dict[str, str]] = []
+    with (
+        Engine(tiny_pair[0], tiny_pair[1], n_ctx=1024, threads=1) as spec,
+        Engine(tiny_pair[0], "none", n_ctx=1024, threads=1) as plain,
+    ):
+        for turn, text in enumerate(["the cat sat on", "and then the dog", "hello world, what now"]):
+            messages.append({"role": "user", "content": text})
+            a, b = spec.chat(messages, max_tokens=30), plain.chat(messages, max_tokens=30)
+            assert a.tokens == b.tokens and a.stats.n_drafted > 0
+            assert a.stats.n_prompt_cached == b.stats.n_prompt_cached and (a.stats.n_prompt_cached > 0) == (
+                turn > 0
+            )
+            messages.append({"role": "assistant", "content": a.text})
+
+
+def test_cache_prompt_false_evaluates_the_whole_prompt(counted):
+    engine, target, _ = counted
+    engine.generate("the cat sat on the mat", max_tokens=8)
+    target.evals.clear()
+    result = engine.generate("the cat sat on the mat", max_tokens=8, cache_prompt=False)
+    assert result.stats.n_prompt_cached == 0 and target.evals[0] == result.prompt_tokens
+    again = engine.generate("the cat sat on the mat", max_tokens=8)
+    assert again.stats.n_prompt_cached == again.prompt_tokens - 1  # all but the last, for its logits
+
+
 def test_threads_take_turns_first_come_first_served(engine):
     expected = {text: engine.generate(text, max_tokens=30).tokens for text in ("a b", "the cat", "hello")}
     order: list[str] = []
@@ -206,7 +236,7 @@ def _try(engine: Engine) -> Exception | None:
 
 
 def test_cancel_from_another_thread(tiny_pair):
-    with Engine(tiny_pair[0], tiny_pair[1], n_ctx=2048, threads=1) as engine:
+    with Engine(tiny_pair[0], tiny_pair[1], n_ctx=2048, threads=1, cache_prompt=False) as engine:
         stream = engine.stream("the cat", max_tokens=2000)
         for seen, _chunk in enumerate(stream, 1):
             if seen == 5:

@@ -43,7 +43,8 @@ COMPLETIONS = "/v1/completions"
 
 @pytest.fixture(scope="module")
 def engine(tiny_pair):
-    with Engine(*tiny_pair, n_ctx=N_CTX, threads=1) as engine:
+    # Every prompt evaluated whole: these tests compare answers to one request sent several ways.
+    with Engine(*tiny_pair, n_ctx=N_CTX, threads=1, cache_prompt=False) as engine:
         yield engine
 
 
@@ -164,10 +165,29 @@ def test_chat_streamed_equals_non_streamed(client, engine):
     ]
     last = chunks[-1]  # OpenAI's usage chunk: no choices
     assert last.choices == [] and (last.usage.prompt_tokens, last.usage.completion_tokens) == (n_prompt, 16)
-    # the same prompt again: all but its last token came from the cache
-    assert last.usage.prompt_tokens_details.cached_tokens == n_prompt - 1
-    assert last.model_extra["edgespec"]["n_prompt_cached"] == n_prompt - 1
+    # this engine evaluates every prompt whole (cache_prompt=False), even the same one again
+    assert last.usage.prompt_tokens_details.cached_tokens == 0
+    assert last.model_extra["edgespec"]["n_prompt_cached"] == 0
     assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_next_chat_turn_reuses_the_cache_unless_told_not_to(tiny_pair):
+    with Engine(*tiny_pair, n_ctx=1024, threads=1) as engine, live_server(engine) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="anything", max_retries=0)
+        first = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=16)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        turn = [*MESSAGES, {"role": "assistant", "content": first.choices[0].message.content}]
+        turn.append({"role": "user", "content": "and the dog"})
+        second = client.chat.completions.create(model="m", messages=turn, max_tokens=16)
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+        assert second.model_extra["edgespec"]["n_prompt_cached"] == cached
+        whole = client.chat.completions.create(
+            model="m", messages=turn, max_tokens=16, extra_body={"cache_prompt": False}
+        )
+        assert whole.usage.prompt_tokens_details.cached_tokens == 0
+        bad = request(url, "POST", CHAT, {"messages": turn, "cache_prompt": "yes"})
+        assert bad[0] == 400 and "cache_prompt must be true or false" in bad[1]["error"]["message"]
 
 
 def test_completions_streamed_and_not(client, engine):
@@ -540,7 +560,10 @@ def test_real_pair_streams_what_it_answers():
     messages = [
         {"role": "user", "content": "Write a Python function that returns the n-th Fibonacci number."}
     ]
-    with Engine(target, draft, draft_max=4, n_ctx=2048) as engine, live_server(engine) as url:
+    with (
+        Engine(target, draft, draft_max=4, n_ctx=2048, cache_prompt=False) as engine,
+        live_server(engine) as url,
+    ):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="anything", max_retries=0)
         whole = client.chat.completions.create(model="qwen", messages=messages, max_tokens=24, temperature=0)
         chunks = client.chat.completions.create(model="qwen", messages=messages, max_tokens=24, stream=True)
