@@ -51,10 +51,11 @@ class GenerationSettings:
         seed: seed for sampling; the same seed and settings give the same output. None draws a
             fresh one, recorded as `Generation.seed`. Greedy decoding does not use it.
         cache_prompt: keep what the target's cache already holds up to the longest common prefix
-            with the prompt, and evaluate only the rest. Those keys and values were computed in
-            other batch shapes than one pass over this prompt, and llama.cpp's kernels round
-            differently per batch shape, so near-ties may then break otherwise than in a fresh
-            pass; False evaluates the whole prompt, giving the output a fresh process gives.
+            with the prompt, and evaluate only the rest (`edgespec.Engine` does by default). Those
+            keys and values were computed in other batch shapes than one pass over this prompt,
+            and llama.cpp's kernels round differently per batch shape, so near-ties may then break
+            otherwise than in a fresh pass. False (the default here) evaluates the whole prompt,
+            giving the output a fresh process gives.
         sampling: temperature, truncation, penalties, logit bias and the acceptance rule.
     """
 
@@ -63,7 +64,7 @@ class GenerationSettings:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     sampling: SamplingSettings = GREEDY
-    cache_prompt: bool = True
+    cache_prompt: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
