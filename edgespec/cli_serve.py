@@ -87,6 +87,22 @@ def _loopback(sock: socket.socket) -> bool:
     help="Most requests accepted at once, the running one included; more are answered 503.",
 )
 @click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1024),
+    default=8 * 1024 * 1024,  # server.DEFAULT_MAX_BODY_BYTES (not imported: fastapi would load)
+    show_default=True,
+    help="Largest request body accepted; larger ones are answered 413.",
+)
+@click.option(
+    "--client-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,  # server.DEFAULT_CLIENT_TIMEOUT
+    show_default=True,
+    metavar="SECONDS",
+    help="A client that sends nothing of its request body for this long is answered 408; one that "
+    "reads nothing of a streamed answer for this long is dropped.",
+)
+@click.option(
     "--cache-prompt/--no-cache-prompt",
     default=True,
     show_default=True,
@@ -103,6 +119,8 @@ def serve(
     api_key: str | None,
     cors_origins: tuple[str, ...],
     max_queue: int,
+    max_body_bytes: int,
+    client_timeout: float,
     cache_prompt: bool,
     **flags: Any,
 ) -> None:
@@ -111,7 +129,8 @@ def serve(
     Endpoints: /v1/chat/completions, /v1/completions, /v1/models and /health. Requests run one at a
     time, first come first served; streamed answers are server-sent events, as OpenAI sends them.
     The request's `model` may be anything: the loaded target answers. Without a temperature,
-    decoding is greedy. Responses carry an extra `edgespec` field with the drafting statistics.
+    decoding is greedy; a max_tokens larger than the context has room for stops when it is full.
+    Responses carry an extra `edgespec` field with the drafting statistics.
 
     \b
     Examples:
@@ -151,6 +170,8 @@ def serve(
                 api_key=api_key,
                 cors_origins=cors_origins,
                 max_queue=max_queue,
+                max_body_bytes=max_body_bytes,
+                client_timeout=client_timeout,
                 on_ready=lambda: click.echo(ready, err=True),
                 log_level=log_level,
             )

@@ -2,9 +2,16 @@
 (every problem a 400 `APIError` naming the field) and rendering results, chunks and errors.
 
 Where it differs from OpenAI's API, on purpose:
-- `model` may be any value; responses name the served model (`Engine.model`).
+- `model` may be any string: clients often hard-code one ("gpt-4o"), and there is one model to
+  answer with. Responses name the served model (`Engine.model`); a `model` that is not a string is
+  a 400, and GET /v1/models/{id} of another model a 404.
 - Omitted sampling settings take edgespec's defaults: greedy decoding (temperature 0), not OpenAI's
-  temperature 1. Omitted `max_tokens` means "until the context is full".
+  temperature 1.
+- Omitted `max_tokens`, or one beyond what the context has room for after the prompt, means "until
+  the context is full": the answer then ends with finish_reason "length", and `usage` says how many
+  tokens came. llama.cpp's server does the same; OpenAI answers 400 instead. Clients often send a
+  fixed max_tokens chosen for a large hosted model, and a laptop's context is small: refusing
+  would break them for nothing. A prompt that does not fit the context at all is a 400.
 - `n` must be 1; logprobs, tools and response formats other than text are refused (400).
 - edgespec's own settings are accepted too: top_k, min_p, repeat_penalty, penalty_last_n, draft_max,
   and cache_prompt (default true: reuse the cached prefix of the previous request; false evaluates

@@ -8,17 +8,39 @@ Requests are checked (`openai_format`) before they wait in the bounded first-in 
 the engine starts is still a proper 400. When a client goes away, its job is dropped or cancelled.
 Errors are OpenAI-style bodies, {"error": {"message", "type", "param", "code"}}, with a one-line
 message; a stream that fails after it started ends with such a body as its last event.
+
+Limits that keep one client from hurting the others (arguments of `make_server`, flags of
+`edgespec serve`):
+- A request body over `max_body_bytes` (8 MiB) is answered 413. Past the limit it is read on and
+  thrown away, never kept, so that a client that sends its whole body before it reads (most do)
+  gets the 413 and not a reset connection; a body announced (Content-Length) or found to be over
+  8 times the limit is refused at once. 8 MiB is about two million tokens of English text, more
+  than any context edgespec runs; a prompt under the limit that does not fit the context gets a
+  400 that says so.
+- A body that stops arriving for `client_timeout` seconds (60) is answered 408, so a client that
+  sends slowly, or never finishes, holds only its own connection (nothing is queued before the
+  whole body is in).
+- A stream whose client reads nothing for `client_timeout` seconds is cancelled and its connection
+  closed. A slow but steady reader gets its whole answer; the engine never waits for a reader:
+  the generation runs on and its chunks wait in memory, at most a context's worth.
+- A request line and headers over 16 KiB, or anything that is not HTTP, are refused by uvicorn's
+  HTTP parser, h11 (chosen explicitly, so these limits are the same wherever edgespec runs): a
+  400 in plain text, and a one-line warning in the log.
+- uvicorn's `limit_concurrency` is left off: it counts idle and half-sent connections too, so a
+  few stalled clients would get everyone else refused. Each connection costs a bounded amount of
+  memory (the limits above), and requests run one at a time from the bounded queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -31,27 +53,102 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .cli_common import draft_label
-from .errors import EdgespecError, PromptError
+from .errors import EdgespecError, PromptError, SettingsError
 from .openai_format import Reply, as_api_error, messages, params, prompt, sse
 from .serving import DEFAULT_MAX_QUEUE, APIError, Job, Scheduler, shutting_down
 
 if TYPE_CHECKING:
     from .api import Engine
 
-__all__ = ["create_app", "make_server"]
+__all__ = ["DEFAULT_CLIENT_TIMEOUT", "DEFAULT_MAX_BODY_BYTES", "create_app", "make_server"]
 
 log = logging.getLogger("edgespec.server")
 
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_CLIENT_TIMEOUT = 60.0
+_DISCARD_FACTOR = 8
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before its request was read: nobody reads an answer."""
+
+
+class _ClientStalled(Exception):
+    """The client read nothing of its stream for `client_timeout` seconds."""
+
 
 def _error_response(error: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+    if error.status in (408, 413):  # the rest of the body may still be on its way: do not read it
+        headers["Connection"] = "close"
+    return JSONResponse(error.body(), status_code=error.status, headers=headers or None)
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
+def _too_large(max_bytes: int) -> APIError:
+    return APIError(
+        413,
+        f"the request body is larger than {max_bytes} bytes (edgespec serve --max-body-bytes)",
+        code="request_too_large",
+    )
+
+
+async def _receive(request: Request, timeout: float) -> tuple[bytes, bool]:
+    """The next piece of the request body and whether more follows; a 408 APIError when nothing
+    arrives for `timeout` seconds, `_ClientGone` when the client leaves."""
     try:
-        body = json.loads(await request.body())
-    except ValueError as exc:
+        message = await asyncio.wait_for(request.receive(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(
+            408,
+            f"the request body stopped arriving: nothing came for {timeout:g} s "
+            "(edgespec serve --client-timeout)",
+            code="request_timeout",
+        ) from None
+    if message["type"] == "http.disconnect":
+        raise _ClientGone
+    return message.get("body", b""), message.get("more_body", False)
+
+
+async def _read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
+    """The request body, read as it arrives; a 413 APIError once it passes `max_bytes` (or says it
+    will), a 408 when nothing arrives for `timeout` seconds, `_ClientGone` if the client leaves.
+
+    An oversized body is read on and thrown away, up to `_DISCARD_FACTOR` times the limit, before
+    the 413 goes out: most clients send the whole body before they read the answer, and closing
+    the connection under a client still sending resets it, so it would see "connection reset"
+    instead of the 413. Beyond that (or announced beyond it) the 413 goes out at once.
+    """
+    declared = request.headers.get("content-length", "")
+    announced = int(declared) if declared.isdigit() else 0
+    most = max_bytes * _DISCARD_FACTOR  # read, kept or not
+    if announced > most:
+        raise _too_large(max_bytes)
+    chunks: list[bytes] = []
+    size, more = 0, True
+    while more and size <= most:
+        try:
+            chunk, more = await _receive(request, timeout)
+        except APIError:
+            if max(size, announced) > max_bytes:
+                break  # too large anyway: say so
+            raise
+        size += len(chunk)
+        if max(size, announced) <= max_bytes:
+            chunks.append(chunk)
+        else:
+            chunks.clear()  # read on, and throw away
+    if max(size, announced) > max_bytes:
+        raise _too_large(max_bytes)
+    return b"".join(chunks)
+
+
+async def _json_body(request: Request, max_bytes: int, timeout: float) -> dict[str, Any]:
+    raw = await _read_body(request, max_bytes, timeout)
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: it is nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError included
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -75,23 +172,52 @@ async def _stream_events(first: tuple[str, Any], job: Job, reply: Reply) -> Asyn
 
 
 class _EventStream(StreamingResponse):
-    """Server-sent events that cancel their job however the response ends (client gone included)."""
+    """Server-sent events that cancel their job however the response ends (client gone included).
 
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+    A write that waits more than `timeout` seconds for the client to read (the connection's buffers
+    are full) ends the stream, and `drop(scope)` closes the connection at once.
+    """
+
+    def __init__(
+        self,
+        events: AsyncIterator[str],
+        on_close: Callable[[], None],
+        timeout: float,
+        drop: Callable[[Any], bool],
+    ) -> None:
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self._on_close = on_close
+        self._timeout = timeout
+        self._drop = drop
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def send_in_time(message: Any) -> None:
+            try:
+                await asyncio.wait_for(send(message), self._timeout)
+            except asyncio.TimeoutError:
+                raise _ClientStalled from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_in_time)
+        except _ClientStalled:
+            client = scope.get("client")
+            who = f"{client[0]}:{client[1]}" if client else "a client"
+            log.warning("%s read nothing of its stream for %g s: dropped it", who, self._timeout)
+            if self._drop(scope):  # the server closes the connection soon: wait until it has
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(_until_disconnect(receive), 5)
         finally:
             self._on_close()
 
 
+async def _until_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _disconnected(request: Request) -> None:
     """Return once the client has gone away (the request body has been read already)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    await _until_disconnect(request.receive)
 
 
 async def _first_event(request: Request, job: Job) -> tuple[str, Any] | None:
@@ -116,6 +242,8 @@ def create_app(
     api_key: str | None = None,
     cors_origins: Sequence[str] = (),
     max_queue: int = DEFAULT_MAX_QUEUE,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
 ) -> FastAPI:
     """The OpenAI-compatible API over `engine` (which the caller keeps and closes).
 
@@ -123,7 +251,14 @@ def create_app(
         api_key: when set, /v1 requests need the header `Authorization: Bearer KEY`.
         cors_origins: origins whose web pages may call the API ("*": any); none by default.
         max_queue: the most requests accepted at once, the running one included; more get 503.
+        max_body_bytes: the largest request body accepted; larger ones get 413.
+        client_timeout: seconds a client may send nothing of its request body (then 408), or read
+            nothing of a stream (then it is dropped).
     """
+    if max_body_bytes < 1:
+        raise SettingsError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
+    if not client_timeout > 0:
+        raise SettingsError(f"client_timeout must be above 0 seconds, got {client_timeout}")
     scheduler = Scheduler(engine, max_queue)
 
     @asynccontextmanager
@@ -144,6 +279,12 @@ def create_app(
         openapi_url=None,
     )
     app.state.scheduler = scheduler
+    app.state.drop_connection = None  # set by make_server: closes a stalled client's connection
+
+    def drop(scope: Any) -> bool:
+        hook = app.state.drop_connection
+        return hook is not None and bool(hook(scope))
+
     if cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -156,7 +297,7 @@ def create_app(
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(api_key))])
 
     async def complete(request: Request, chat: bool) -> Response:
-        body = await _json_body(request)
+        body = await _json_body(request, max_body_bytes, client_timeout)
         request_params = params(body, chat)
         if chat:
             tokens = await asyncio.to_thread(engine.chat_tokens, messages(body))
@@ -167,7 +308,12 @@ def create_app(
                 f"the prompt has {len(tokens)} tokens but the context holds {engine.n_ctx}; shorten it or "
                 "restart the server with a larger --ctx"
             )
-        options = {"max_tokens": engine.n_ctx - len(tokens), **request_params.options}
+        # No max_tokens, or more than the context has room for: until the context is full.
+        room = engine.n_ctx - len(tokens)
+        options = {
+            **request_params.options,
+            "max_tokens": min(request_params.options.get("max_tokens", room), room),
+        }
         engine.check_options(**options)  # types and ranges, before the request waits in the queue
         draft_max = options.get("draft_max", engine.draft_max)
         draft = draft_label(engine.draft).removeprefix("draft ")  # a file name, "ngram", ...
@@ -186,7 +332,8 @@ def create_app(
         if kind == "error":
             raise as_api_error(value)
         if request_params.stream:
-            return _EventStream(_stream_events(first, job, reply), lambda: scheduler.cancel(job))
+            events = _stream_events(first, job, reply)
+            return _EventStream(events, lambda: scheduler.cancel(job), client_timeout, drop)
         if value.finish_reason == "cancelled":
             raise shutting_down()
         return JSONResponse(reply.response(value))
@@ -238,6 +385,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(_request: Request, exc: Exception) -> Response:
         return _error_response(as_api_error(exc))
 
+    async def client_gone(_request: Request, _exc: Exception) -> Response:
+        return Response(status_code=499)  # nobody reads it
+
     async def validation_error(_request: Request, exc: Exception) -> Response:
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
         where = ".".join(str(part) for part in errors[0]["loc"] if part != "body") if errors else None
@@ -257,6 +407,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error_response(APIError(status, message, type=kind))
 
     app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(_ClientGone, client_gone)
     app.add_exception_handler(EdgespecError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
@@ -286,6 +437,17 @@ class _Server(uvicorn.Server):
         self._scheduler.close()
         await super().shutdown(sockets)
 
+    def drop_connection(self, scope: Any) -> bool:
+        """Close the connection that carries the request `scope` now, without waiting for its
+        client to read what is buffered (a stalled client). Returns whether it was found."""
+        for connection in list(self.server_state.connections):
+            cycle = getattr(connection, "cycle", None)
+            transport = getattr(connection, "transport", None)
+            if cycle is not None and getattr(cycle, "scope", None) is scope and transport is not None:
+                transport.abort()
+                return True
+        return False
+
 
 def make_server(
     engine: Engine,
@@ -293,18 +455,30 @@ def make_server(
     api_key: str | None = None,
     cors_origins: Sequence[str] = (),
     max_queue: int = DEFAULT_MAX_QUEUE,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
     on_ready: Callable[[], None] | None = None,
     log_level: str = "warning",
 ) -> uvicorn.Server:
     """A uvicorn server for the API over `engine`: `server.run(sockets=[sock])` serves on a bound
     socket (`edgespec.cli_serve.bind`) until Ctrl-C, or `server.should_exit = True` from another
     thread. Arguments as for `create_app`; `on_ready()` is called once it accepts connections."""
-    app = create_app(engine, api_key=api_key, cors_origins=cors_origins, max_queue=max_queue)
+    app = create_app(
+        engine,
+        api_key=api_key,
+        cors_origins=cors_origins,
+        max_queue=max_queue,
+        max_body_bytes=max_body_bytes,
+        client_timeout=client_timeout,
+    )
     config = uvicorn.Config(
         app,
+        http="h11",  # the same parser and limits everywhere, httptools installed or not
         lifespan="on",
         log_level=log_level,
         access_log=log_level in ("info", "debug"),
         timeout_graceful_shutdown=5,
     )
-    return _Server(config, app.state.scheduler, on_ready)
+    server = _Server(config, app.state.scheduler, on_ready)
+    app.state.drop_connection = server.drop_connection
+    return server

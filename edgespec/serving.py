@@ -26,6 +26,9 @@ __all__ = ["DEFAULT_MAX_QUEUE", "APIError", "Job", "Scheduler", "shutting_down"]
 log = logging.getLogger("edgespec.server")
 
 DEFAULT_MAX_QUEUE = 8
+MAX_MESSAGE_CHARS = 1000
+"""Error messages are cut to this length: one that quotes a bad value (an 8 MiB string sent as a
+temperature) stays one short line."""
 
 
 @dataclass
@@ -43,6 +46,8 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         message = " ".join(line.strip() for line in self.message.splitlines() if line.strip())
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
         return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}}
 
 
