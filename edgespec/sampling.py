@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import SettingsError
+from .errors import RuntimeFailure, SettingsError
 
 AcceptMode = Literal["rejection", "exact"]
 
@@ -68,6 +68,18 @@ class SamplingSettings:
         def bad(message: str) -> SettingsError:
             return SettingsError(message)
 
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repeat_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+        ):
+            try:  # JSON integers have no size limit: 10**400 does not fit a float
+                float(getattr(self, name))
+            except OverflowError:
+                raise bad(f"{name} is out of range, got {getattr(self, name)}") from None
         if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 100):
             raise bad(f"temperature must be between 0 and 100, got {self.temperature}")
         if self.top_k < 0:
@@ -90,9 +102,12 @@ class SamplingSettings:
         for token, value in dict(self.logit_bias).items():
             if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
                 raise bad(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
-            value = float(value)
-            if math.isnan(value) or value == math.inf:
-                raise bad(f"logit_bias for token {token} must be a number or -inf, got {value}")
+            try:
+                value = float(value)
+            except OverflowError:  # a huge JSON integer: -10**400 bans the token, as -inf does
+                value = -math.inf if value < 0 else math.inf
+            if math.isnan(value) or value == math.inf or (value != -math.inf and abs(value) > 1e30):
+                raise bad(f"logit_bias for token {token} must be a number within ±1e30, or -inf; got {value}")
             bias[int(token)] = value
         object.__setattr__(self, "logit_bias", bias)
 
@@ -326,6 +341,8 @@ class LogitsProcessor:
         t = s.temperature
         top = x.max(axis=1)
         if not np.all(np.isfinite(top)):
+            if np.isnan(x).any() or np.isposinf(top).any():
+                raise RuntimeFailure("the model gave NaN or infinite scores: its weights may be damaged")
             raise SettingsError("logit_bias bans every token: nothing is left to sample")
         return [self._one(row, float(m), t) for row, m in zip(x, top, strict=True)]
 
@@ -357,10 +374,14 @@ def _weights(x: np.ndarray, m: float, t: float) -> np.ndarray:
     1e-7, is far below the rounding already in the model's float32 logits. Everything these
     weights feed (totals, cumulative sums, p/q, p - q) is computed in float64.
     """
-    w = x - np.float32(m)
-    if t != 1:
-        w *= np.float32(1 / t)
-    return np.exp(w, out=w)
+    if t < 1e-30:  # 1 / t would overflow float32 (T below ~3e-39): divide in float64
+        with np.errstate(over="ignore"):
+            return np.exp((x.astype(np.float64) - m) / t)
+    with np.errstate(over="ignore"):  # x - m <= 0: an overflow is towards -inf, whose exp is 0
+        w = x - np.float32(m)
+        if t != 1:
+            w *= np.float32(1 / t)
+        return np.exp(w, out=w)
 
 
 def _top_k_cut(x: np.ndarray, k: int, m: float) -> tuple[float, np.ndarray | None]:

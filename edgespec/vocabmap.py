@@ -175,6 +175,8 @@ def read_gguf_metadata(path: Path, prefix: str) -> dict[str, object]:
     import mmap
     import struct
 
+    if path.stat().st_size < 24:  # shorter than a GGUF header (and mmap refuses an empty file)
+        raise ModelLoadError(f"{path} is not a GGUF file (it has {path.stat().st_size} bytes)")
     with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
         if data[:4] != b"GGUF":
             raise ModelLoadError(f"{path} is not a GGUF file")
@@ -214,6 +216,6 @@ def read_gguf_metadata(path: Path, prefix: str) -> dict[str, object]:
                     if wanted:
                         found[key] = np.frombuffer(data, dtype=dtype, count=1, offset=offset)[0].item()
                     offset += dtype.itemsize
-        except (struct.error, KeyError, ValueError) as exc:
+        except (struct.error, KeyError, ValueError, OverflowError, MemoryError) as exc:
             raise ModelLoadError(f"{path}: malformed GGUF metadata ({exc})") from None
         return found

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelLoadError, PromptError, RuntimeFailure, SettingsError
+from ..ggufcheck import check_gguf
 from ..vocabmap import KEY_TARGET_N_VOCAB, VocabMap
 from .base import LogitRows, RuntimeSettings, VocabInfo
 
@@ -61,6 +62,13 @@ _FLASH_ATTN = {
 }
 
 
+# ggml_log_level in the bundled ggml: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5. (The
+# comment in llama-cpp-python's _logger.py gives an older order, INFO 1, WARN 2, ERROR 3, with
+# which INFO lines were kept here and ERROR lines, the ones that say why a load failed, dropped.)
+_LOG_KEPT = (3, 4)
+_LOG_CONT = 5
+
+
 class _Log:
     """llama.cpp's log sink: silent unless verbose, but keeps recent warnings and errors.
 
@@ -73,6 +81,7 @@ class _Log:
         self.recent: collections.deque[str] = collections.deque(maxlen=16)
         self._lock = threading.Lock()
         self._partial = ""
+        self._level = 0
         # The ctypes callback object must outlive every call llama.cpp makes through it.
         self._callback = _ll.llama_log_callback(self._on_log)
         _ll.llama_log_set(self._callback, ctypes.c_void_p(0))
@@ -82,12 +91,14 @@ class _Log:
         if self.verbose:
             os.write(2, text)
         with self._lock:
+            # CONT continues the previous message at its level.
+            if level != _LOG_CONT:
+                self._level = level
             self._partial += message
             while "\n" in self._partial:
                 line, self._partial = self._partial.split("\n", 1)
                 line = line.strip()
-                # GGML_LOG_LEVEL_WARN = 2, ERROR = 3, CONT = 5 (continuation of the previous level).
-                if line and level in (2, 3, 5):
+                if line and self._level in _LOG_KEPT:
                     self.recent.append(line)
 
     def clear(self) -> None:
@@ -98,6 +109,11 @@ class _Log:
         """The most telling recent log line, for an error message."""
         with self._lock:
             lines = list(self.recent)
+        for line in reversed(lines):
+            # "llama_model_load: error loading model: <why>", followed by a generic "failed to load"
+            _, found, why = line.partition("error loading model:")
+            if found and why.strip():
+                return why.strip()
         for line in reversed(lines):
             lowered = line.lower()
             if any(word in lowered for word in ("error", "failed", "invalid", "unknown", "not within")):
@@ -130,6 +146,7 @@ def vocab_only(path: str | os.PathLike[str]) -> Iterator[Any]:
     For exporters that need llama.cpp's own view of a GGUF's tokens (special ids it detects by
     text, token attributes) without loading a model.
     """
+    check_gguf(path)
     log = _backend()
     params = _ll.llama_model_default_params()
     params.vocab_only = True
@@ -159,20 +176,6 @@ def vocab_info(v: Any) -> VocabInfo:
         add_bos=bool(_ll.llama_vocab_get_add_bos(v)),
         eog=eog,
     )
-
-
-def _check_gguf_file(path: Path) -> None:
-    """Refuse what llama.cpp would refuse with a worse message (or abort on)."""
-    if not path.exists():
-        raise ModelLoadError(f"model file not found: {path}")
-    if not path.is_file():
-        raise ModelLoadError(f"model path is not a file: {path}")
-    with path.open("rb") as handle:
-        magic = handle.read(4)
-    if magic != b"GGUF":
-        raise ModelLoadError(
-            f"{path} is not a GGUF model file (it starts with {magic!r}, a GGUF file starts with b'GGUF')"
-        )
 
 
 def default_threads() -> int:
@@ -205,7 +208,8 @@ class LlamaCppRuntime:
         self._model = None
         self._ctx = None
         self._batch = None
-        _check_gguf_file(self.path)
+        # llama.cpp stops the process on some malformed files: refuse those with a message first.
+        check_gguf(self.path)
         log = _backend()
         log.verbose = self.settings.verbose
         log.clear()

@@ -113,6 +113,7 @@ def test_options_reach_the_generation(engine):
         ({"seed": -1}, "seed must be between 0 and 2**64 - 1"),
         ({"logit_bias": {10**6: 1.0}}, "logit_bias token 1000000 is not in the vocabulary"),
         ({"cache_prompt": 1}, "cache_prompt must be true or false"),
+        ({"logit_bias": {5: 1e308}}, "must be a number within ±1e30, or -inf"),
     ],
 )
 def test_bad_options_are_one_line_settings_errors(engine, options, message):

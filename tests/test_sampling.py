@@ -103,7 +103,7 @@ def test_settings_are_checked():
         (dict(top_k=-2), "top_k"),
         (dict(repeat_penalty=0), "repeat_penalty"),
         (dict(logit_bias={"a": 1}), "token ids"),
-        (dict(logit_bias={3: math.nan}), "number or -inf"),
+        (dict(logit_bias={3: math.nan}), "within ±1e30, or -inf"),
         (dict(accept="maybe"), "accept"),
     ]:
         with pytest.raises(SettingsError, match=message):
