@@ -320,6 +320,7 @@ class Engine:
                 progress=progress,
                 draft_provider=draft_provider,
                 draft_threads=draft_threads,
+                on_note=on_note,
             )
         self._init(pair, 4 if draft_max is None else draft_max, cache_prompt)
 

@@ -7,6 +7,7 @@ Every failure a user can cause ends as one line on stderr, `error: ...`, and a n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,20 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
+class _StderrLines(logging.Handler):
+    """Warnings from the "edgespec" logger (e.g. GPU offload asked for on a machine without a
+    GPU) as plain lines on stderr, like every other note of the command line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(record.getMessage(), err=True)
+
+
+def _warnings_to_stderr() -> None:
+    logger = logging.getLogger("edgespec")
+    if not any(isinstance(h, _StderrLines) for h in logger.handlers):
+        logger.addHandler(_StderrLines(logging.WARNING))
+
+
 class _OneLineErrors(click.Group):
     """A click group whose errors are one line (`error: ...`) instead of usage text or a traceback."""
 
@@ -45,6 +60,7 @@ class _OneLineErrors(click.Group):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
+        _warnings_to_stderr()
         try:
             result = super().main(args, prog_name or "edgespec", complete_var, standalone_mode=False, **extra)
         except click.ClickException as exc:
@@ -183,7 +199,11 @@ def run(
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--verify", is_flag=True, help="Re-hash the cached files against the pinned sha256.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Re-hash the cached files against the pinned sha256; a damaged one is joined again on next use.",
+)
 def models(as_json: bool, verify: bool) -> None:
     """List the default models: where they are cached and whether they are verified."""
     from . import models as registry
@@ -192,8 +212,12 @@ def models(as_json: bool, verify: bool) -> None:
     for model in registry.DEFAULT_MODELS.values():
         path = registry.cached_path(model)
         verified = registry.is_verified(model)
+        damaged = False
         if verify and path.is_file():
             verified = registry.sha256_of(path) == model.sha256
+            damaged = not verified
+            if damaged:
+                registry.forget_verification(model)  # the next use joins it again
         rows.append(
             {
                 "role": model.role,
@@ -205,6 +229,7 @@ def models(as_json: bool, verify: bool) -> None:
                 "parts_installed": registry.parts_installed(model),
                 "cached": path.is_file(),
                 "verified": verified,
+                "damaged": damaged,
             }
         )
     if as_json:
@@ -213,7 +238,13 @@ def models(as_json: bool, verify: bool) -> None:
     click.echo(f"cache: {registry.cache_dir()}  (set EDGESPEC_CACHE_DIR to move it)")
     for row in rows:
         state = (
-            "verified" if row["verified"] else "cached, not verified" if row["cached"] else "not joined yet"
+            "verified"
+            if row["verified"]
+            else "damaged (wrong sha256): joined again on next use"
+            if row["damaged"]
+            else "cached, not verified"
+            if row["cached"]
+            else "not joined yet"
         )
         parts = "parts installed" if row["parts_installed"] else 'parts missing: pip install -e ".[models]"'
         click.echo(f"{row['role']:<7} {row['description']:<38} {state}; {parts}\n        {row['path']}")

@@ -177,9 +177,9 @@ def _calibrate(options: dict[str, Any]) -> _Calibration:
     result = _Calibration(counts, source, target_path, vt.sha256_file(target_path))
     save: Path | None = options["save_counts"]
     if save is not None:
-        from .fileio import atomic_path
+        from .fileio import atomic_path, write_errors
 
-        with atomic_path(save, suffix=".npz") as tmp, tmp.open("wb") as handle:
+        with write_errors(save), atomic_path(save, suffix=".npz") as tmp, tmp.open("wb") as handle:
             np.savez_compressed(handle, counts=counts, source=source, target_sha256=result.target_sha256)
     return result
 

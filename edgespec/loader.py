@@ -1,13 +1,23 @@
-"""From what a user names (a GGUF path, "default", "ngram", "none") to a ready engine."""
+"""From what a user names (a GGUF path, "default", "ngram", "none") to a ready engine.
+
+Before llama.cpp touches a model file, the models to load together are checked against the
+available RAM (`memory.check_memory`); GPU placement that this machine cannot honour is moved to
+the CPU with a warning; and after loading, one token is run through each llama.cpp model to
+refuse weights damaged into NaN or infinite scores. Warnings go to `on_note` when one is given,
+else to the "edgespec" logger (which Python prints to stderr when logging is not configured).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from . import models
 from .chat import render_chat
@@ -15,12 +25,76 @@ from .compat import check_compatible
 from .drafting import Drafter, ModelDrafter, NgramDrafter
 from .engine import SpeculativeEngine
 from .errors import ModelLoadError, PromptError, SettingsError
+from .memory import check_memory, memory_need
 from .runtimes.base import Runtime, RuntimeSettings
 
 if TYPE_CHECKING:
+    from .hardware import Hardware
     from .placement import Profile
+    from .runtimes.llama_cpp import LlamaCppRuntime
 
 DEFAULT = "default"
+logger = logging.getLogger("edgespec")
+
+
+def _warner(on_note: Callable[[str], None] | None) -> Callable[[str], None]:
+    """Where a warning goes: `on_note`, else the "edgespec" logger: never dropped."""
+    return on_note if on_note is not None else logger.warning
+
+
+def no_gpu_warning(hw: Hardware, gpu_layers: int, draft_gpu_layers: int) -> str | None:
+    """A one-line warning when layers are asked for on a GPU that this machine does not have
+    (llama.cpp would run them on the CPU without a word); None when there is a usable GPU or no
+    layers were asked for."""
+    from .placement import no_gpu_reason
+
+    if not (gpu_layers or draft_gpu_layers) or hw.best_gpu() is not None:
+        return None
+    asked = ", ".join(
+        f"{name} {n}" for name, n in (("gpu_layers", gpu_layers), ("draft_gpu_layers", draft_gpu_layers)) if n
+    )
+    why = no_gpu_reason(hw)
+    return (
+        f"GPU offload asked for ({asked}), but there is no GPU llama.cpp can use ({why}): running on the CPU"
+    )
+
+
+def open_gguf(path: Path, settings: RuntimeSettings) -> LlamaCppRuntime:
+    """Load a GGUF model with llama.cpp and check that its weights give numbers.
+
+    Raises:
+        ModelLoadError: the file is missing, not GGUF, truncated, of an architecture llama.cpp
+            does not know, or its tensor data is damaged into NaN or infinite scores.
+    """
+    from .runtimes.llama_cpp import LlamaCppRuntime
+
+    runtime = LlamaCppRuntime(path, settings)
+    try:
+        check_numeric(runtime)
+    except BaseException:
+        runtime.close()
+        raise
+    return runtime
+
+
+def check_numeric(runtime: Runtime) -> None:
+    """Run one token (BOS, else id 0) through a freshly loaded model and refuse NaN or +inf scores.
+
+    GGUF has no checksums: damaged tensor data loads, and often turns every score into NaN, which
+    greedy decoding reads as token 0 forever and sampling as "every token banned". Damage that
+    leaves the scores finite cannot be told from a model's own output; the default models are
+    protected by their sha256. The KV cache is emptied again afterwards.
+    """
+    vocab = runtime.vocab
+    token = vocab.bos if vocab.bos is not None else 0
+    row = runtime.eval([token], logits="last")
+    damaged = bool(np.isnan(row).any() or np.isposinf(row).any() or not np.isfinite(row).any())
+    runtime.truncate(0)
+    if damaged:
+        raise ModelLoadError(
+            f"{runtime.path} is damaged: its weights give NaN or infinite scores (corrupt tensor data); "
+            "download or convert it again"
+        )
 
 
 @dataclass(frozen=True)
@@ -64,8 +138,9 @@ def load(
     progress: Callable | None = None,
     draft_provider: str | None = None,
     draft_threads: int | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> LoadedPair:
-    """Load a target and a drafter, checking that they are compatible.
+    """Load a target and a drafter, checking that they are compatible and fit the available RAM.
 
     Args:
         target: GGUF path, or None / "default" for the default target.
@@ -78,13 +153,38 @@ def load(
         progress: progress factory for joining a default model on first use (see models.resolve).
         draft_provider: ONNX Runtime execution provider for an ONNX drafter.
         draft_threads: CPU threads for the draft model (None: the target's).
-    """
-    from .runtimes.llama_cpp import LlamaCppRuntime
+        on_note: told warnings (GPU layers asked for without a usable GPU), one line each; None:
+            the "edgespec" logger.
 
+    Raises:
+        ModelLoadError: a model is missing or unusable, or the pair does not fit the available
+            RAM (see `memory.check_memory`; `EDGESPEC_SKIP_MEMORY_CHECK=1` loads anyway).
+        IncompatibleModelsError: the draft model cannot draft for the target.
+    """
     settings = settings or RuntimeSettings()
     target_path = resolve_model_path(target, "target", progress)
-    target_rt = LlamaCppRuntime(target_path, settings)
     draft_spec = DEFAULT if draft is None else str(draft)
+    has_model = draft_spec not in ("none", "ngram")
+    # The draft is resolved (on first use, joined) before the target loads, so that the memory
+    # check sees both; not when the target is missing, which is the error to report.
+    draft_path = (
+        resolve_model_path(draft_spec, "draft", progress) if has_model and target_path.is_file() else None
+    )
+    draft_layers = draft_gpu_layers if has_model else 0
+    gpu = False
+    if settings.gpu_layers or draft_layers:
+        from .hardware import detect_hardware
+
+        hw = detect_hardware()
+        gpu = hw.best_gpu() is not None
+        warning = no_gpu_warning(hw, settings.gpu_layers, draft_layers)
+        if warning:
+            _warner(on_note)(warning)
+    draft_need = (
+        memory_need(draft_path, settings.n_ctx, draft_layers, gpu) if draft_path is not None else None
+    )
+    check_memory([memory_need(target_path, settings.n_ctx, settings.gpu_layers, gpu), draft_need])
+    target_rt = open_gguf(target_path, settings)
     drafter: Drafter | None
     try:
         if draft_spec == "none":
@@ -98,7 +198,12 @@ def load(
             if draft_threads is not None:
                 draft_settings = replace(settings, n_threads=draft_threads, n_threads_batch=draft_threads)
             draft_rt = load_draft_model(
-                draft_spec, target_rt, draft_settings, draft_gpu_layers, progress, provider=draft_provider
+                draft_path or draft_spec,
+                target_rt,
+                draft_settings,
+                draft_gpu_layers,
+                progress,
+                provider=draft_provider,
             )
             drafter = ModelDrafter(draft_rt, max_id=target_rt.vocab.n_vocab)
             label = str(draft_rt.path)
@@ -134,13 +239,11 @@ def load_draft_model(
 
         draft_rt = OnnxRuntime(draft_path, draft_settings, provider=provider)
     else:
-        from .runtimes.llama_cpp import LlamaCppRuntime
-
         if provider is not None:
             raise SettingsError(
                 "--draft-provider applies to ONNX drafters (an `edgespec export onnx` folder)"
             )
-        draft_rt = LlamaCppRuntime(draft_path, draft_settings)
+        draft_rt = open_gguf(draft_path, draft_settings)
     try:
         check_compatible(target, draft_rt)
     except BaseException:
@@ -243,18 +346,25 @@ def load_with_profile(
         target, draft: as for `load`; draft names the draft model ("ngram"/"none" are the
             profile's choice to make, and are refused here).
         overrides: command-line settings that win over the profile's.
-        on_note: told what was decided (the automatic choice, tuning) in one line each.
+        on_note: told what was decided (the automatic choice, tuning, a GPU profile moved to the
+            CPU) in one line each; None: warnings go to the "edgespec" logger, the rest nowhere.
         retune: measure again even when a tuned profile exists (`edgespec profile tune`); a
             profile that already has costs is re-tuned from its placement.
 
     Returns:
-        (the loaded pair, the profile it follows, with costs).
+        (the loaded pair, the profile it follows, with costs). On a machine without a GPU that
+        llama.cpp can use, a profile that needs one is replaced by `placement.cpu_fallback`'s
+        CPU profile, with a warning.
+
+    Raises:
+        ModelLoadError: as for `load` (a missing or unusable model, not enough RAM).
     """
     from .hardware import detect_hardware
-    from .runtimes.llama_cpp import LlamaCppRuntime
+    from .placement import cpu_fallback
     from .tuning import find_tuned, make_drafter, needs_costs
 
     note = on_note or (lambda line: None)
+    warn = _warner(on_note)
     if str(draft) in ("none", "ngram"):
         raise SettingsError(
             f"--draft {draft} cannot be combined with a profile: the profile's [speculation] drafters "
@@ -268,6 +378,10 @@ def load_with_profile(
     profile, reasons = resolve_profile(spec, hw, target_path, probe_draft)
     if reasons:
         note(f"profile {profile.name}: " + "; ".join(reasons))
+    fallback = cpu_fallback(profile, hw)
+    if fallback is not None:
+        profile, warning = fallback
+        warn(warning)
     o = overrides
     threads, threads_batch = profile.target.resolve_threads(hw)
     target_settings = RuntimeSettings(
@@ -290,7 +404,13 @@ def load_with_profile(
         wanted = probe_draft if "model" in profile.speculation.drafters else None
         profile = find_tuned(profile, hw, target_path, wanted) or profile
     wants_model = "model" in profile.speculation.drafters
-    target_rt = LlamaCppRuntime(target_path, target_settings)
+    unusable = no_gpu_warning(hw, o.gpu_layers or 0, (o.draft_gpu_layers or 0) if wants_model else 0)
+    if unusable:  # layers asked for on the command line
+        warn(unusable)
+    gpu = hw.best_gpu() is not None
+    draft_need = memory_need(probe_draft, n_ctx, draft_layers, gpu) if wants_model else None
+    check_memory([memory_need(target_path, n_ctx, target_settings.gpu_layers, gpu), draft_need])
+    target_rt = open_gguf(target_path, target_settings)
     draft_rt: Runtime | None = None
     try:
         if wants_model:

@@ -4,11 +4,14 @@
 model's parts in order into `<cache>/<name>.gguf`, hashing as it writes, and renames the file into
 place only if size and sha256 match the pinned values. A small stamp file beside it records the
 size and mtime that were verified, so later runs reuse the file without re-hashing 1 GB; a file
-whose size or mtime no longer match its stamp is hashed again and rebuilt if it is wrong.
+whose size or mtime no longer match its stamp is hashed again and rebuilt if it is wrong. Damage
+that keeps both (bit rot) is found by `edgespec models --verify`, which drops the stamp so that
+the next use rebuilds the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import ModelCacheError
-from .fileio import atomic_path, write_text_atomic
+from .fileio import atomic_path, check_free_space, write_errors, write_text_atomic
 
 CACHE_ENV = "EDGESPEC_CACHE_DIR"
 _CHUNK = 8 << 20
@@ -131,7 +134,15 @@ def _stamp_matches(path: Path) -> bool:
 def _write_stamp(path: Path, sha256: str) -> None:
     stat = path.stat()
     stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
-    write_text_atomic(_stamp_path(path), json.dumps(stamp))
+    # Without a stamp (a full disk) the verified file is only hashed again next time.
+    with contextlib.suppress(OSError):
+        write_text_atomic(_stamp_path(path), json.dumps(stamp))
+
+
+def forget_verification(model: DefaultModel) -> None:
+    """Drop the stamp of the cached file: its next use hashes it again, and joins it again from
+    its parts when the hash is wrong (after `edgespec models --verify` found it damaged)."""
+    _stamp_path(cached_path(model)).unlink(missing_ok=True)
 
 
 def is_verified(model: DefaultModel) -> bool:
@@ -151,11 +162,22 @@ def join_parts(
         model: which default model.
         destination: final path; a temporary file beside it is renamed over it only on success.
         progress: called with the number of bytes written after each chunk.
+
+    Raises:
+        ModelCacheError: a part package is missing, the joined file's size or hash is wrong, or
+            the cache's disk has no room for it (checked first, and again if it fills up while
+            joining); nothing is left behind.
     """
     parts = part_paths(model)
+    hint = f"free some space or set {CACHE_ENV} to a folder on a disk with room"
+    check_free_space(destination, model.size, ModelCacheError, hint)
     digest = hashlib.sha256()
     written = 0
-    with atomic_path(destination, suffix=".part") as tmp, tmp.open("wb") as out:
+    with (
+        write_errors(destination, ModelCacheError, hint),
+        atomic_path(destination, suffix=".part") as tmp,
+        tmp.open("wb") as out,
+    ):
         for part in parts:
             with part.open("rb") as handle:
                 while chunk := handle.read(_CHUNK):

@@ -6,6 +6,7 @@ user profile with a built-in's name shadows it. Settings merge in one order: bui
 profile < command-line flags.
 
 `detect_profile()` picks the built-in profile that suits a machine and a model pair, with its reasons.
+`cpu_fallback()` moves a profile that needs a GPU onto the CPU of a machine without one.
 """
 
 from __future__ import annotations
@@ -646,4 +647,53 @@ def detect_profile(
         reasons=reasons,
         target_gpu_layers=layers if choice == "partial" else None,
         fits=fits,
+    )
+
+
+# --- running a profile where it does not fit -----------------------------------------------------
+
+
+def uses_gpu(profile: Profile) -> bool:
+    """Whether a profile puts layers on a GPU or requires one."""
+    req = profile.requires
+    return bool(
+        req.gpu or req.min_gpu_free_mib > 0 or profile.target.gpu_layers != 0 or profile.draft.gpu_layers != 0
+    )
+
+
+def on_cpu(profile: Profile) -> Profile:
+    """The profile with both models on the CPU (gpu_layers 0), no GPU requirement, and no measured
+    costs (they were measured with the GPU placement)."""
+    return dataclasses.replace(
+        profile,
+        requires=dataclasses.replace(profile.requires, gpu=False, min_gpu_free_mib=0),
+        target=dataclasses.replace(profile.target, gpu_layers=0),
+        draft=dataclasses.replace(profile.draft, gpu_layers=0),
+        costs=None,
+    )
+
+
+def cpu_fallback(profile: Profile, hw: Hardware) -> tuple[Profile, str] | None:
+    """What to run instead of a profile that needs a GPU on a machine with none llama.cpp can use.
+
+    A built-in GPU profile (gpu-all, partial, dovetail) becomes the cpu-only profile: the same
+    drafters on the CPU, without overlap (on the CPU the drafter and the target would compete for
+    the same cores). A user profile keeps its settings with both models moved to the CPU.
+
+    Returns:
+        None when the profile can run as it is; else (the profile to run, a one-line warning
+        that names the profile and why there is no GPU).
+    """
+    if hw.best_gpu() is not None or not uses_gpu(profile):
+        return None
+    if profile.builtin:
+        fallback = load_profile("cpu-only")  # a user's cpu-only profile shadows the built-in
+        fallback = on_cpu(fallback) if uses_gpu(fallback) else fallback
+        instead = f"the {fallback.name} profile instead"
+    else:
+        fallback = on_cpu(profile)
+        instead = "both models moved to the CPU (gpu_layers = 0)"
+    return fallback, (
+        f"profile {profile.name} needs a GPU, but there is none llama.cpp can use ({no_gpu_reason(hw)}): "
+        f"running on the CPU with {instead}"
     )

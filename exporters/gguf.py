@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ExportError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, close_quietly, free_bytes, size_text, write_errors
 from .progress import ProgressFactory, progress_bar
 
 __all__ = ["ARCHITECTURES", "DIRECT_QUANTS", "ExportReport", "export_gguf", "quant_names"]
@@ -577,8 +577,10 @@ def _write_gguf(
                 writer.write_tensor_data(_convert(data, quant, item.name))
                 bar.update(1)
         maps.clear()
-    finally:
-        writer.close()
+    except BaseException:
+        close_quietly(writer)  # the file is removed next; a second error must not hide the first
+        raise
+    writer.close()
     n_params = sum(int(np.prod(p.shape)) for p in plan)
     return _Written(hp.arch, len(plan), n_params, vocab, has_template)
 
@@ -596,7 +598,9 @@ def _quantize(src: Path, dst: Path, quant: str, threads: int | None) -> None:
     params.nthread = threads or 0
     status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if status != 0:
-        raise ExportError(f"llama.cpp could not quantize to {quant}: {log.reason()}")
+        free = free_bytes(dst)
+        room = f" ({size_text(free)} free in {dst.parent})" if free is not None else ""
+        raise ExportError(f"llama.cpp could not quantize to {quant}: {log.reason()}{room}")
 
 
 # ------------------------------------------------------------------------------------ public
@@ -631,7 +635,8 @@ def export_gguf(
 
     Raises:
         ExportError: unsupported architecture, tokenizer or RoPE scaling, a missing or unreadable file,
-            an unknown quant, or a failure inside llama.cpp's quantizer.
+            an unknown quant, or a failure inside llama.cpp's quantizer; `ExportWriteError` (also an
+            OSError) when the output cannot be written, e.g. because the disk is full.
     """
     started = time.perf_counter()
     name = _check_quant(quant)
@@ -642,7 +647,7 @@ def export_gguf(
     if out.is_dir():
         raise ExportError(f"output path {out} is a folder; give a .gguf file name")
     label = f"writing {out.name}"
-    with atomic_path(out, suffix=".gguf") as tmp:
+    with write_errors(out), atomic_path(out, suffix=".gguf") as tmp:
         if name in DIRECT_QUANTS:
             written = _write_gguf(model_dir, tmp, name, progress, label)
         else:

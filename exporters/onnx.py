@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExportError
+from ..fileio import ExportWriteError, describe_write_error
 from ..vocabmap import SIDECAR_NAME, VocabMap
 from .progress import ProgressFactory, progress_bar
 
@@ -108,7 +109,8 @@ def export_onnx(
 
     Raises:
         ExportError: missing or unreadable source, unsupported architecture, a vocabulary map made
-            for another vocabulary, an occupied out_dir, missing export packages, or a failed export.
+            for another vocabulary, an occupied out_dir, missing export packages, or a failed export;
+            `ExportWriteError` (also an OSError) when the folder cannot be written (a full disk).
     """
     started = time.perf_counter()
     source = Path(source).expanduser()
@@ -180,6 +182,11 @@ def export_onnx(
             (tmp / SIDECAR_NAME).write_text(vocab_map.to_json(), encoding="utf-8")
         size = sum((tmp / name).stat().st_size for name in (_MODEL, _MODEL_DATA) if (tmp / name).exists())
         _move_into_place(tmp, out_dir)
+    except OSError as exc:  # a full disk, above all: one line, and nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, ExportError):
+            raise
+        raise ExportWriteError(describe_write_error(exc, out_dir)) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from edgespec.errors import ExportError
-from edgespec.fileio import atomic_path
+from edgespec.fileio import atomic_path, check_free_space, close_quietly, write_errors
 from edgespec.vocabmap import KEY_KEEP, PREFIX, VocabMap
 
 from .progress import ProgressFactory, progress_bar
@@ -257,41 +257,46 @@ def trim_gguf(
     kept_texts = {vocab.texts[t] for t in keep.tolist()}
 
     out = Path(out)
-    with atomic_path(out, suffix=".gguf") as tmp:
+    payloads = [
+        np.ascontiguousarray(t.data[keep]) if t.name in _TRIMMED_TENSORS else t.data for t in reader.tensors
+    ]
+    total_bytes = sum(p.nbytes for p in payloads)
+    check_free_space(out, total_bytes)  # before writing, not when the disk is full
+    with write_errors(out), atomic_path(out, suffix=".gguf") as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF.") or key == "general.architecture" or key.startswith(PREFIX):
-                continue
-            _copy_field(writer, key, field, keep, new_id, kept_texts, arch, n_keep)
-        for key, token in detected.items():
-            if key not in reader.fields:
-                writer.add_uint32(key, new_id[token])
-        name = reader.fields.get("general.name")
-        if name is None:
-            writer.add_name(f"{source.stem} (VocabTrim {n_keep})")
-        for key, value in vmap.metadata().items():
-            if isinstance(value, np.ndarray):
-                writer.add_key_value(key, value.tolist(), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)
-            elif isinstance(value, int):
-                writer.add_uint32(key, value)
-            else:
-                writer.add_string(key, str(value))
+        try:
+            for key, field in reader.fields.items():
+                if key.startswith("GGUF.") or key == "general.architecture" or key.startswith(PREFIX):
+                    continue
+                _copy_field(writer, key, field, keep, new_id, kept_texts, arch, n_keep)
+            for key, token in detected.items():
+                if key not in reader.fields:
+                    writer.add_uint32(key, new_id[token])
+            name = reader.fields.get("general.name")
+            if name is None:
+                writer.add_name(f"{source.stem} (VocabTrim {n_keep})")
+            for key, value in vmap.metadata().items():
+                if isinstance(value, np.ndarray):
+                    writer.add_key_value(
+                        key, value.tolist(), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32
+                    )
+                elif isinstance(value, int):
+                    writer.add_uint32(key, value)
+                else:
+                    writer.add_string(key, str(value))
 
-        payloads = []
-        for t in reader.tensors:
-            data = t.data
-            if t.name in _TRIMMED_TENSORS:
-                data = np.ascontiguousarray(data[keep])
-            payloads.append(data)
-            writer.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, raw_dtype=t.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        total_bytes = sum(p.nbytes for p in payloads)
-        with progress_bar(progress, total_bytes, f"writing {out.name}") as bar:
-            for data in payloads:
-                writer.write_tensor_data(data)
-                bar.update(data.nbytes)
+            for t, data in zip(reader.tensors, payloads, strict=True):
+                writer.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, raw_dtype=t.tensor_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            with progress_bar(progress, total_bytes, f"writing {out.name}") as bar:
+                for data in payloads:
+                    writer.write_tensor_data(data)
+                    bar.update(data.nbytes)
+        except BaseException:
+            close_quietly(writer)  # the file is removed next; a second error must not hide the first
+            raise
         writer.close()
     return TrimReport(
         out=out,
