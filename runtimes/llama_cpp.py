@@ -357,14 +357,19 @@ class LlamaCppRuntime:
             if last_chunk and logits == "last":
                 batch.logits[count - 1] = True
             batch.n_tokens = count
-            status = _ll.llama_decode(self._ctx, batch)
-            if status != 0:
-                # llama_decode leaves the cache as it was for status 1 / -1; drop partial ubatches
-                # for the fatal codes so that n_past stays true.
-                _ll.llama_memory_seq_rm(self._mem, 0, self._n_past, -1)
-                raise RuntimeFailure(f"llama_decode failed with status {status}: {_backend().reason()}")
-            self._n_past += count
-            self._held.extend(tokens[start : start + count])
+            try:
+                status = _ll.llama_decode(self._ctx, batch)
+                if status != 0:
+                    # llama_decode leaves the cache as it was for status 1 / -1; drop partial
+                    # ubatches for the fatal codes so that n_past stays true.
+                    raise RuntimeFailure(f"llama_decode failed with status {status}: {_backend().reason()}")
+                self._n_past += count
+                self._held.extend(tokens[start : start + count])
+            except BaseException:
+                # Also a Ctrl-C that lands between the decode and the bookkeeping: forget the cells
+                # this chunk added, so that the cache, n_past and the token record agree.
+                self._forget_from(min(self._n_past, len(self._held)))
+                raise
             start += count
         if logits == "none":
             return np.empty((0, n_vocab), dtype=np.float32)
@@ -375,6 +380,11 @@ class LlamaCppRuntime:
             raise RuntimeFailure("llama.cpp returned no logits for the requested row")
         # Rows flagged in one batch are stored contiguously, in batch order.
         return np.ctypeslib.as_array(ptr, shape=(rows, n_vocab))
+
+    def _forget_from(self, n: int) -> None:
+        _ll.llama_memory_seq_rm(self._mem, 0, n, -1)
+        self._n_past = n
+        del self._held[n:]
 
     def truncate(self, n: int) -> None:
         if n < 0:

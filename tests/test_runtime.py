@@ -76,6 +76,29 @@ def test_truncate_rolls_back_exactly(tiny_runtimes):
     assert target.n_past == len(prompt)
 
 
+def test_ctrl_c_right_after_a_decode_leaves_the_cache_consistent(tiny_runtimes, monkeypatch):
+    """A KeyboardInterrupt that lands between llama_decode returning and the runtime's bookkeeping
+    must not leave cache cells the runtime does not know about."""
+    import llama_cpp
+
+    target, _ = tiny_runtimes
+    prompt = target.tokenize("once upon a time", add_special=True, parse_special=False)
+    fresh = target.eval(prompt).copy()
+    target.truncate(2)
+    real_decode = llama_cpp.llama_decode
+
+    def decode_then_interrupt(ctx, batch):
+        real_decode(ctx, batch)  # the cells are written ...
+        raise KeyboardInterrupt  # ... and Ctrl-C arrives before n_past is updated
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", decode_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        target.eval(prompt[2:])
+    monkeypatch.setattr(llama_cpp, "llama_decode", real_decode)
+    assert target.n_past == 2 and list(target.tokens) == prompt[:2]
+    assert np.array_equal(target.eval(prompt[2:]), fresh)  # as if the interrupted call never ran
+
+
 def test_eval_refuses_context_overflow_and_bad_ids(tiny_runtimes):
     target, _ = tiny_runtimes
     with pytest.raises(PromptError, match="do not fit"):
