@@ -266,6 +266,9 @@ class LogitsProcessor:
                     f"logit_bias token {outside[0]} is not in the vocabulary (ids 0 … {n_vocab - 1})"
                 )
         bias = {t: v for t, v in settings.logit_bias.items() if t < n_vocab}
+        if check_ids and sum(v == -math.inf for v in bias.values()) == n_vocab:
+            # greedy decoding would otherwise take the argmax of all -inf: token 0, silently
+            raise SettingsError("logit_bias bans every token: nothing is left to sample")
         self._bias_ids = np.array(sorted(bias), dtype=np.int64)
         self._bias_values = np.array([bias[t] for t in sorted(bias)], dtype=np.float32)
         #: how many of the latest context tokens a caller must pass as `recent`

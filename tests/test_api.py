@@ -123,6 +123,12 @@ def test_bad_options_are_one_line_settings_errors(engine, options, message):
     assert not engine.busy  # the engine was never taken
 
 
+def test_banning_every_token_is_refused_not_answered_with_token_0(engine):
+    n_vocab = engine._pair.engine.target.vocab.n_vocab
+    with pytest.raises(SettingsError, match="logit_bias bans every token"):
+        engine.generate("hi", logit_bias=dict.fromkeys(range(n_vocab), float("-inf")))
+
+
 @pytest.mark.parametrize(
     "messages",
     [[], "hello", [{"role": "robot", "content": "x"}], [{"role": "user"}], [{"role": "user", "content": 3}]],
