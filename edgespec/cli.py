@@ -29,7 +29,7 @@ from .cli_common import (
     sampling_settings,
     tune_progress,
 )
-from .errors import EdgespecError
+from .errors import EdgespecError, one_line
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -67,7 +67,7 @@ class _OneLineErrors(click.Group):
             click.echo(f"error: {exc.format_message()}", err=True)
             code = exc.exit_code
         except EdgespecError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(str(exc))}", err=True)
             code = EXIT_ERROR
         except (KeyboardInterrupt, click.Abort):
             click.echo("\ninterrupted", err=True)

@@ -12,6 +12,11 @@ class EdgespecError(Exception):
     """Base class: a one-line, user-facing message."""
 
 
+def one_line(text: str) -> str:
+    """`text` on one line: a library's multi-line message quoted inside ours, joined with spaces."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 class ModelLoadError(EdgespecError):
     """A model file is missing, not GGUF, truncated, corrupt or of an unsupported architecture."""
 

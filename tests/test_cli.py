@@ -189,3 +189,17 @@ def test_bad_sampling_options(runner, tiny_pair):
     result = runner.invoke(cli, tiny_args(tiny_pair, "--logit-bias", "99999=1", "hi"))
     assert_one_line_error(result, "logit_bias token 99999 is not in the vocabulary")
     assert_one_line_error(runner.invoke(cli, tiny_args(tiny_pair, "--top-p", "0", "hi")), "--top-p")
+
+
+def test_a_multi_line_library_message_is_printed_on_one_line(runner, tiny_pair, monkeypatch):
+    """An error quoting a library's multi-line message still reaches the user as one line."""
+    from edgespec import api
+    from edgespec.errors import ExportError
+
+    def fail(*args, **kwargs):
+        raise ExportError("the exporter failed:\nTraceback-like detail\n  more detail")
+
+    monkeypatch.setattr(api.Engine, "__init__", fail)
+    result = runner.invoke(cli, ["run", *tiny_model_args(tiny_pair), "hi"])
+    assert result.exit_code == 1
+    assert result.stderr == "error: the exporter failed: Traceback-like detail more detail\n"
