@@ -59,14 +59,14 @@ def memory_need(path: Path, n_ctx: int, gpu_layers: int = 0, gpu_usable: bool = 
         The estimate, or None when the file cannot be sized (missing, not GGUF, damaged header):
         loading it then fails with the reason.
     """
-    from .vocabmap import read_gguf_metadata
+    from .ggufcheck import check_gguf
 
     if path.is_dir() or path.suffix == ".onnx":  # an ONNX drafter: its files, no GGUF metadata
         return MemoryNeed(path, model_bytes(path), 0, n_ctx) if path.exists() else None
     try:
         size = path.stat().st_size
-        meta = read_gguf_metadata(path, "")  # steps over the vocabulary: tens of milliseconds
-    except (OSError, ValueError, ModelLoadError):  # ValueError: mmap of an empty file
+        meta = check_gguf(path).metadata  # steps over the vocabulary: tens of milliseconds
+    except (OSError, ModelLoadError):
         return None
     arch = meta.get("general.architecture")
 
