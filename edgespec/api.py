@@ -186,6 +186,15 @@ class Stream:
         self._shown += len(token.text)
         return Chunk(token.text, token.id, token.from_draft)
 
+    def run(self) -> Result:
+        """Consume the rest of the stream and return its result (the engine is released even if
+        consuming fails)."""
+        with self:
+            for _ in self:
+                pass
+        assert self.result is not None
+        return self.result
+
     def cancel(self) -> None:
         """Stop before the next step; chunks already accepted may still come."""
         self._generation.cancel()
@@ -420,11 +429,7 @@ class Engine:
                 then `EngineBusy`.
             options: see `GenerateOptions`.
         """
-        with self.stream(prompt, raw=raw, system=system, timeout=timeout, **options) as stream:
-            for _ in stream:
-                pass
-        assert stream.result is not None
-        return stream.result
+        return self.stream(prompt, raw=raw, system=system, timeout=timeout, **options).run()
 
     def stream(
         self,
@@ -460,13 +465,7 @@ class Engine:
         """
         settings = self.check_options(**options)
         started = self._start(self.chat_tokens(messages), settings, timeout)
-        if stream:
-            return started
-        with started:
-            for _ in started:
-                pass
-        assert started.result is not None
-        return started.result
+        return started if stream else started.run()
 
     def cancel(self) -> bool:
         """Stop the running generation before its next step (from any thread). Returns whether
