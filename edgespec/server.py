@@ -211,19 +211,15 @@ class _EventStream(StreamingResponse):
 
 
 async def _until_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    """Return once the client has gone away (the request body has been read already)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-async def _disconnected(request: Request) -> None:
-    """Return once the client has gone away (the request body has been read already)."""
-    await _until_disconnect(request.receive)
 
 
 async def _first_event(request: Request, job: Job) -> tuple[str, Any] | None:
     """The job's first event, or None if the client goes away before it comes."""
     getter = asyncio.ensure_future(job.events.get())
-    watcher = asyncio.ensure_future(_disconnected(request))
+    watcher = asyncio.ensure_future(_until_disconnect(request.receive))
     try:
         await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
