@@ -248,7 +248,9 @@ class Engine:
         n_ctx: context size in tokens (prompt + answer).
         threads, draft_threads: CPU threads for the target and the draft model.
         gpu_layers, draft_gpu_layers: layers to offload to a GPU (-1: all).
-        kernels: "exact" (output identical to target-only, the default) or "fast".
+        kernels: "fast" (llama.cpp's own kernels: output the target's in distribution; the default)
+            or "exact" (row-invariant kernels, verified on this machine: output token-identical to
+            target-only). Overrides the profile's.
         cache_prompt: the default of the per-call option: reuse the cached prefix of the previous
             call (True), or evaluate every prompt whole, so that greedy output depends on the
             prompt alone (False; see `GenerationSettings.cache_prompt`).
@@ -318,7 +320,7 @@ class Engine:
                 n_threads=threads,
                 gpu_layers=gpu_layers or 0,
                 flash_attn=flash_attn,  # type: ignore[arg-type]
-                kernels=kernels or "exact",  # type: ignore[arg-type]
+                kernels=kernels or "fast",  # type: ignore[arg-type]
                 verbose=verbose,
             )
             pair = load(
@@ -371,6 +373,13 @@ class Engine:
     @property
     def n_ctx(self) -> int:
         return self._pair.engine.target.n_ctx
+
+    @property
+    def guarantee(self) -> str:
+        """What its output promises: "exact" (token-identical to target-only decoding under the
+        same kernels; `kernels="exact"`) or "distribution" (llama.cpp's kernels: the target's
+        output in distribution, a greedy near-tie may break otherwise)."""
+        return self._pair.engine.target.guarantee
 
     @property
     def drafter(self) -> Any:

@@ -122,6 +122,7 @@ def show(name_or_path: str) -> None:
     p = load_profile(name_or_path)
     origin = "built-in" if p.builtin else "file"
     click.echo(f"# source: {origin} {p.source}" if p.source else "# source: (none)")
+    click.echo(f"# guarantee: {p.guarantee_text}")
     click.echo(p.to_toml(), nl=False)
 
 

@@ -86,8 +86,11 @@ class Stats:
     after the prompt; tokens_per_step (τ) counts the accepted draft tokens plus the target's own.
     n_prompt_cached of the n_prompt prompt tokens were already in the target's KV cache (the
     longest common prefix with what the previous generation left there) and were not evaluated.
+    `guarantee` is what the output promises: "exact" (token-identical to target-only decoding under
+    the same kernels) or "distribution" (the target's in distribution; see `Runtime.guarantee`).
     """
 
+    guarantee: str = "distribution"
     n_prompt: int = 0
     n_prompt_cached: int = 0
     n_generated: int = 0
@@ -166,7 +169,7 @@ class Generation:
         self.tokens: list[int] = []
         self.text = ""
         self.finish_reason: FinishReason | None = None
-        self.stats = Stats(n_prompt=len(prompt))
+        self.stats = Stats(guarantee=engine.target.guarantee, n_prompt=len(prompt))
         #: the seed sampling used (settings.seed, or a fresh one)
         self.seed = settings.seed if settings.seed is not None else secrets.randbits(63)
         self._started = False

@@ -383,13 +383,16 @@ def load_with_profile(
         profile, warning = fallback
         warn(warning)
     o = overrides
+    if o.kernels and o.kernels != profile.target.kernels:
+        # Costs measured under the other kernels do not hold: tune (or find the tune) for these.
+        profile = replace(profile, target=replace(profile.target, kernels=o.kernels), costs=None)
     threads, threads_batch = profile.target.resolve_threads(hw)
     target_settings = RuntimeSettings(
         n_ctx=n_ctx,
         n_threads=o.threads or threads,
         n_threads_batch=o.threads or threads_batch,
         gpu_layers=profile.target.gpu_layers if o.gpu_layers is None else o.gpu_layers,
-        kernels=o.kernels or profile.target.kernels,  # type: ignore[arg-type]
+        kernels=profile.target.kernels,  # type: ignore[arg-type]
         verbose=verbose,
     )
     d_threads, d_threads_batch = profile.draft.resolve_threads(hw)

@@ -78,14 +78,16 @@ class ModelPlacement:
         gpu_layers: layers offloaded to the GPU; ALL_LAYERS (-1) for all of them.
         threads: CPU threads for one-token decoding: a count, "physical" or "logical" (cores).
         threads_batch: threads for batches (prompts, verification); None = the same as `threads`.
-        kernels: "exact" or "fast"; only the target's is meaningful (a drafter's rounding cannot
-            change the output, so it always runs llama.cpp's fast kernels).
+        kernels: "fast" (llama.cpp's own kernels; the output is the target's in distribution) or
+            "exact" (verified row-invariant kernels; output token-identical to target-only); only
+            the target's is meaningful (a drafter's rounding cannot change the output, so it
+            always runs llama.cpp's fast kernels).
     """
 
     gpu_layers: int = 0
     threads: int | str = "physical"
     threads_batch: int | str | None = None
-    kernels: str = "exact"
+    kernels: str = "fast"
 
     def resolve_threads(self, hw: Hardware) -> tuple[int, int]:
         """(threads, threads_batch) as counts on this machine."""
@@ -109,7 +111,7 @@ class Speculation:
     drafters: tuple[str, ...] = DRAFTERS
     controller: str = "goodput"
     k: int = 4
-    k_max: int = 16
+    k_max: int = 64
     min_draft_prob: float = 0.0
     overlap: bool = False
 
@@ -167,6 +169,19 @@ class Profile:
                 costs[key] = list(costs[key])
             data["costs"] = costs
         return data
+
+    @property
+    def guarantee_text(self) -> str:
+        """The output guarantee its target kernels give, in words."""
+        if self.target.kernels == "exact":
+            return (
+                "exact (output token-identical to target-only; the kernels are verified on the loaded "
+                "model by the invariance probe, and loading fails where none is row-invariant)"
+            )
+        return (
+            "distribution (llama.cpp's kernels: output the target's in distribution; at temperature 0 a "
+            "near-tie may break otherwise after a verification pass)"
+        )
 
     def to_toml(self) -> str:
         """The profile as TOML that `parse_profile` reads back to an equal Profile."""
@@ -298,7 +313,7 @@ def _placement(r: TomlReader, table: dict[str, Any], prefix: str) -> ModelPlacem
         gpu_layers=_layers(r, table.get("gpu_layers", 0), f"{prefix}.gpu_layers"),
         threads=threads,
         threads_batch=None if batch is None else _threads(r, batch, f"{prefix}.threads_batch"),
-        kernels=r.choice(table.get("kernels", "exact"), f"{prefix}.kernels", KERNELS),
+        kernels=r.choice(table.get("kernels", "fast"), f"{prefix}.kernels", KERNELS),
     )
 
 

@@ -149,8 +149,10 @@ def steps(drafters: Sequence[str], has_draft: bool) -> int:
 
 
 def tuned_name(base: Profile, hw: Hardware, target_path: Path, draft_path: Path | None) -> str:
-    """The name of the tuned profile for this base profile, machine and model pair."""
-    key = "|".join((hw.fingerprint(), model_id(target_path), model_id(draft_path), base.name))
+    """The name of the tuned profile for this base profile (and its kernels), machine and model pair."""
+    key = "|".join(
+        (hw.fingerprint(), model_id(target_path), model_id(draft_path), base.name, base.target.kernels)
+    )
     return f"tuned-{base.name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 

@@ -22,10 +22,14 @@ class RuntimeSettings:
         n_threads_batch: threads for batched evaluation (prompt, verification); None = n_threads.
         n_batch: most tokens sent to the backend in one call; longer inputs are split.
         gpu_layers: layers offloaded to a GPU (0 = CPU only, -1 = all).
-        flash_attn: "auto", "on" or "off".
-        kernels: "exact" (default) makes a batched forward pass compute every row bit for bit as a
-            single-token pass would, so speculative output is identical to target-only output;
-            "fast" uses the backend's fastest kernels, whose results depend on the batch size.
+        flash_attn: "auto", "on" or "off" (default: off, as llama-cpp-python's `Llama`) for
+            llama.cpp's kernels; exact kernels always run the flash attention they were probed with.
+        kernels: "fast" (default) uses the backend's own default kernels, whose results depend on
+            the batch size: speculative output is the target's in distribution (at temperature 0 a
+            near-tie may break otherwise after a verification pass). "exact" makes a batched
+            forward pass compute every row bit for bit as a single-token pass would (verified on
+            the loaded model by `invariance.probe`), so speculative output is identical to
+            target-only output under the same kernels.
         verbose: let the backend's own log lines through to stderr.
     """
 
@@ -34,8 +38,8 @@ class RuntimeSettings:
     n_threads_batch: int | None = None
     n_batch: int = 512
     gpu_layers: int = 0
-    flash_attn: Literal["auto", "on", "off"] = "auto"
-    kernels: Literal["exact", "fast"] = "exact"
+    flash_attn: Literal["auto", "on", "off"] = "off"
+    kernels: Literal["exact", "fast"] = "fast"
     verbose: bool = False
 
 
@@ -112,5 +116,13 @@ class Runtime(Protocol):
         ...
 
     def metadata(self, key: str) -> str | None: ...
+
+    @property
+    def guarantee(self) -> str:
+        """What speculative output over this runtime promises: "exact" (its batched passes are
+        row-identical to single-token passes, so the output is token-identical to target-only
+        decoding) or "distribution" (rounding depends on the batch size, so the output is the
+        target's in distribution and a greedy near-tie may break otherwise)."""
+        ...
 
     def close(self) -> None: ...

@@ -1,17 +1,18 @@
 """A runtime over llama-cpp-python's low-level C API.
 
-Exact kernels. On the CPU, llama.cpp (0.3.36) picks kernels by batch size, and they round
-differently: repacked K-quant weights use a gemv for fewer than 4 rows and a gemm from 4; the
+Two kernel settings. `kernels="fast"` (the default) keeps llama.cpp's own defaults, those of
+llama-cpp-python's `Llama` (flash attention off, F16 keys and values, batches of up to 512 rows):
+the kernels everyone else runs, whose rounding depends on the batch size, so that a verification
+pass can break a greedy near-tie otherwise than single-token decoding would (speculative output is
+then the target's in distribution, not token for token). `kernels="exact"` makes every row of a
+verification pass bit-identical to single-token decoding: on the CPU, llama.cpp (0.3.36) picks
+kernels by batch size (repacked K-quant weights use a gemv below 4 rows and a gemm from 4; the
 tiled K-quant matmul starts at 8 rows; single-query flash attention splits the KV cache across
-threads once it holds 512 cells. A verification pass of k + 1 tokens then gives logits up to ~0.5
-away from single-token decoding, enough to flip a near-tie and make "speculative == target-only"
-false. Measured here on the default pair, every row of a batch matches single-token decoding bit
-for bit when flash attention is on, the K and V caches have different types (F16 and BF16, which
-keeps attention on its one per-row path: the split and tiled paths need equal types), and a batch
-that needs logits for every row is sent in pieces of at most 3 tokens (below the repacked gemm's
-4). Weights stay repacked, so single-token decoding keeps its speed. (Turning repacking off and
-using pieces of 7 is exact too, but decoding then runs about 16% slower here.) This is
-`kernels="exact"`, the default; `kernels="fast"` keeps llama.cpp's defaults.
+threads once it holds 512 cells), and only some configurations avoid every such switch. Which
+ones is not assumed: `invariance.probe` measures them on the loaded model (flash attention on,
+K and V types, the largest row-invariant batch), the fastest passing one is used, and verification
+passes are sent in pieces of at most that many rows. Where none passes, asking for `exact` is an
+error that says why.
 
 Why not `llama_cpp.Llama`: with `logits_all=True` it keeps an n_ctx × n_vocab float table (about
 2.5 GB for a 152k vocabulary at a 4k context) and copies rows into it. Here one `llama_batch` is
@@ -36,6 +37,7 @@ from ..errors import ModelLoadError, PromptError, RuntimeFailure, SettingsError
 from ..ggufcheck import check_gguf
 from ..vocabmap import KEY_TARGET_N_VOCAB, VocabMap
 from .base import LogitRows, RuntimeSettings, VocabInfo
+from .invariance import GGML_TYPES, ProbeResult, probe_or_load
 
 try:
     import llama_cpp as _ll
@@ -50,10 +52,6 @@ _VOCAB_KINDS = {
     _ll.LLAMA_VOCAB_TYPE_UGM: "ugm",
     _ll.LLAMA_VOCAB_TYPE_RWKV: "rwkv",
 }
-# Largest batch that needs every row's logits and still runs on the row-invariant kernels.
-EXACT_MAX_ROWS = 3
-_GGML_TYPE_F16 = 1
-_GGML_TYPE_BF16 = 30
 
 _FLASH_ATTN = {
     "auto": _ll.LLAMA_FLASH_ATTN_TYPE_AUTO,
@@ -200,11 +198,9 @@ class LlamaCppRuntime:
             raise SettingsError(f"context size must be at least 8 tokens, got {self.settings.n_ctx}")
         if self.settings.n_batch < 1:
             raise SettingsError(f"batch size must be at least 1, got {self.settings.n_batch}")
+        # Exact kernels run flash attention whatever `flash_attn` says: it is part of the
+        # configuration the invariance probe verified.
         exact = self.settings.kernels == "exact"
-        if exact and self.settings.flash_attn == "off":
-            raise SettingsError(
-                "exact kernels need flash attention; use --flash-attn auto/on or --kernels fast"
-            )
         self._model = None
         self._ctx = None
         self._batch = None
@@ -229,10 +225,19 @@ class LlamaCppRuntime:
         cparams.n_seq_max = 1
         cparams.n_threads = threads
         cparams.n_threads_batch = threads_batch
-        cparams.flash_attn_type = _FLASH_ATTN["on" if exact else self.settings.flash_attn]
+        #: the invariance probe's result (exact kernels only)
+        self.invariance: ProbeResult | None = None
+        self._max_rows = self.settings.n_batch
         if exact:
-            cparams.type_k = _GGML_TYPE_F16
-            cparams.type_v = _GGML_TYPE_BF16
+            self.invariance = self._probe(threads, threads_batch)
+            chosen = self.invariance.chosen
+            assert chosen is not None
+            cparams.flash_attn_type = _FLASH_ATTN["on"]
+            cparams.type_k = GGML_TYPES[chosen.type_k]
+            cparams.type_v = GGML_TYPES[chosen.type_v]
+            self._max_rows = chosen.max_rows
+        else:
+            cparams.flash_attn_type = _FLASH_ATTN[self.settings.flash_attn]
         cparams.no_perf = True
         self._ctx = _ll.llama_init_from_model(self._model, cparams)
         if not self._ctx:
@@ -254,7 +259,6 @@ class LlamaCppRuntime:
                     f"{self.path}: its vocabulary map does not match its {self.vocab.n_vocab} tokens"
                 )
         self._n_batch = self.settings.n_batch
-        self._max_rows = EXACT_MAX_ROWS if exact else self._n_batch
         self._batch = _ll.llama_batch_init(self._n_batch, 0, 1)
         for i in range(self._n_batch):
             self._batch.n_seq_id[i] = 1
@@ -263,6 +267,28 @@ class LlamaCppRuntime:
         self._held: list[int] = []  # the token ids in the cache, in position order
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
+
+    def _probe(self, threads: int, threads_batch: int) -> ProbeResult:
+        """The row-invariant configuration for this model here (cached), or a SettingsError."""
+        from ..placement import user_config_dir
+
+        result = probe_or_load(
+            self._model,
+            self.path,
+            gpu_layers=self.settings.gpu_layers,
+            threads=threads,
+            threads_batch=threads_batch,
+            cache_dir=user_config_dir() / "invariance",
+        )
+        if not result.passed:
+            self.close()
+            raise SettingsError(f"exact output is not available for {self.path.name}: {result.failure()}")
+        return result
+
+    @property
+    def guarantee(self) -> str:
+        """ "exact" (row-invariant kernels, verified) or "distribution" (llama.cpp's kernels)."""
+        return "exact" if self.invariance is not None else "distribution"
 
     # ----------------------------------------------------------------------------------- vocab
 

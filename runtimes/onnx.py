@@ -300,6 +300,8 @@ class OnnxRuntime:
         self._pieces: dict[int, bytes] = {}
         self._n_ctx = self.settings.n_ctx
         self._exact = self.settings.kernels == "exact"
+        #: "exact" (one token per pass whenever every row's logits are needed) or "distribution"
+        self.guarantee = "exact" if self._exact else "distribution"
         self._past: list[np.ndarray] = []
         self.truncate(0)
 

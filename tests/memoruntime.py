@@ -21,6 +21,7 @@ class MemoRuntime:
         self.inner = inner
         self.path = inner.path
         self.settings = inner.settings
+        self.guarantee = inner.guarantee
         self.vocab = inner.vocab
         self._tokens: list[int] = []  # this runtime's sequence
         self._inner_tokens: list[int] = []  # what the inner runtime has evaluated

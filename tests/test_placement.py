@@ -68,17 +68,17 @@ def test_builtins_say_what_the_design_says():
     assert p["cpu-only"].speculation.drafters == ("model", "ngram") and not p["cpu-only"].speculation.overlap
     assert p["dovetail"].requires.gpu and p["dovetail"].draft.gpu_layers == ALL_LAYERS
     assert p["dovetail"].target.gpu_layers == 0 and p["dovetail"].speculation.overlap
-    assert p["gpu-all"].target.gpu_layers == ALL_LAYERS and p["gpu-all"].target.kernels == "exact"
+    assert p["gpu-all"].target.gpu_layers == ALL_LAYERS and p["gpu-all"].target.kernels == "fast"
     assert p["partial"].target.gpu_layers > 0 and p["partial"].draft.gpu_layers == ALL_LAYERS
 
 
 def test_defaults_of_a_minimal_profile():
     profile = parse(MINIMAL)
     assert profile.target == ModelPlacement(
-        gpu_layers=0, threads="physical", threads_batch=None, kernels="exact"
+        gpu_layers=0, threads="physical", threads_batch=None, kernels="fast"
     )
     assert profile.speculation.drafters == ("model", "ngram") and profile.speculation.controller == "goodput"
-    assert (profile.speculation.k, profile.speculation.k_max, profile.speculation.overlap) == (4, 16, False)
+    assert (profile.speculation.k, profile.speculation.k_max, profile.speculation.overlap) == (4, 64, False)
     assert profile.costs is None and not profile.requires.gpu
 
 
