@@ -61,15 +61,27 @@ class Acceptance:
     `decay`, so about 1 / (1 - decay) recent drafts carry the estimate; `prior_weight`
     pseudo-trials at the prior rates keep it sensible before there is data.
 
+    With `pooled_from = p`, positions p + 1 … k_max share one estimate, learned from the trials
+    at all of them. An n-gram copy is accepted token after token at one rate while the answer
+    restates the prompt, so what positions 2 and 3 showed holds for position 40 too; estimated
+    position by position, a position never drafted keeps its prior, and the controller, seeing no
+    evidence that longer drafts pay, would never draft them.
+
     Args:
         k_max: positions tracked.
         prior: prior acceptance per position (the last value repeats; empty: 0.5).
         prior_weight: how many drafts the prior counts as.
         decay: forgetting factor per observed draft, in (0, 1].
+        pooled_from: the number of leading positions estimated one by one (None: all).
     """
 
     def __init__(
-        self, k_max: int, prior: Sequence[float] = (), prior_weight: float = 2.0, decay: float = 0.9
+        self,
+        k_max: int,
+        prior: Sequence[float] = (),
+        prior_weight: float = 2.0,
+        decay: float = 0.9,
+        pooled_from: int | None = None,
     ) -> None:
         if k_max < 1:
             raise ValueError(f"k_max must be at least 1, got {k_max}")
@@ -80,13 +92,18 @@ class Acceptance:
         self.prior = np.clip(np.asarray(values[:k_max], dtype=np.float64), 0.0, 1.0)
         self.prior_weight = prior_weight
         self.decay = decay
+        self.pooled_from = pooled_from
         self.trials = np.zeros(k_max)
         self.successes = np.zeros(k_max)
 
     def alphas(self) -> np.ndarray:
         """Estimated conditional acceptance per position, shape (k_max,)."""
         w = self.prior_weight
-        return (self.successes + w * self.prior) / (self.trials + w)
+        alphas = (self.successes + w * self.prior) / (self.trials + w)
+        p = self.pooled_from
+        if p is not None and p < len(alphas):
+            alphas[p:] = (self.successes[p:].sum() + w * self.prior[p]) / (self.trials[p:].sum() + w)
+        return alphas
 
     def observe(self, n_proposed: int, n_accepted: int) -> None:
         """A draft of n_proposed tokens was verified and its first n_accepted were kept."""
@@ -194,7 +211,11 @@ class GoodputController:
     def reset(self) -> None:
         """Back to the priors (a new generation)."""
         self.model = Acceptance(self.k_max, self._model_prior, decay=self.decay)
-        self.ngram = [Acceptance(self.k_max, prior, decay=self.decay) for prior in self._ngram_prior]
+        # An n-gram draft's first token is a guess at whether the copy goes on; after it the copy
+        # runs at one rate (see Acceptance.pooled_from).
+        self.ngram = [
+            Acceptance(self.k_max, prior, decay=self.decay, pooled_from=1) for prior in self._ngram_prior
+        ]
 
     def plan(self, k_cap: int, ngram_available: int = 0, ngram_match: int = 0, model: bool = False) -> Plan:
         """The best plan for the next step.

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from .runtimes.base import Runtime
 
@@ -66,6 +68,17 @@ class Costs:
         return asdict(self)
 
 
+#: pass sizes measured directly; the sizes between them are interpolated (a pass's cost is close
+#: to linear in its size between these points, and measuring every size up to 65 would take
+#: minutes)
+MEASURED_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 17, 25, 33, 49, 65)
+
+
+def measured_sizes(n_max: int) -> list[int]:
+    """The pass sizes `measure` times for passes of up to n_max tokens."""
+    return sorted({n for n in MEASURED_SIZES if n <= n_max} | {n_max})
+
+
 def _median_time(run, repeats: int) -> float:
     samples = []
     for _ in range(repeats):
@@ -84,6 +97,8 @@ def measure(
     switching: bool = False,
 ) -> Costs:
     """Measure T(1) … T(k_max + 1) on the target and one draft step, after `context`.
+
+    Sizes in `measured_sizes(k_max + 1)` are timed; the others are interpolated linearly.
 
     Each pass evaluates tokens taken from the context itself (real tokens, not padding) at the
     positions right after it, then rolls the cache back, so every sample sees the same state.
@@ -112,25 +127,26 @@ def measure(
         target.eval(probe[:n], logits="all")
 
     target_pass(1)  # warm-up
+    sizes = measured_sizes(k_max + 1)
     if not switching:
-        t_target = tuple(_median_time(lambda n=n: target_pass(n), repeats) for n in range(1, k_max + 2))
+        timed = [_median_time(lambda n=n: target_pass(n), repeats) for n in sizes]
     else:
         steady = _median_time(lambda: target_pass(1), max(repeats, 9))
-        passes: dict[int, list[float]] = {n: [] for n in range(2, k_max + 2)}
-        after: dict[int, list[float]] = {n: [] for n in range(2, k_max + 2)}
+        passes: dict[int, list[float]] = {n: [] for n in sizes[1:]}
+        after: dict[int, list[float]] = {n: [] for n in sizes[1:]}
         clock = time.perf_counter
         for _ in range(repeats):
-            for n in range(2, k_max + 2):
+            for n in sizes[1:]:
                 start = clock()
                 target_pass(n)
                 middle = clock()
                 target_pass(1)
                 passes[n].append(middle - start)
                 after[n].append(clock() - middle)
-        t_target = (steady,) + tuple(
-            statistics.median(passes[n]) + max(statistics.median(after[n]) - steady, 0.0)
-            for n in range(2, k_max + 2)
-        )
+        timed = [steady] + [
+            statistics.median(passes[n]) + max(statistics.median(after[n]) - steady, 0.0) for n in sizes[1:]
+        ]
+    t_target = tuple(float(t) for t in np.interp(np.arange(1, k_max + 2), sizes, timed))
     target.truncate(0)
 
     t_draft = 0.0

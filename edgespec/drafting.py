@@ -48,6 +48,8 @@ class Drafter(Protocol):
 
 #: how far back NgramDrafter measures a match
 MATCH_LENGTH_MAX = 64
+#: earlier occurrences of an n-gram NgramDrafter remembers (the latest ones)
+OCCURRENCES = 8
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -248,12 +250,16 @@ class ModelDrafter:
 
 @dataclass
 class NgramDrafter:
-    """Prompt lookup: find the latest earlier occurrence of the context's last n tokens and
-    propose what followed it. Free to run; pays off when the answer repeats the prompt (code
-    edits, extraction, summaries that quote).
+    """Prompt lookup: find an earlier occurrence of the context's last n tokens and propose what
+    followed it. Free to run; pays off when the answer repeats the prompt (code edits, extraction,
+    summaries that quote).
 
-    An index maps every n-gram (n_min ≤ n ≤ n_max) to the position just after its latest
-    occurrence that has a continuation. It is updated incrementally as the context grows.
+    An index maps every n-gram (n_min ≤ n ≤ n_max) to the positions just after its latest
+    OCCURRENCES occurrences that have a continuation. It is updated incrementally as the context
+    grows. Of the occurrences of the longest n-gram that matches, the one whose match reaches
+    furthest back (the latest among equals) is copied from: while an answer restates a stretch of
+    the prompt, that is the stretch being copied, so the copy position follows the answer from
+    step to step even where a short n-gram recurs elsewhere (a `self.` or a `    return`).
 
     Args:
         n_min, n_max: n-gram lengths tried, longest first.
@@ -274,7 +280,7 @@ class NgramDrafter:
         #: MATCH_LENGTH_MAX; 0 when nothing was proposed)
         self.match_length = 0
         self._tokens: list[int] = []
-        self._index: dict[tuple[int, ...], int] = {}
+        self._index: dict[tuple[int, ...], list[int]] = {}
 
     def _extend_index(self, context: Sequence[int]) -> None:
         if common_prefix(self._tokens, context) < len(self._tokens):
@@ -288,7 +294,10 @@ class NgramDrafter:
             for n in range(self.n_min, self.n_max + 1):
                 if end - n < 0:
                     break
-                self._index[tuple(tokens[end - n : end])] = end
+                seen = self._index.setdefault(tuple(tokens[end - n : end]), [])
+                seen.append(end)
+                if len(seen) > OCCURRENCES:
+                    del seen[0]
 
     def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> list[int]:
         self.match_length = 0
@@ -297,20 +306,24 @@ class NgramDrafter:
         self._extend_index(context)
         tokens = self._tokens
         for n in range(min(self.n_max, len(tokens) - 1), self.n_min - 1, -1):
-            start = self._index.get(tuple(tokens[-n:]))
-            if start is not None:
-                # How far the match really reaches back (past n_max): a long match means the text
-                # is being copied, and its continuation is likely right (the controller uses this).
-                length, end = n, len(tokens)
-                while (
-                    length < MATCH_LENGTH_MAX
-                    and start - length > 0
-                    and (tokens[start - length - 1] == tokens[end - length - 1])
-                ):
-                    length += 1
+            starts = self._index.get(tuple(tokens[-n:]))
+            if starts:
+                # How far each match really reaches back (past n_max): a long match means the
+                # text is being copied, and its continuation is likely right (the controller
+                # uses this). Later occurrences win ties.
+                length, start = max((self._reach(s, n), s) for s in starts)
                 self.match_length = length
                 return tokens[start : start + k]
         return []
+
+    def _reach(self, start: int, n: int) -> int:
+        """How many tokens before `start` agree with the context's end (n known to, at most
+        MATCH_LENGTH_MAX)."""
+        tokens = self._tokens
+        length, end = n, len(tokens)
+        while length < MATCH_LENGTH_MAX and start - length > 0 and tokens[start - length - 1] == tokens[end - length - 1]:
+            length += 1
+        return length
 
     def accepted(self, n_proposed: int, n_accepted: int) -> None:
         pass

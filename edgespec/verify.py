@@ -30,11 +30,14 @@ def verify_greedy(draft: Sequence[int], p_logits: np.ndarray) -> tuple[int, int]
     k = len(draft)
     if p_logits.shape[0] != k + 1:
         raise ValueError(f"need k + 1 = {k + 1} rows of target logits, got {p_logits.shape[0]}")
-    p_argmax = p_logits.argmax(axis=1)
+    # Row by row, up to the first disagreement: a 64-token draft rejected early does not pay for
+    # the argmax of every row (each is n_vocab wide).
     n_accepted = 0
-    while n_accepted < k and draft[n_accepted] == p_argmax[n_accepted]:
+    while True:
+        token = int(p_logits[n_accepted].argmax())
+        if n_accepted == k or draft[n_accepted] != token:
+            return n_accepted, token
         n_accepted += 1
-    return n_accepted, int(p_argmax[n_accepted])
 
 
 def verify_rejection(

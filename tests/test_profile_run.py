@@ -173,9 +173,9 @@ def test_bench_auto_config_matches_target_only(config_dir, tiny_pair, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "auto k=16" in result.stdout and "draft k=3 overlap=1" in result.stdout
+    assert "auto k=64" in result.stdout and "draft k=3 overlap=1" in result.stdout
     data = json.loads((out / "results.json").read_text())
-    auto = [r for r in data["records"] if r["config"] == "auto k=16"]
+    auto = [r for r in data["records"] if r["config"] == "auto k=64"]
     assert len(auto) == 2 and all(r["identical_to_target_only"] for r in auto)
     assert all(set(r["sources"]) == {"model", "ngram", "none"} for r in auto)
     assert data["settings"]["auto_profile"]["costs"]["t_verify_ms"]
