@@ -324,7 +324,7 @@ _BENCH_MODEL_OPTIONS = [
         help="Draft layers on a GPU (-1 = all; llama.cpp's peer gets the same -ngld).",
     ),
     click.option("--ctx", "ctx_size", type=click.IntRange(min=64), default=4096, show_default=True),
-    click.option("--kernels", type=click.Choice(["exact", "fast"]), default="exact", show_default=True),
+    click.option("--kernels", type=click.Choice(["exact", "fast"]), default="fast", show_default=True),
 ]
 
 
@@ -642,21 +642,25 @@ def _run_peers(
                 eog=target_rt.vocab.eog,
             ),
         ),
-        peers.guarded(
-            peers.simple_name(k),
-            lambda: peers.llama_speculative_simple(
-                binary,
-                target_rt.path,
-                draft_rt.path if draft_rt else None,
-                peer_prompts,
-                max_tokens=max_tokens,
-                k=k,
-                threads=threads,
-                n_ctx=target_rt.n_ctx,
-                bin_dir=bin_dir,
-                gpu_layers=target_rt.settings.gpu_layers,
-                draft_gpu_layers=draft_rt.settings.gpu_layers if draft_rt else 0,
-            ),
+        *(
+            peers.guarded(
+                peers.simple_name(k, spec_type),
+                lambda spec_type=spec_type: peers.llama_speculative_simple(
+                    binary,
+                    target_rt.path,
+                    draft_rt.path if draft_rt else None,
+                    peer_prompts,
+                    max_tokens=max_tokens,
+                    k=k,
+                    threads=threads,
+                    n_ctx=target_rt.n_ctx,
+                    bin_dir=bin_dir,
+                    gpu_layers=target_rt.settings.gpu_layers,
+                    draft_gpu_layers=draft_rt.settings.gpu_layers if draft_rt else 0,
+                    spec_type=spec_type,
+                ),
+            )
+            for spec_type in peers.SPEC_TYPES
         ),
     ]
 

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 SPECULATIVE_SIMPLE = "llama-speculative-simple"
+#: llama.cpp's speculative modes run as peers: its three n-gram modes (their own defaults: e.g.
+#: ngram-simple looks up 12-token n-grams and drafts up to 48) and its draft-model mode
+SPEC_TYPES = ("ngram-simple", "ngram-map-k", "ngram-mod", "draft-simple")
 _DECODED = re.compile(r"decoded\s+(\d+)\s+tokens in\s+([\d.]+)\s+seconds, speed:\s+([\d.]+)\s+t/s")
 _ACCEPT = re.compile(r"accept\s*=\s*([\d.]+)%")
 
@@ -42,7 +45,7 @@ def all_skipped(k: int, reason: str) -> list[dict[str, Any]]:
     """Every peer, listed as skipped for one reason."""
     return [
         _skipped(lookup_name(k), reason),
-        _skipped(simple_name(k), reason),
+        *(_skipped(simple_name(k, spec_type), reason) for spec_type in SPEC_TYPES),
     ]
 
 
@@ -126,8 +129,10 @@ def lookup_name(k: int) -> str:
     return f"llama-cpp-python prompt lookup (num_pred_tokens={k})"
 
 
-def simple_name(k: int) -> str:
-    return f"llama.cpp {SPECULATIVE_SIMPLE} (--spec-draft-n-max {k})"
+def simple_name(k: int, spec_type: str = "draft-simple") -> str:
+    if spec_type == "draft-simple":
+        return f"llama.cpp {SPECULATIVE_SIMPLE} --spec-type draft-simple (--spec-draft-n-max {k})"
+    return f"llama.cpp {SPECULATIVE_SIMPLE} --spec-type {spec_type}"
 
 
 def lookup_summary(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -188,39 +193,41 @@ def llama_speculative_simple(
     timeout: float = 600.0,
     gpu_layers: int = 0,
     draft_gpu_layers: int = 0,
+    spec_type: str = "draft-simple",
 ) -> dict[str, Any]:
-    """llama.cpp's own draft-model speculation, as a subprocess, greedy, on the same formatted prompts.
+    """llama.cpp's own speculation, as a subprocess, greedy, on the same formatted prompts.
 
+    spec_type: one of SPEC_TYPES; the n-gram modes run with llama.cpp's own defaults for them
+        (k applies to draft-simple) and need no draft model.
     gpu_layers, draft_gpu_layers: offload as edgespec's own models are (-1 = all), so that a
-    draft-on-GPU comparison runs llama.cpp's draft-on-GPU configuration (`-ngl 0 -ngld 999`).
+        draft-on-GPU comparison runs llama.cpp's draft-on-GPU configuration (`-ngl 0 -ngld 999`).
     """
-    name = simple_name(k)
+    name = simple_name(k, spec_type)
+    uses_draft = spec_type == "draft-simple"
     if binary is None:
         where = f"in {bin_dir}" if bin_dir else "on PATH"
         return _skipped(
             name, f"binary not found {where} (build llama.cpp's examples, or pass --llama-cpp-bin DIR)"
         )
-    if draft_path is None:
+    if uses_draft and draft_path is None:
         return _skipped(name, "needs a draft model")
     runs = []
     with tempfile.TemporaryDirectory(prefix="edgespec-peer-") as tmp:
         for prompt in prompts:
             prompt_file = Path(tmp) / "prompt.txt"
             prompt_file.write_text(prompt.text, encoding="utf-8")
+            model_args = ["-md", str(draft_path), "--spec-draft-n-max", str(k)] if uses_draft else []
             command = [
                 str(binary),
                 "-m",
                 str(target_path),
-                "-md",
-                str(draft_path),
+                *model_args,
                 "-f",
                 str(prompt_file),
                 "-n",
                 str(max_tokens),
                 "--spec-type",
-                "draft-simple",
-                "--spec-draft-n-max",
-                str(k),
+                spec_type,
                 "--temp",
                 "0",
                 "--top-k",
@@ -231,8 +238,7 @@ def llama_speculative_simple(
                 str(n_ctx),
                 "-ngl",
                 str(999 if gpu_layers < 0 else gpu_layers),
-                "-ngld",
-                str(999 if draft_gpu_layers < 0 else draft_gpu_layers),
+                *(["-ngld", str(999 if draft_gpu_layers < 0 else draft_gpu_layers)] if uses_draft else []),
             ]
             try:
                 proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)

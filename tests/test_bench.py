@@ -77,10 +77,14 @@ def test_bench_end_to_end_writes_valid_results(tiny_pair, dataset, tmp_path):
     assert 0 < shares <= 1.0 + 1e-9 and draft_summary["share_other"] >= -1e-9
     for png in ("speedup_by_category.png", "tau_vs_k.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
-    lookup, simple = data["peers"]
+    lookup, *simple = data["peers"]
     assert lookup["status"] == "ran" and len(lookup["runs"]) == 3 and lookup["tokens_per_s_median"] > 0
-    assert simple["status"] == "skipped" and "not found" in simple["notes"]  # listed, never dropped
-    assert "| llama.cpp llama-speculative-simple (--spec-draft-n-max 4) | skipped |" in result.stdout
+    assert len(simple) == 4  # llama.cpp's ngram-simple, ngram-map-k, ngram-mod and draft-simple
+    assert all(s["status"] == "skipped" and "not found" in s["notes"] for s in simple)  # listed, never dropped
+    assert "| llama.cpp llama-speculative-simple --spec-type draft-simple (--spec-draft-n-max 4) | skipped |" in (
+        result.stdout
+    )
+    assert "| llama.cpp llama-speculative-simple --spec-type ngram-mod | skipped |" in result.stdout
 
 
 def test_broken_configuration_is_caught(tiny_pair, dataset, tmp_path, monkeypatch):
@@ -162,7 +166,9 @@ def test_cost_model_by_hand():
 FAKE_SPECULATIVE_SIMPLE = """#!/bin/sh
 # stands in for llama.cpp's binary: checks a few arguments, prints its closing report
 case "$*" in
-  *"--spec-type draft-simple --spec-draft-n-max 3"*"--temp 0"*) ;;
+  *" -md "*"--spec-draft-n-max 3"*"--spec-type draft-simple --temp 0"*) ;;
+  *" -md "*) echo "bad args: $*" >&2; exit 2;;
+  *"--spec-type ngram-simple --temp 0"*) ;;
   *) echo "bad args: $*" >&2; exit 2;;
 esac
 echo "encoded   20 tokens in    0.100 seconds, speed:  200.000 t/s" >&2
@@ -190,6 +196,11 @@ def test_llama_speculative_simple_peer_runs_and_parses(tmp_path):
         binary, tmp_path / "t.gguf", tmp_path / "d.gguf", [prompt], k=5, **common
     )
     assert failed["status"] == "skipped" and "exited with 2" in failed["notes"]
+    # llama.cpp's n-gram modes need no draft model and run with their own draft lengths
+    ngram = peers.llama_speculative_simple(
+        binary, tmp_path / "t.gguf", None, [prompt], k=5, spec_type="ngram-simple", **common
+    )
+    assert ngram["status"] == "ran" and ngram["name"].endswith("--spec-type ngram-simple")
 
 
 def test_a_failing_peer_is_reported_not_raised():
@@ -296,3 +307,57 @@ def test_lookup_peer_records_a_failing_prompt_and_measures_the_rest(
     assert lookup["status"] == "ran" and len(lookup["runs"]) == 3 and lookup["tokens_per_s_median"] > 0
     assert lookup["runs"][1]["error"] == "ValueError: could not broadcast input array"
     assert "failed inside llama-cpp-python on 1/3 prompts" in lookup["notes"]
+
+
+def test_bench_runs_llama_cpp_plain_decoding_as_the_yardstick(tiny_pair, dataset, tmp_path):
+    """`llama.cpp` (llama-cpp-python's create_completion, default context parameters) runs first
+    in every round, and speed-ups and the identical-output share are given against it."""
+    out = tmp_path / "b"
+    result = CliRunner().invoke(
+        cli,
+        bench_args(
+            tiny_pair, dataset, out, "--no-ceiling", "--no-peers", "--config", "llama.cpp", "--config", "ngram:k=3"
+        ),
+    )
+    assert result.exit_code == 0, result.output
+    assert "speed-up over llama.cpp" in result.stdout
+    assert "identical to llama.cpp" in result.stdout
+    data = json.loads((out / "results.json").read_text())
+    assert [c["label"] for c in data["configs"]][:2] == ["llama.cpp", "target-only"]
+    labels = [r["config"] for r in data["records"]]
+    assert labels[0] == "llama.cpp" and labels.count("llama.cpp") == 3
+    plain = [r for r in data["records"] if r["config"] == "llama.cpp"]
+    assert all(r["tokens_per_second"] > 0 and r["t_prompt"] > 0 and r["n_generated"] >= 1 for r in plain)
+    assert all(r["identical_to_llama_cpp"] is True for r in plain)
+    others = [r for r in data["records"] if r["config"] != "llama.cpp"]
+    assert all(isinstance(r["identical_to_llama_cpp"], bool) for r in others)
+    summary = {s["config"]: s for s in data["summary"]}
+    assert summary["llama.cpp"]["speedup_geomean"] == pytest.approx(1.0)
+    assert 0 <= summary["target-only"]["identical_to_llama_cpp"] <= 1
+
+
+def test_bench_fails_on_a_mismatch_only_under_exact(tiny_pair, dataset, tmp_path, monkeypatch):
+    """Under llama.cpp's kernels (the distribution guarantee) a greedy difference from
+    target-only is reported, not a failure; under `exact` it is a failure."""
+    import edgespec.engine as engine
+    from edgespec.verify import verify_greedy
+
+    def broken(draft, p_logits):
+        n, token = verify_greedy(draft, p_logits)
+        return (n, (token + 1) % p_logits.shape[1]) if draft else (n, token)
+
+    monkeypatch.setattr(engine, "verify_greedy", broken)
+    args = ["--no-ceiling", "--no-peers", "--config", "draft:k=2", "--limit", "2"]
+    fast = CliRunner().invoke(cli, bench_args(tiny_pair, dataset, tmp_path / "f", *args, "--kernels", "fast"))
+    assert fast.exit_code == 0, fast.output
+    assert "guarantee distribution" in fast.stdout and "outputs differing from target-only: " in fast.stdout
+    data = json.loads((tmp_path / "f" / "results.json").read_text())
+    assert data["failures"] == [] and not all(r["identical_to_target_only"] for r in data["records"])
+    exact = CliRunner().invoke(cli, bench_args(tiny_pair, dataset, tmp_path / "e", *args))
+    assert exact.exit_code == 1
+
+
+def test_llama_cpp_takes_no_parameters():
+    assert bench.BenchConfig.parse("llama.cpp") == bench.YARDSTICK
+    with pytest.raises(SettingsError, match="takes no parameters"):
+        bench.BenchConfig.parse("llama.cpp:k=3")

@@ -1,0 +1,140 @@
+"""The yardstick: llama.cpp's own plain decoding of the same model, through llama-cpp-python.
+
+What a user compares edgespec with is what they would otherwise run: `llama_cpp.Llama` with its
+default context parameters (batches of 512, flash attention off, an F16 cache) and
+`create_completion`, greedy. Only the model, the context size and the thread count are set, the
+same as edgespec's. Every speed-up edgespec reports is given against this.
+
+Timing: a `stopping_criteria` callback (which llama-cpp-python calls once per generated token and
+which never stops anything) stamps each token as llama.cpp produces it, so the time to the first
+token and the decoding rate are measured as edgespec measures its own: tokens after the first over
+the time after the first.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: the label of the yardstick in benchmark tables
+LABEL = "llama.cpp"
+
+
+@dataclass
+class PlainResult:
+    """One completion by llama.cpp's plain decoding.
+
+    Attributes:
+        text: the completion's text.
+        n_prompt: prompt tokens.
+        n_generated: generated tokens (an end-of-generation token counts, as llama.cpp samples it).
+        t_first: seconds from the call to the first generated token (prompt processing included).
+        t_total: seconds from the call to its return.
+        stamps: perf_counter time of each generated token.
+    """
+
+    text: str
+    n_prompt: int
+    n_generated: int
+    t_first: float
+    t_total: float
+    stamps: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decoding speed: tokens after the first over the time after the first."""
+        t = self.t_total - self.t_first
+        return (self.n_generated - 1) / t if self.n_generated > 1 and t > 0 else 0.0
+
+
+class LlamaCppPlain:
+    """llama-cpp-python's `Llama` on one GGUF, with its defaults apart from context and threads.
+
+    Args:
+        path: the GGUF model (the same file edgespec's target loads).
+        n_ctx: context size.
+        threads: threads for decoding and for batches (edgespec's target uses the same).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], n_ctx: int, threads: int) -> None:
+        import llama_cpp
+
+        self.path = Path(path)
+        self.threads = threads
+        self.llm = llama_cpp.Llama(
+            model_path=str(self.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
+
+    def complete(self, prompt: Sequence[int] | str, max_tokens: int, *, reuse: bool = False) -> PlainResult:
+        """Greedy `create_completion` of `prompt` (token ids, or text as llama-cpp-python takes it).
+
+        Args:
+            reuse: keep llama-cpp-python's own prefix cache from the previous call (as its
+                chat use does); False evaluates the whole prompt.
+        """
+        from llama_cpp import StoppingCriteriaList
+
+        stamps: list[float] = []
+
+        def stamp(_ids: Any, _logits: Any) -> bool:
+            stamps.append(time.perf_counter())
+            return False
+
+        if not reuse:
+            self.llm.reset()
+        prompt_arg: Any = list(prompt) if not isinstance(prompt, str) else prompt
+        start = time.perf_counter()
+        out = self.llm.create_completion(
+            prompt_arg,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stopping_criteria=StoppingCriteriaList([stamp]),
+        )
+        end = time.perf_counter()
+        usage = out["usage"]
+        return PlainResult(
+            text=out["choices"][0]["text"],
+            n_prompt=int(usage["prompt_tokens"]),
+            n_generated=len(stamps),
+            t_first=(stamps[0] - start) if stamps else end - start,
+            t_total=end - start,
+            stamps=stamps,
+        )
+
+    def chat(self, messages: list[dict[str, str]], max_tokens: int) -> PlainResult:
+        """Greedy `create_chat_completion`, keeping llama-cpp-python's prefix cache between turns
+        (what a chat app on it gets)."""
+        from llama_cpp import StoppingCriteriaList
+
+        stamps: list[float] = []
+
+        def stamp(_ids: Any, _logits: Any) -> bool:
+            stamps.append(time.perf_counter())
+            return False
+
+        start = time.perf_counter()
+        out = self.llm.create_chat_completion(
+            messages,  # type: ignore[arg-type]
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stopping_criteria=StoppingCriteriaList([stamp]),
+        )
+        end = time.perf_counter()
+        usage = out["usage"]  # type: ignore[index]
+        return PlainResult(
+            text=out["choices"][0]["message"]["content"] or "",  # type: ignore[index]
+            n_prompt=int(usage["prompt_tokens"]),
+            n_generated=len(stamps),
+            t_first=(stamps[0] - start) if stamps else end - start,
+            t_total=end - start,
+            stamps=stamps,
+        )
+
+    def close(self) -> None:
+        close = getattr(self.llm, "close", None)
+        if close is not None:
+            close()
