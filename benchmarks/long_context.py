@@ -16,6 +16,7 @@ cache as a chat app would. Reported: decode tokens/s and time to first token, an
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--no-target-only", action="store_true", help="skip edgespec's own target-only")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -77,7 +79,8 @@ def main() -> None:
                 {"length": length, "prompt_tokens": len(tokens), "repeat": rep, "config": "llama.cpp",
                  "tokens_per_second": res.tokens_per_second, "ttft": res.t_first, "text": res.text}
             )
-            for config, draft_max in (("edgespec", None), ("edgespec target-only", 0)):
+            configs = [("edgespec", None)] + ([] if args.no_target_only else [("edgespec target-only", 0)])
+            for config, draft_max in configs:
                 options: dict[str, Any] = {"max_tokens": args.max_tokens, "cache_prompt": False}
                 if draft_max is not None:
                     options["draft_max"] = draft_max
@@ -89,7 +92,9 @@ def main() -> None:
                 )
             print(
                 f"{length} ({len(tokens)} tok) rep {rep}: "
-                + "  ".join(f"{r['config']}={r['tokens_per_second']:.2f}/{r['ttft']:.2f}s" for r in records[-3:]),
+                + "  ".join(
+                    f"{r['config']}={r['tokens_per_second']:.2f}/{r['ttft']:.2f}s" for r in records[-1 - len(configs) :]
+                ),
                 file=sys.stderr,
             )
 
@@ -133,9 +138,8 @@ def main() -> None:
             return statistics.median(r[key] for r in records if r["length"] == length and r["config"] == config)
 
         n = next(r["prompt_tokens"] for r in records if r["length"] == length)
-        base, mine_tps, only = med("llama.cpp", "tokens_per_second"), med("edgespec", "tokens_per_second"), med(
-            "edgespec target-only", "tokens_per_second"
-        )
+        base, mine_tps = med("llama.cpp", "tokens_per_second"), med("edgespec", "tokens_per_second")
+        only = math.nan if args.no_target_only else med("edgespec target-only", "tokens_per_second")
         b_ttft, m_ttft = med("llama.cpp", "ttft"), med("edgespec", "ttft")
         summary.append({"prompt_tokens": n, "decode_ratio": mine_tps / base, "ttft_ratio": m_ttft / b_ttft,
                         "target_only_ratio": only / base})

@@ -104,6 +104,11 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--llama-cpp-bin", default=None, help="folder holding llama-speculative-simple")
     parser.add_argument("--no-exact", action="store_true", help="skip the exact-guarantee configurations")
+    parser.add_argument("--no-target-only", action="store_true", help="skip edgespec's own target-only")
+    parser.add_argument(
+        "--spec-types", default=",".join(("ngram-simple", "ngram-map-k", "ngram-mod", "draft-simple")),
+        help="llama.cpp speculative modes to run as peers (comma-separated; empty: none)",
+    )
     parser.add_argument("--only", default=None, help="comma-separated prompt ids")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -128,7 +133,7 @@ def main() -> None:
     if not args.no_exact:
         exact = Engine(n_ctx=args.ctx, threads=threads, kernels="exact", on_note=lambda l: print(l, file=sys.stderr))
     plain = LlamaCppPlain(engine.target_path, args.ctx, threads)
-    binary = peers.find_speculative_simple(args.llama_cpp_bin)
+    binary = peers.find_speculative_simple(args.llama_cpp_bin) if args.spec_types else None
     draft_path = None
     if binary is not None:
         from edgespec import models
@@ -177,7 +182,8 @@ def main() -> None:
             )
         )
         runs.append(("edgespec", edgespec_run(engine, tokens, None)))
-        runs.append(("edgespec target-only", edgespec_run(engine, tokens, 0)))
+        if not args.no_target_only:
+            runs.append(("edgespec target-only", edgespec_run(engine, tokens, 0)))
         if exact is not None:
             runs.append(("edgespec exact", edgespec_run(exact, tokens, None)))
             runs.append(("edgespec exact target-only", edgespec_run(exact, tokens, 0)))
@@ -187,7 +193,7 @@ def main() -> None:
             template = engine._pair.engine.target.chat_template()
             prompt_text = render_chat(template, [{"role": "user", "content": item["prompt"]}])
             peer_prompt = [peers.PeerPrompt(item["id"], prompt_text, tokens, [])]
-            for spec_type in peers.SPEC_TYPES:
+            for spec_type in [t for t in args.spec_types.split(",") if t]:
                 out = peers.guarded(
                     spec_type,
                     lambda spec_type=spec_type: peers.llama_speculative_simple(
