@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--no-target-only", action="store_true", help="skip edgespec's own target-only")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="prompt lengths (empty: none)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -71,7 +72,8 @@ def main() -> None:
     engine.generate(warm, max_tokens=8, cache_prompt=False)
 
     records: list[dict[str, Any]] = []
-    for length in LENGTHS:
+    lengths = [int(n) for n in args.lengths.split(",") if n]
+    for length in lengths:
         tokens = prompt_of_length(engine, plain, text_tokens, length)
         for rep in range(args.repeat):
             res = plain.complete(tokens, args.max_tokens)
@@ -133,7 +135,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     summary = []
-    for length in LENGTHS:
+    for length in lengths:
         def med(config: str, key: str, length: int = length) -> float:
             return statistics.median(r[key] for r in records if r["length"] == length and r["config"] == config)
 

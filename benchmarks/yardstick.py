@@ -233,7 +233,9 @@ def main() -> None:
                 "config": config,
                 **{k: v for k, v in run.items() if k != "text"},
                 "identical_to_llama_cpp": run["text"] == texts["llama.cpp"]["text"] if "text" in run else None,
-                "identical_to_target_only": run["text"] == texts[own_reference]["text"] if own_reference else None,
+                "identical_to_target_only": run["text"] == texts[own_reference]["text"]
+                if own_reference in texts
+                else None,
             }
             records.append(record)
         line = "  ".join(

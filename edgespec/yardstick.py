@@ -106,28 +106,27 @@ class LlamaCppPlain:
         )
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int) -> PlainResult:
-        """Greedy `create_chat_completion`, keeping llama-cpp-python's prefix cache between turns
-        (what a chat app on it gets)."""
-        from llama_cpp import StoppingCriteriaList
-
+        """Greedy `create_chat_completion`, streamed, keeping llama-cpp-python's prefix cache
+        between turns (what a chat app on it gets). `create_chat_completion` takes no stopping
+        criteria, so tokens are stamped as their chunks arrive (one token per chunk, except where
+        a character spans tokens)."""
         stamps: list[float] = []
-
-        def stamp(_ids: Any, _logits: Any) -> bool:
-            stamps.append(time.perf_counter())
-            return False
-
+        pieces: list[str] = []
         start = time.perf_counter()
-        out = self.llm.create_chat_completion(
+        for chunk in self.llm.create_chat_completion(
             messages,  # type: ignore[arg-type]
             max_tokens=max_tokens,
             temperature=0.0,
-            stopping_criteria=StoppingCriteriaList([stamp]),
-        )
+            stream=True,
+        ):
+            text = chunk["choices"][0]["delta"].get("content")  # type: ignore[index, union-attr]
+            if text:
+                stamps.append(time.perf_counter())
+                pieces.append(text)
         end = time.perf_counter()
-        usage = out["usage"]  # type: ignore[index]
         return PlainResult(
-            text=out["choices"][0]["message"]["content"] or "",  # type: ignore[index]
-            n_prompt=int(usage["prompt_tokens"]),
+            text="".join(pieces),
+            n_prompt=int(self.llm.n_tokens),
             n_generated=len(stamps),
             t_first=(stamps[0] - start) if stamps else end - start,
             t_total=end - start,
