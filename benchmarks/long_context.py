@@ -78,8 +78,15 @@ def main() -> None:
         for rep in range(args.repeat):
             res = plain.complete(tokens, args.max_tokens)
             records.append(
-                {"length": length, "prompt_tokens": len(tokens), "repeat": rep, "config": "llama.cpp",
-                 "tokens_per_second": res.tokens_per_second, "ttft": res.t_first, "text": res.text}
+                {
+                    "length": length,
+                    "prompt_tokens": len(tokens),
+                    "repeat": rep,
+                    "config": "llama.cpp",
+                    "tokens_per_second": res.tokens_per_second,
+                    "ttft": res.t_first,
+                    "text": res.text,
+                }
             )
             configs = [("edgespec", None)] + ([] if args.no_target_only else [("edgespec target-only", 0)])
             for config, draft_max in configs:
@@ -88,14 +95,22 @@ def main() -> None:
                     options["draft_max"] = draft_max
                 result = engine.generate(tokens, **options)
                 records.append(
-                    {"length": length, "prompt_tokens": len(tokens), "repeat": rep, "config": config,
-                     "tokens_per_second": result.stats.tokens_per_second, "ttft": result.stats.t_prompt,
-                     "tau": result.stats.tokens_per_step, "text": result.text}
+                    {
+                        "length": length,
+                        "prompt_tokens": len(tokens),
+                        "repeat": rep,
+                        "config": config,
+                        "tokens_per_second": result.stats.tokens_per_second,
+                        "ttft": result.stats.t_prompt,
+                        "tau": result.stats.tokens_per_step,
+                        "text": result.text,
+                    }
                 )
             print(
                 f"{length} ({len(tokens)} tok) rep {rep}: "
                 + "  ".join(
-                    f"{r['config']}={r['tokens_per_second']:.2f}/{r['ttft']:.2f}s" for r in records[-1 - len(configs) :]
+                    f"{r['config']}={r['tokens_per_second']:.2f}/{r['ttft']:.2f}s"
+                    for r in records[-1 - len(configs) :]
                 ),
                 file=sys.stderr,
             )
@@ -109,7 +124,10 @@ def main() -> None:
     plain.llm.reset()
     for turn in range(args.turns):
         piece = piece_of(plain, text_tokens, turn * step, (turn + 1) * step)
-        message = {"role": "user", "content": f"Here is more of the code:\n```python\n{piece}\n```\n{QUESTION}"}
+        message = {
+            "role": "user",
+            "content": f"Here is more of the code:\n```python\n{piece}\n```\n{QUESTION}",
+        }
         theirs.append(message)
         res = plain.chat(theirs, args.max_tokens)
         theirs.append({"role": "assistant", "content": res.text})
@@ -117,15 +135,22 @@ def main() -> None:
         result = engine.chat(mine, max_tokens=args.max_tokens)
         mine.append({"role": "assistant", "content": result.text})
         chat_records.append(
-            {"turn": turn + 1, "prompt_tokens": result.prompt_tokens, "cached": result.stats.n_prompt_cached,
-             "llama_cpp_tps": res.tokens_per_second, "llama_cpp_ttft": res.t_first,
-             "edgespec_tps": result.stats.tokens_per_second, "edgespec_ttft": result.stats.t_prompt,
-             "edgespec_tau": result.stats.tokens_per_step}
+            {
+                "turn": turn + 1,
+                "prompt_tokens": result.prompt_tokens,
+                "cached": result.stats.n_prompt_cached,
+                "llama_cpp_tps": res.tokens_per_second,
+                "llama_cpp_ttft": res.t_first,
+                "edgespec_tps": result.stats.tokens_per_second,
+                "edgespec_ttft": result.stats.t_prompt,
+                "edgespec_tau": result.stats.tokens_per_step,
+            }
         )
         r = chat_records[-1]
         print(
-            f"turn {turn + 1} ({r['prompt_tokens']} tok, {r['cached']} cached): llama.cpp {r['llama_cpp_tps']:.2f} "
-            f"/{r['llama_cpp_ttft']:.2f}s  edgespec {r['edgespec_tps']:.2f}/{r['edgespec_ttft']:.2f}s",
+            f"turn {turn + 1} ({r['prompt_tokens']} tok, {r['cached']} cached): "
+            f"llama.cpp {r['llama_cpp_tps']:.2f}/{r['llama_cpp_ttft']:.2f}s  "
+            f"edgespec {r['edgespec_tps']:.2f}/{r['edgespec_ttft']:.2f}s",
             file=sys.stderr,
         )
 
@@ -136,36 +161,55 @@ def main() -> None:
     ]
     summary = []
     for length in lengths:
+
         def med(config: str, key: str, length: int = length) -> float:
-            return statistics.median(r[key] for r in records if r["length"] == length and r["config"] == config)
+            return statistics.median(
+                r[key] for r in records if r["length"] == length and r["config"] == config
+            )
 
         n = next(r["prompt_tokens"] for r in records if r["length"] == length)
         base, mine_tps = med("llama.cpp", "tokens_per_second"), med("edgespec", "tokens_per_second")
         only = math.nan if args.no_target_only else med("edgespec target-only", "tokens_per_second")
         b_ttft, m_ttft = med("llama.cpp", "ttft"), med("edgespec", "ttft")
-        summary.append({"prompt_tokens": n, "decode_ratio": mine_tps / base, "ttft_ratio": m_ttft / b_ttft,
-                        "target_only_ratio": only / base})
+        summary.append(
+            {
+                "prompt_tokens": n,
+                "decode_ratio": mine_tps / base,
+                "ttft_ratio": m_ttft / b_ttft,
+                "target_only_ratio": only / base,
+            }
+        )
         lines.append(
             f"| {n} | {base:.2f} | {mine_tps:.2f} ({mine_tps / base:.2f}×) | {only:.2f} ({only / base:.2f}×) "
             f"| {b_ttft:.3f} | {m_ttft:.3f} ({m_ttft / b_ttft:.2f}×) |"
         )
     lines += [
         "",
-        "| turn | prompt tokens (reused) | llama.cpp tokens/s | edgespec tokens/s (×) | llama.cpp first token s "
-        "| edgespec first token s (×) |",
+        "| turn | prompt tokens (reused) | llama.cpp tokens/s | edgespec tokens/s (×) "
+        "| llama.cpp first token s | edgespec first token s (×) |",
         "|---|---|---|---|---|---|",
     ]
     for r in chat_records:
         lines.append(
             f"| {r['turn']} | {r['prompt_tokens']} ({r['cached']}) | {r['llama_cpp_tps']:.2f} "
-            f"| {r['edgespec_tps']:.2f} ({r['edgespec_tps'] / r['llama_cpp_tps']:.2f}×) | {r['llama_cpp_ttft']:.3f} "
+            f"| {r['edgespec_tps']:.2f} ({r['edgespec_tps'] / r['llama_cpp_tps']:.2f}×) "
+            f"| {r['llama_cpp_ttft']:.3f} "
             f"| {r['edgespec_ttft']:.3f} ({r['edgespec_ttft'] / r['llama_cpp_ttft']:.2f}×) |"
         )
     print("\n".join(lines))
     if args.out:
-        write_json(args.out, {"machine": info, "max_tokens": args.max_tokens, "threads": threads,
-                              "profile": engine.profile.name if engine.profile else None,
-                              "records": records, "summary": summary, "chat": chat_records})
+        write_json(
+            args.out,
+            {
+                "machine": info,
+                "max_tokens": args.max_tokens,
+                "threads": threads,
+                "profile": engine.profile.name if engine.profile else None,
+                "records": records,
+                "summary": summary,
+                "chat": chat_records,
+            },
+        )
     plain.close()
     engine.close()
 

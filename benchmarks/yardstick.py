@@ -34,7 +34,9 @@ from common import machine, spec_bench_prompts, write_json  # noqa: E402
 def read_set(path: Path) -> list[dict[str, Any]]:
     from edgespec.datasets import read_prompts
 
-    return [{"id": p.id, "category": p.category, "prompt": p.prompt, "set": path.stem} for p in read_prompts(path)]
+    return [
+        {"id": p.id, "category": p.category, "prompt": p.prompt, "set": path.stem} for p in read_prompts(path)
+    ]
 
 
 def geomean(values: list[float]) -> float:
@@ -56,9 +58,13 @@ def summarize(records: list[dict[str, Any]], group: str) -> list[dict[str, Any]]
             if not runs:
                 continue
             ratios = [r["tokens_per_second"] / base[r["prompt_id"]] for r in runs if base.get(r["prompt_id"])]
-            ttft_ratios = [r["ttft"] / ttft[r["prompt_id"]] for r in runs if r.get("ttft") and ttft.get(r["prompt_id"])]
+            ttft_ratios = [
+                r["ttft"] / ttft[r["prompt_id"]] for r in runs if r.get("ttft") and ttft.get(r["prompt_id"])
+            ]
             same = [r["identical_to_llama_cpp"] for r in runs if r.get("identical_to_llama_cpp") is not None]
-            same_t = [r["identical_to_target_only"] for r in runs if r.get("identical_to_target_only") is not None]
+            same_t = [
+                r["identical_to_target_only"] for r in runs if r.get("identical_to_target_only") is not None
+            ]
             taus = [r["tau"] for r in runs if r.get("tau")]
             rows.append(
                 {
@@ -86,11 +92,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         same = "–" if r["identical_to_llama_cpp"] is None else "{}/{}".format(*r["identical_to_llama_cpp"])
-        same_t = "–" if r["identical_to_target_only"] is None else "{}/{}".format(*r["identical_to_target_only"])
+        same_t = (
+            "–" if r["identical_to_target_only"] is None else "{}/{}".format(*r["identical_to_target_only"])
+        )
         tau = "–" if r["tau"] is None else f"{r['tau']:.2f}"
         out.append(
             f"| {r['group']} | {r['config']} | {r['prompts']} | {r['tokens_per_s_median']:.2f} "
-            f"| {r['speedup_geomean']:.2f}× | {r['speedup_min']:.2f}–{r['speedup_max']:.2f} | {tau} | {same} | {same_t} |"
+            f"| {r['speedup_geomean']:.2f}× | {r['speedup_min']:.2f}–{r['speedup_max']:.2f} "
+            f"| {tau} | {same} | {same_t} |"
         )
     return "\n".join(out)
 
@@ -106,7 +115,8 @@ def main() -> None:
     parser.add_argument("--no-exact", action="store_true", help="skip the exact-guarantee configurations")
     parser.add_argument("--no-target-only", action="store_true", help="skip edgespec's own target-only")
     parser.add_argument(
-        "--spec-types", default=",".join(("ngram-simple", "ngram-map-k", "ngram-mod", "draft-simple")),
+        "--spec-types",
+        default=",".join(("ngram-simple", "ngram-map-k", "ngram-mod", "draft-simple")),
         help="llama.cpp speculative modes to run as peers (comma-separated; empty: none)",
     )
     parser.add_argument("--only", default=None, help="comma-separated prompt ids")
@@ -131,7 +141,12 @@ def main() -> None:
     engine = Engine(n_ctx=args.ctx, threads=threads, on_note=lambda line: print(line, file=sys.stderr))
     exact = None
     if not args.no_exact:
-        exact = Engine(n_ctx=args.ctx, threads=threads, kernels="exact", on_note=lambda l: print(l, file=sys.stderr))
+        exact = Engine(
+            n_ctx=args.ctx,
+            threads=threads,
+            kernels="exact",
+            on_note=lambda line: print(line, file=sys.stderr),
+        )
     plain = LlamaCppPlain(engine.target_path, args.ctx, threads)
     binary = peers.find_speculative_simple(args.llama_cpp_bin) if args.spec_types else None
     draft_path = None
@@ -196,7 +211,7 @@ def main() -> None:
             for spec_type in [t for t in args.spec_types.split(",") if t]:
                 out = peers.guarded(
                     spec_type,
-                    lambda spec_type=spec_type: peers.llama_speculative_simple(
+                    lambda spec_type=spec_type, peer_prompt=peer_prompt: peers.llama_speculative_simple(
                         binary,
                         engine.target_path,
                         draft_path,
@@ -232,7 +247,9 @@ def main() -> None:
                 "prompt_tokens": len(tokens),
                 "config": config,
                 **{k: v for k, v in run.items() if k != "text"},
-                "identical_to_llama_cpp": run["text"] == texts["llama.cpp"]["text"] if "text" in run else None,
+                "identical_to_llama_cpp": run["text"] == texts["llama.cpp"]["text"]
+                if "text" in run
+                else None,
                 "identical_to_target_only": run["text"] == texts[own_reference]["text"]
                 if own_reference in texts
                 else None,
@@ -241,7 +258,10 @@ def main() -> None:
         line = "  ".join(
             f"{c}={r['tokens_per_second']:.1f}" for c, r in runs if r.get("tokens_per_second") is not None
         )
-        print(f"[{i + 1}/{len(prompts)}] {item['set']}/{item['id']} ({len(tokens)} tok): {line}", file=sys.stderr)
+        print(
+            f"[{i + 1}/{len(prompts)}] {item['set']}/{item['id']} ({len(tokens)} tok): {line}",
+            file=sys.stderr,
+        )
 
     by_set = summarize(records, "set")
     print(markdown(by_set))
@@ -267,9 +287,13 @@ def main() -> None:
     engine.close()
     if exact is not None:
         exact.close()
-    mismatches = [r for r in records if r["config"] == "edgespec exact" and r["identical_to_target_only"] is False]
+    mismatches = [
+        r for r in records if r["config"] == "edgespec exact" and r["identical_to_target_only"] is False
+    ]
     if mismatches:
-        raise SystemExit(f"exact guarantee broken on {len(mismatches)} prompts: {[r['prompt_id'] for r in mismatches]}")
+        raise SystemExit(
+            f"exact guarantee broken on {len(mismatches)} prompts: {[r['prompt_id'] for r in mismatches]}"
+        )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ class BenchConfig:
     """One configuration to measure.
 
     Spec syntax: `llama.cpp` (llama.cpp's own plain decoding through llama-cpp-python: the
-    yardstick every speed-up is given against when it is in the run), `target-only`, `draft[:k=N]`, `ngram[:k=N,n_min=N,n_max=N]` (k defaults to 4),
+    yardstick every speed-up is given against when it is in the run), `target-only`, `draft[:k=N]`,
+    `ngram[:k=N,n_min=N,n_max=N]` (k defaults to 4),
     `auto[:k=N]` (the tuned `--profile auto`: the goodput controller chooses the drafter and the
     draft length up to k, default the profile's k_max); drafters also take
     `accept=rejection|exact` (how drafts are verified when sampling; default: the bench's
@@ -292,7 +293,11 @@ def run(
                     # sampled outputs are not comparable token by token
                     identical = None
                     if sampling.greedy and reference is not None:
-                        identical = gen.text == reference.text if gen.tokens is None else gen.tokens == reference.tokens
+                        identical = (
+                            gen.text == reference.text
+                            if gen.tokens is None
+                            else gen.tokens == reference.tokens
+                        )
                     same_as_plain = gen.text == yardstick_text if yardstick_text is not None else None
                     engine = engines.get(config.label)
                     summary = getattr(engine.drafter, "summary", None) if engine is not None else None

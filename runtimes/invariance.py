@@ -33,9 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import llama_cpp as _ll
+import numpy as np
 
 logger = logging.getLogger("edgespec")
 
@@ -232,11 +231,15 @@ def probe(
             rows = [_max_rows_at(p, tokens, n) for n in CONTEXTS]
             max_rows = min(rows)
             if max_rows >= 2:
-                results.append(CandidateResult(kv[0], kv[1], max_rows, round(_step_ms(p, tokens, CONTEXTS[-1]), 3)))
-            else:
-                where = " and ".join(f"{n}" for n, r in zip(CONTEXTS, rows) if r < 2)
                 results.append(
-                    CandidateResult(kv[0], kv[1], max_rows, None, f"a 2-row batch differs after {where} cells")
+                    CandidateResult(kv[0], kv[1], max_rows, round(_step_ms(p, tokens, CONTEXTS[-1]), 3))
+                )
+            else:
+                where = " and ".join(f"{n}" for n, r in zip(CONTEXTS, rows, strict=True) if r < 2)
+                results.append(
+                    CandidateResult(
+                        kv[0], kv[1], max_rows, None, f"a 2-row batch differs after {where} cells"
+                    )
                 )
         except RuntimeError as exc:
             results.append(CandidateResult(kv[0], kv[1], 0, None, str(exc)))

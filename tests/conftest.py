@@ -54,8 +54,16 @@ def tiny_model_args(tiny_pair: tuple[Path, Path], ctx: int = 256) -> list[str]:
     """CLI options that point a command at the tiny pair, on one thread, under the exact guarantee
     (the CLI tests compare speculative output with target-only output)."""
     return [
-        "--target", str(tiny_pair[0]), "--draft", str(tiny_pair[1]), "--threads", "1", "--ctx", str(ctx),
-        "--kernels", "exact",
+        "--target",
+        str(tiny_pair[0]),
+        "--draft",
+        str(tiny_pair[1]),
+        "--threads",
+        "1",
+        "--ctx",
+        str(ctx),
+        "--kernels",
+        "exact",
     ]
 
 

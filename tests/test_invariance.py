@@ -104,9 +104,11 @@ def test_an_unwritable_cache_is_a_warning_not_a_failure(tiny_pair, tmp_path, mon
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("EDGESPEC_CONFIG_DIR", str(blocker))
-    with caplog.at_level(logging.WARNING, logger="edgespec"):
-        with LlamaCppRuntime(tiny_pair[0], replace(SETTINGS, kernels="exact")) as rt:
-            assert rt.guarantee == "exact"
+    with (
+        caplog.at_level(logging.WARNING, logger="edgespec"),
+        LlamaCppRuntime(tiny_pair[0], replace(SETTINGS, kernels="exact")) as rt,
+    ):
+        assert rt.guarantee == "exact"
     assert any("could not save the invariance probe" in r.getMessage() for r in caplog.records)
 
 
@@ -132,8 +134,19 @@ def _run(args: list[str]):
 
 
 def test_the_run_reports_its_guarantee(tiny_pair, config_dir):
-    base = ["run", "--target", str(tiny_pair[0]), "--draft", str(tiny_pair[1]), "--threads", "1", "--ctx", "256",
-            "--max-tokens", "6"]
+    base = [
+        "run",
+        "--target",
+        str(tiny_pair[0]),
+        "--draft",
+        str(tiny_pair[1]),
+        "--threads",
+        "1",
+        "--ctx",
+        "256",
+        "--max-tokens",
+        "6",
+    ]
     fast = _run([*base, "--json", "the cat sat"])
     assert fast.exit_code == 0, fast.output
     assert json.loads(fast.stdout)["stats"]["guarantee"] == "distribution"
@@ -145,8 +158,24 @@ def test_the_run_reports_its_guarantee(tiny_pair, config_dir):
 
 def test_asking_for_exact_where_it_cannot_hold_is_one_line_exit_1(tiny_f32, config_dir):
     """A model on which exactness cannot hold is a model error: exit 1, one line, no traceback."""
-    result = _run(["run", "--target", str(tiny_f32), "--draft", "none", "--threads", "1", "--ctx", "256",
-                   "--kernels", "exact", "--max-tokens", "4", "hi"])
+    result = _run(
+        [
+            "run",
+            "--target",
+            str(tiny_f32),
+            "--draft",
+            "none",
+            "--threads",
+            "1",
+            "--ctx",
+            "256",
+            "--kernels",
+            "exact",
+            "--max-tokens",
+            "4",
+            "hi",
+        ]
+    )
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit)
     lines = result.stderr.strip().splitlines()

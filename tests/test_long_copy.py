@@ -111,9 +111,15 @@ def test_long_copies_through_the_engine_keep_the_output(tiny_runtimes):
     target, _ = tiny_runtimes
     assert target.guarantee == "exact"
     prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14] * 6
-    reference = SpeculativeEngine(target).generate(prompt, GenerationSettings(max_tokens=80, draft_max=0)).run()
+    reference = (
+        SpeculativeEngine(target).generate(prompt, GenerationSettings(max_tokens=80, draft_max=0)).run()
+    )
     drafter = ControlledDrafter(GoodputController(BATCHED, 0.0, k_max=64), ngram=NgramDrafter(1, 8))
-    gen = SpeculativeEngine(target, drafter).generate(prompt, GenerationSettings(max_tokens=80, draft_max=64)).run()
+    gen = (
+        SpeculativeEngine(target, drafter)
+        .generate(prompt, GenerationSettings(max_tokens=80, draft_max=64))
+        .run()
+    )
     assert gen.tokens == reference.tokens
     assert gen.stats.guarantee == "exact"
 

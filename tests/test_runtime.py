@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgespec.errors import ModelLoadError, PromptError, SettingsError
+from edgespec.errors import ModelLoadError, PromptError
 from edgespec.runtimes.base import Runtime
 from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
