@@ -14,6 +14,7 @@ from edgespec.costs import Costs
 from edgespec.errors import SettingsError
 
 from .conftest import tiny_model_args
+from .helpers import bench_args
 
 
 @pytest.fixture()
@@ -26,20 +27,6 @@ def dataset(tmp_path):
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
-
-
-def bench_args(tiny_pair, dataset, out, *extra):
-    return [
-        "bench",
-        "--dataset",
-        str(dataset),
-        *tiny_model_args(tiny_pair),
-        "--max-tokens",
-        "12",
-        "--out",
-        str(out),
-        *extra,
-    ]
 
 
 def test_bench_end_to_end_writes_valid_results(tiny_pair, dataset, tmp_path):
@@ -80,9 +67,12 @@ def test_bench_end_to_end_writes_valid_results(tiny_pair, dataset, tmp_path):
     lookup, *simple = data["peers"]
     assert lookup["status"] == "ran" and len(lookup["runs"]) == 3 and lookup["tokens_per_s_median"] > 0
     assert len(simple) == 4  # llama.cpp's ngram-simple, ngram-map-k, ngram-mod and draft-simple
-    assert all(s["status"] == "skipped" and "not found" in s["notes"] for s in simple)  # listed, never dropped
-    assert "| llama.cpp llama-speculative-simple --spec-type draft-simple (--spec-draft-n-max 4) | skipped |" in (
-        result.stdout
+    assert all(
+        s["status"] == "skipped" and "not found" in s["notes"] for s in simple
+    )  # listed, never dropped
+    assert (
+        "| llama.cpp llama-speculative-simple --spec-type draft-simple (--spec-draft-n-max 4) | skipped |"
+        in (result.stdout)
     )
     assert "| llama.cpp llama-speculative-simple --spec-type ngram-mod | skipped |" in result.stdout
 
@@ -316,7 +306,15 @@ def test_bench_runs_llama_cpp_plain_decoding_as_the_yardstick(tiny_pair, dataset
     result = CliRunner().invoke(
         cli,
         bench_args(
-            tiny_pair, dataset, out, "--no-ceiling", "--no-peers", "--config", "llama.cpp", "--config", "ngram:k=3"
+            tiny_pair,
+            dataset,
+            out,
+            "--no-ceiling",
+            "--no-peers",
+            "--config",
+            "llama.cpp",
+            "--config",
+            "ngram:k=3",
         ),
     )
     assert result.exit_code == 0, result.output

@@ -14,6 +14,7 @@ from edgespec import __version__
 from edgespec.cli import cli
 
 from .conftest import tiny_model_args
+from .helpers import assert_one_line_error
 
 
 @pytest.fixture()
@@ -24,14 +25,6 @@ def runner(tmp_path, monkeypatch) -> CliRunner:
 
 def tiny_args(tiny_pair, *extra: str) -> list[str]:
     return ["run", *tiny_model_args(tiny_pair), *extra]
-
-
-def assert_one_line_error(result, pattern: str) -> None:
-    assert result.exit_code != 0
-    assert isinstance(result.exception, SystemExit), result.exception  # no traceback
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert pattern in lines[0], lines[0]
 
 
 def test_version(runner):

@@ -283,7 +283,7 @@ def test_cli_export_gguf(checkpoints, tmp_path: Path, monkeypatch) -> None:
 
     from edgespec.cli import cli
 
-    from .test_cli import assert_one_line_error
+    from .helpers import assert_one_line_error
 
     monkeypatch.setenv("EDGESPEC_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "q8.gguf"

@@ -44,8 +44,7 @@ from edgespec.memory import KV_BYTES, check_memory, memory_need
 from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
 from .conftest import tiny_model_args
-from .test_cli import assert_one_line_error
-from .test_placement import machine
+from .helpers import assert_one_line_error, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_DEV_FULL = Path("/dev/full").exists()
@@ -452,7 +451,7 @@ def test_user_gpu_profile_without_a_gpu_keeps_its_drafting(api_env, tiny_pair, c
 def test_cpu_fallback_only_where_there_is_no_usable_gpu(api_env):
     from edgespec.placement import cpu_fallback, load_profile
 
-    from .test_placement import cuda
+    from .helpers import cuda
 
     gpu_all, cpu_only = load_profile("gpu-all"), load_profile("cpu-only")
     assert cpu_fallback(gpu_all, machine(cuda(8_000))) is None  # a GPU: run as it says

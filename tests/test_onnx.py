@@ -383,7 +383,7 @@ def test_cli_mixed_pair_onnx_drafter_llama_cpp_target(hf_dirs, exported, tmp_pat
     from edgespec.cli import cli
     from edgespec.exporters.gguf import export_gguf
 
-    from .test_cli import assert_one_line_error
+    from .helpers import assert_one_line_error
 
     monkeypatch.setenv("EDGESPEC_CACHE_DIR", str(tmp_path / "cache"))
     target = export_gguf(hf_dirs["qwen2"], tmp_path / "target.gguf", "Q8_0").path

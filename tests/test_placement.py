@@ -25,6 +25,8 @@ from edgespec.placement import (
     read_profile,
 )
 
+from .helpers import cuda, machine
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -285,26 +287,6 @@ def test_load_profile_by_path_and_unknown_name(config_dir, tmp_path):
 
 
 # --- detection ------------------------------------------------------------------------------------------
-
-
-def machine(*gpus: GpuDevice, offload: bool | None = None, **changes) -> Hardware:
-    values = dict(
-        cpu_model="Test CPU",
-        physical_cores=8,
-        logical_cores=16,
-        total_ram_mib=32_000,
-        available_ram_mib=20_000,
-        llama_backends=("CUDA", "CPU") if gpus else ("CPU",),
-        gpu_offload=bool(gpus) if offload is None else offload,
-        gpus=gpus,
-        nvidia_smi="not run" if gpus else "not found",
-    )
-    values.update(changes)
-    return Hardware(**values)
-
-
-def cuda(free_mib: int | None, name: str = "NVIDIA Test GPU") -> GpuDevice:
-    return GpuDevice("CUDA", name, 80_000, free_mib, "llama.cpp", device="CUDA0")
 
 
 TARGET, DRAFT = 1_120 * MIB, 480 * MIB  # 40 MiB per target layer at 28 layers

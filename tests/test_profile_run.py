@@ -13,7 +13,7 @@ from edgespec.loader import ProfileOverrides, load_with_profile
 from edgespec.placement import load_profile, read_profile, user_profile_dir
 from edgespec.tuning import make_drafter, tuned_name
 
-from .test_cli import assert_one_line_error
+from .helpers import assert_one_line_error
 
 
 @pytest.fixture()
