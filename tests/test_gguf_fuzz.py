@@ -707,14 +707,11 @@ def test_check_accepts_the_tiny_models(tiny_pair, tiny_changed_vocab):
 
 
 @pytest.mark.real
-def test_check_reads_the_default_pair_quickly():
-    """The validator accepts the default models and adds little to a load (it is about 60 ms
-    for their 152k-token vocabularies on a laptop core; the bound leaves room for slow CI)."""
+def test_check_reads_the_default_pair():
+    """The validator accepts the default models (its cost, about 60 ms a model, is measured in
+    BENCHMARKS.md, not bounded here)."""
     for path in real_pair_paths():
-        check_gguf(path)  # warm the page cache
-        start = time.perf_counter()
         header = check_gguf(path)
-        assert time.perf_counter() - start < 1.0
         assert header.metadata["general.architecture"] == "qwen2"
         assert header.metadata["qwen2.block_count"] in (24, 28)
 

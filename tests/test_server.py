@@ -16,6 +16,7 @@ import math
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -368,10 +369,8 @@ def test_stopping_the_server_ends_streams_and_answers_waiting_requests(engine):
     assert response.readline().startswith(b"data: {")
     waiting = send(url, "POST", CHAT, {"messages": MESSAGES})
     wait_for(lambda: health(url)["queued"] == 1, "the second request to wait")
-    started = time.monotonic()
     stop()
-    assert time.monotonic() - started < 5  # the open stream did not run to its end
-    last = response.read().decode().strip().splitlines()[-1]
+    last = response.read().decode().strip().splitlines()[-1]  # the open stream ended early:
     assert json.loads(last.removeprefix("data: "))["error"]["code"] == "shutting_down"
     status, body, _ = answer(waiting)
     assert status == 503 and body["error"]["code"] == "shutting_down"
@@ -751,10 +750,10 @@ def test_slow_senders_hold_up_nobody_and_silent_ones_get_408(engine):
         half_head.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Ty")
         half_body = connect(url)
         half_body.sendall(head(COMPLETIONS, Content_Length="100") + b'{"prompt": "the')
-        started = time.monotonic()
         status, body, _ = request(url, "POST", COMPLETIONS, {"prompt": PROMPT, "max_tokens": 8})
         assert status == 200 and body["usage"]["completion_tokens"] == 8
-        assert time.monotonic() - started < timeout  # answered while both slow senders wait
+        # answered while both slow senders still wait: neither has been answered or closed yet
+        assert select.select([half_head, half_body], [], [], 0)[0] == []
         # a body sent slowly but steadily is fine, even when it takes longer than the timeout in all
         whole = json.dumps({"prompt": PROMPT, "max_tokens": 3}).encode()
         steady = connect(url)
@@ -829,7 +828,7 @@ def test_stream_whose_client_stops_reading_is_dropped_after_the_timeout(engine):
             started = time.monotonic()
             with pytest.raises(http.client.IncompleteRead):  # cut off, without its end
                 response.read()
-            assert 0.4 < time.monotonic() - started < 5
+            assert time.monotonic() - started > 0.4  # dropped after --client-timeout, not at once
             conn.close()
             after = wait_for(
                 lambda: (h := health(url))["cancelled"] == before["cancelled"] + 1 and not h["busy"] and h,
