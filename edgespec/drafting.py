@@ -60,6 +60,19 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+def reuse_prefix(
+    runtime: Runtime, held: Sequence[int], tokens: Sequence[int], *, redo_last: bool = False
+) -> int:
+    """Cut `runtime`'s cache back to the longest common prefix of the ids it holds (`held`) and
+    `tokens`, and return its length: evaluating `tokens[keep:]` then brings the cache up to date.
+    With `redo_last`, at least the last token is left to evaluate, for its logits."""
+    keep = common_prefix(held, tokens)
+    if redo_last:
+        keep = max(0, min(keep, len(tokens) - 1))
+    runtime.truncate(keep)
+    return keep
+
+
 class _DraftState:
     """What a model drafter's runtime holds, shared by every variant of one ModelDrafter."""
 
@@ -160,10 +173,7 @@ class ModelDrafter:
     def _draft(self, context: Sequence[int], k: int, sampler: TokenSampler | None) -> tuple[list[int], bool]:
         """Up to k draft tokens after `context`, and whether drafting stopped for low confidence."""
         rt, cached = self.runtime, self._state.cached
-        keep = common_prefix(cached, context)
-        if keep == len(context):
-            keep -= 1  # logits are needed for the last context token, so evaluate it again
-        rt.truncate(keep)
+        keep = reuse_prefix(rt, cached, context, redo_last=True)
         del cached[keep:]
         logits = rt.eval(self._inputs(context[keep:]), logits="last")
         cached.extend(context[keep:])
@@ -227,8 +237,7 @@ class ModelDrafter:
         # Process the prompt now, so that the first propose evaluates only the first new token.
         self._settle()
         cached = self._state.cached
-        keep = common_prefix(cached, prompt)
-        self.runtime.truncate(keep)
+        keep = reuse_prefix(self.runtime, cached, prompt)
         del cached[keep:]
         if keep < len(prompt):
             self.runtime.eval(self._inputs(prompt[keep:]), logits="none")
@@ -321,7 +330,11 @@ class NgramDrafter:
         MATCH_LENGTH_MAX)."""
         tokens = self._tokens
         length, end = n, len(tokens)
-        while length < MATCH_LENGTH_MAX and start - length > 0 and tokens[start - length - 1] == tokens[end - length - 1]:
+        while (
+            length < MATCH_LENGTH_MAX
+            and start - length > 0
+            and tokens[start - length - 1] == tokens[end - length - 1]
+        ):
             length += 1
         return length
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .drafting import common_prefix
+from .drafting import reuse_prefix
 from .errors import PromptError, SettingsError
 from .sampling import GREEDY, LazyDists, LogitsProcessor, SamplingSettings, TokenSampler
 from .text import TextStream
@@ -224,8 +224,7 @@ class Generation:
         # Reuse the longest common prefix of the cache and the prompt; the last prompt token is
         # always evaluated, for its logits.
         held = getattr(target, "tokens", None) if settings.cache_prompt else None
-        keep = min(common_prefix(held, context), len(context) - 1) if held is not None else 0
-        target.truncate(keep)
+        keep = reuse_prefix(target, held or (), context, redo_last=True)
         p_logits = target.eval(context[keep:], logits="last")
         stats.n_prompt_cached = keep
         if drafter is not None:

@@ -2,13 +2,42 @@ from __future__ import annotations
 
 import pytest
 
-from edgespec.drafting import Drafter, ModelDrafter, NgramDrafter, common_prefix
+from edgespec.drafting import Drafter, ModelDrafter, NgramDrafter, common_prefix, reuse_prefix
 
 
 def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([], [1]) == 0
     assert common_prefix([1, 2], [1, 2, 3]) == 2
+
+
+class _Cuts:
+    """Records the truncations a runtime is asked for."""
+
+    def __init__(self) -> None:
+        self.cuts: list[int] = []
+
+    def truncate(self, n: int) -> None:
+        self.cuts.append(n)
+
+
+@pytest.mark.parametrize(
+    "held, tokens, redo_last, keep",
+    [
+        ([1, 2, 3], [1, 2, 4, 5], False, 2),
+        ([1, 2, 3], [1, 2, 4, 5], True, 2),
+        ([1, 2, 3], [1, 2, 3], False, 3),  # all held: nothing to evaluate
+        ([1, 2, 3], [1, 2, 3], True, 2),  # all held, but the last token's logits are wanted
+        ([1, 2, 3, 4], [1, 2], True, 1),
+        ([], [7], True, 0),
+        ([5], [7], False, 0),
+        ([], [], True, 0),  # never a negative cut
+    ],
+)
+def test_reuse_prefix_cuts_the_cache_to_what_stays(held, tokens, redo_last, keep):
+    runtime = _Cuts()
+    assert reuse_prefix(runtime, held, tokens, redo_last=redo_last) == keep
+    assert runtime.cuts == [keep]
 
 
 def test_ngram_proposes_what_followed_the_latest_match():
