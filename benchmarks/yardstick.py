@@ -184,7 +184,6 @@ def main() -> None:
         tokens = engine.tokenize(item["prompt"])
         runs: list[tuple[str, dict[str, Any]]] = []
         res = plain.complete(tokens, args.max_tokens)
-        stopped = res.n_generated < args.max_tokens
         runs.append(
             (
                 "llama.cpp",
@@ -192,7 +191,7 @@ def main() -> None:
                     "text": res.text,
                     "tokens_per_second": res.tokens_per_second,
                     "ttft": res.t_first,
-                    "n_generated": res.n_generated - (1 if stopped else 0),
+                    "n_generated": res.n_generated,
                 },
             )
         )

@@ -349,13 +349,14 @@ def _plain_generation(plain: Any, tokens: list[int], max_tokens: int) -> _PlainG
     from .engine import Stats
 
     res = plain.complete(tokens, max_tokens)
-    stopped = res.n_generated < max_tokens
-    # llama.cpp stamps the end-of-generation token too; edgespec does not count it
-    n = res.n_generated - 1 if stopped else res.n_generated
     stats = Stats(
-        guarantee="llama.cpp", n_prompt=res.n_prompt, n_generated=n, t_prompt=res.t_first, t_total=res.t_total
+        guarantee="llama.cpp",
+        n_prompt=res.n_prompt,
+        n_generated=res.n_generated,
+        t_prompt=res.t_first,
+        t_total=res.t_total,
     )
-    return _PlainGeneration(res.text, "stop" if stopped else "length", stats)
+    return _PlainGeneration(res.text, "stop" if res.n_generated < max_tokens else "length", stats)
 
 
 def _quantile(values: Sequence[float], q: float) -> float:

@@ -6,9 +6,12 @@ default context parameters (batches of 512, flash attention off, an F16 cache) a
 same as edgespec's. Every speed-up edgespec reports is given against this.
 
 Timing: a `stopping_criteria` callback (which llama-cpp-python calls once per generated token and
-which never stops anything) stamps each token as llama.cpp produces it, so the time to the first
-token and the decoding rate are measured as edgespec measures its own: tokens after the first over
-the time after the first.
+which never stops anything) stamps the first token as llama.cpp produces it, so the time to the
+first token and the decoding rate are measured as edgespec measures its own: tokens after the first
+over the time after the first. The tokens are counted as edgespec counts its own, from the
+completion's usage (an end-of-generation token is not counted, though its step is timed in both):
+llama-cpp-python calls the callback once more than that, after its loop ends, and counting the
+calls would credit it one token more than it gave.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ class PlainResult:
     Attributes:
         text: the completion's text.
         n_prompt: prompt tokens.
-        n_generated: generated tokens (an end-of-generation token counts, as llama.cpp samples it).
+        n_generated: generated tokens, as the usage counts them (an end-of-generation token does
+            not count, as in edgespec's `Stats.n_generated`).
         t_first: seconds from the call to the first generated token (prompt processing included).
         t_total: seconds from the call to its return.
-        stamps: perf_counter time of each generated token.
+        stamps: perf_counter time of each call of llama-cpp-python's stopping criteria.
     """
 
     text: str
@@ -99,7 +103,7 @@ class LlamaCppPlain:
         return PlainResult(
             text=out["choices"][0]["text"],
             n_prompt=int(usage["prompt_tokens"]),
-            n_generated=len(stamps),
+            n_generated=int(usage["completion_tokens"]),
             t_first=(stamps[0] - start) if stamps else end - start,
             t_total=end - start,
             stamps=stamps,

@@ -327,6 +327,12 @@ def test_bench_runs_llama_cpp_plain_decoding_as_the_yardstick(tiny_pair, dataset
     plain = [r for r in data["records"] if r["config"] == "llama.cpp"]
     assert all(r["tokens_per_second"] > 0 and r["t_prompt"] > 0 and r["n_generated"] >= 1 for r in plain)
     assert all(r["identical_to_llama_cpp"] is True for r in plain)
+    # tokens are counted alike: where target-only gave llama.cpp's text, it gave as many tokens
+    counts = {(r["prompt_id"], r["repeat"]): r["n_generated"] for r in plain}
+    same_text = [
+        r for r in data["records"] if r["config"] == "target-only" and r["identical_to_llama_cpp"] is True
+    ]
+    assert same_text and all(r["n_generated"] == counts[r["prompt_id"], r["repeat"]] for r in same_text)
     others = [r for r in data["records"] if r["config"] != "llama.cpp"]
     assert all(isinstance(r["identical_to_llama_cpp"], bool) for r in others)
     summary = {s["config"]: s for s in data["summary"]}
