@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from .defaults import DRAFT_MAX, N_CTX
 from .engine import FinishReason, Generation, GenerationSettings, Stats
 from .errors import EdgespecError, PromptError, SettingsError
 
@@ -273,7 +274,7 @@ class Engine:
         *,
         profile: str | os.PathLike[str] | None = None,
         draft_max: int | None = None,
-        n_ctx: int = 4096,
+        n_ctx: int = N_CTX,
         threads: int | None = None,
         draft_threads: int | None = None,
         gpu_layers: int | None = None,
@@ -333,11 +334,15 @@ class Engine:
                 draft_threads=draft_threads,
                 on_note=on_note,
             )
-        self._init(pair, 4 if draft_max is None else draft_max, cache_prompt)
+        self._init(pair, DRAFT_MAX if draft_max is None else draft_max, cache_prompt)
 
     @classmethod
     def from_pair(
-        cls, pair: LoadedPair, draft_max: int = 4, profile: Profile | None = None, cache_prompt: bool = True
+        cls,
+        pair: LoadedPair,
+        draft_max: int = DRAFT_MAX,
+        profile: Profile | None = None,
+        cache_prompt: bool = True,
     ) -> Engine:
         """An engine over models loaded with `edgespec.loader` (it takes ownership of them)."""
         engine = cls.__new__(cls)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .datasets import BenchPrompt
+from .defaults import DRAFT_MAX, K_LIMIT
 from .errors import SettingsError
 from .sampling import GREEDY, SamplingSettings
 
@@ -97,9 +98,9 @@ class BenchConfig:
             values["model"] = model
         if overlap is not None:
             values["overlap"] = overlap == "1"
-        k = values.pop("k", {"none": 0, "auto": AUTO_K}.get(kind, 4))
-        if kind != "none" and not 1 <= k <= 64:
-            raise SettingsError(f"configuration {spec!r}: k must be between 1 and 64")
+        k = values.pop("k", {"none": 0, "auto": AUTO_K}.get(kind, DRAFT_MAX))
+        if kind != "none" and not 1 <= k <= K_LIMIT:
+            raise SettingsError(f"configuration {spec!r}: k must be between 1 and {K_LIMIT}")
         shown = {key: int(value) if isinstance(value, bool) else value for key, value in values.items()}
         label = (
             "target-only"
@@ -115,7 +116,7 @@ class BenchConfig:
 TARGET_ONLY = BenchConfig(label="target-only", drafter="none")
 YARDSTICK = BenchConfig(label="llama.cpp", drafter="llama.cpp")
 #: the draft-length cap of an `auto` configuration without k=N (the built-in profiles' k_max)
-AUTO_K = 64
+AUTO_K = K_LIMIT
 
 
 def read_config_file(path: str | Path) -> list[BenchConfig]:

@@ -29,6 +29,7 @@ from .cli_common import (
     sampling_settings,
     tune_progress,
 )
+from .defaults import DRAFT_MAX, K_LIMIT, N_CTX
 from .errors import EdgespecError, one_line
 
 EXIT_ERROR = 1
@@ -323,7 +324,7 @@ _BENCH_MODEL_OPTIONS = [
         show_default=True,
         help="Draft layers on a GPU (-1 = all; llama.cpp's peer gets the same -ngld).",
     ),
-    click.option("--ctx", "ctx_size", type=click.IntRange(min=64), default=4096, show_default=True),
+    click.option("--ctx", "ctx_size", type=click.IntRange(min=64), default=N_CTX, show_default=True),
     click.option("--kernels", type=click.Choice(["exact", "fast"]), default="fast", show_default=True),
 ]
 
@@ -394,7 +395,11 @@ def _model_options(func: Any) -> Any:
     help="Also run llama-cpp-python's prompt lookup and llama.cpp's llama-speculative-simple.",
 )
 @click.option(
-    "--peer-k", type=click.IntRange(1, 64), default=4, show_default=True, help="Draft length for peers."
+    "--peer-k",
+    type=click.IntRange(1, K_LIMIT),
+    default=DRAFT_MAX,
+    show_default=True,
+    help="Draft length for peers.",
 )
 @click.option(
     "--llama-cpp-bin",
@@ -667,7 +672,7 @@ def _run_peers(
 
 @bench.command("costs")
 @_model_options
-@click.option("--k-max", type=click.IntRange(1, 64), default=16, show_default=True)
+@click.option("--k-max", type=click.IntRange(1, K_LIMIT), default=16, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 def bench_costs(
     target: str,

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .defaults import DRAFT_MAX, K_LIMIT, N_CTX
+
 if TYPE_CHECKING:
     from .api import Engine
 
@@ -167,8 +169,8 @@ def _engine_option_list() -> list[Any]:
         click.option(
             "--draft-max",
             "-k",
-            type=click.IntRange(0, 64),
-            default=4,
+            type=click.IntRange(0, K_LIMIT),
+            default=DRAFT_MAX,
             show_default=True,
             help="Most draft tokens per step (k).",
         ),
@@ -197,7 +199,7 @@ def _engine_option_list() -> list[Any]:
         click.option(
             "--ctx",
             type=click.IntRange(min=8),
-            default=4096,
+            default=N_CTX,
             show_default=True,
             help="Context size in tokens (prompt + answer).",
         ),

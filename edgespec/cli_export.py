@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from .defaults import N_CTX
 from .errors import ExportError
 
 
@@ -131,7 +132,7 @@ def _calibrate(options: dict[str, Any]) -> _Calibration:
     calibration: str = options["calibration"]
     per_category: int = options["calibration_per_category"]
     holdout: int = options["holdout"]
-    pair = load(target_path, "none", RuntimeSettings(n_ctx=4096, n_threads=options["threads"]))
+    pair = load(target_path, "none", RuntimeSettings(n_ctx=N_CTX, n_threads=options["threads"]))
     try:
         engine = pair.engine
         if corpus:

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from .defaults import N_CTX
 from .errors import ModelLoadError
 
 # Sizes assumed in the reasons when a default model's size is unknown (the pinned sizes make it rare).
@@ -230,7 +231,7 @@ def detect(target: str, draft: str, as_json: bool) -> None:
 )
 @click.option("--target", envvar="EDGESPEC_TARGET", default="default", show_default=True, help="Target GGUF.")
 @click.option("--draft", envvar="EDGESPEC_DRAFT", default="default", show_default=True, help="Draft GGUF.")
-@click.option("--ctx", type=click.IntRange(min=64), default=4096, show_default=True, help="Context size.")
+@click.option("--ctx", type=click.IntRange(min=64), default=N_CTX, show_default=True, help="Context size.")
 @click.option(
     "--threads", type=click.IntRange(min=1), default=None, help="Target threads (default: the profile's)."
 )

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from .defaults import DRAFT_MAX, K_LIMIT
 from .drafting import reuse_prefix
 from .errors import PromptError, SettingsError
 from .sampling import GREEDY, LazyDists, LogitsProcessor, SamplingSettings, TokenSampler
@@ -60,7 +61,7 @@ class GenerationSettings:
     """
 
     max_tokens: int = 256
-    draft_max: int = 4
+    draft_max: int = DRAFT_MAX
     stop: tuple[str, ...] = ()
     seed: int | None = None
     sampling: SamplingSettings = GREEDY
@@ -71,8 +72,8 @@ class GenerationSettings:
             raise SettingsError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.draft_max < 0:
             raise SettingsError(f"draft_max must be 0 or more, got {self.draft_max}")
-        if self.draft_max > 64:
-            raise SettingsError(f"draft_max must be at most 64, got {self.draft_max}")
+        if self.draft_max > K_LIMIT:
+            raise SettingsError(f"draft_max must be at most {K_LIMIT}, got {self.draft_max}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise SettingsError(f"seed must be between 0 and 2**64 - 1, got {self.seed}")
 

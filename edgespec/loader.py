@@ -22,6 +22,7 @@ import numpy as np
 from . import models
 from .chat import render_chat
 from .compat import check_compatible
+from .defaults import N_CTX
 from .drafting import Drafter, ModelDrafter, NgramDrafter
 from .engine import SpeculativeEngine
 from .errors import ModelLoadError, PromptError, SettingsError
@@ -327,7 +328,7 @@ def load_with_profile(
     target: str | os.PathLike[str] | None = None,
     draft: str | os.PathLike[str] | None = DEFAULT,
     *,
-    n_ctx: int = 4096,
+    n_ctx: int = N_CTX,
     overrides: ProfileOverrides = ProfileOverrides(),
     verbose: bool = False,
     progress: Callable | None = None,

@@ -22,13 +22,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .defaults import DRAFT_MAX, K_LIMIT
 from .errors import ProfileError
 from .hardware import Hardware
 from .tomldata import TomlReader, compact_arrays, loads, show_value
 
 SCHEMA = 1
 ALL_LAYERS = -1  # gpu_layers = "all"
-K_LIMIT = 64
 THREAD_WORDS = ("physical", "logical")
 KERNELS = ("exact", "fast")
 DRAFTERS = ("model", "ngram")
@@ -110,8 +110,8 @@ class Speculation:
 
     drafters: tuple[str, ...] = DRAFTERS
     controller: str = "goodput"
-    k: int = 4
-    k_max: int = 64
+    k: int = DRAFT_MAX
+    k_max: int = K_LIMIT
     min_draft_prob: float = 0.0
     overlap: bool = False
 

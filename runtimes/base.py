@@ -9,6 +9,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..defaults import N_CTX
+
 LogitRows = Literal["last", "all", "none"]
 
 
@@ -33,7 +35,7 @@ class RuntimeSettings:
         verbose: let the backend's own log lines through to stderr.
     """
 
-    n_ctx: int = 4096
+    n_ctx: int = N_CTX
     n_threads: int | None = None
     n_threads_batch: int | None = None
     n_batch: int = 512
