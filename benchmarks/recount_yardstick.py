@@ -33,24 +33,20 @@ def recount(data: dict) -> list[str]:
     """Fix the llama.cpp records of `data` in place; return the prompts left out."""
     records = data["records"]
     max_tokens = data["max_tokens"]
-    reference = {}
+    # the token count of a target-only run whose text was llama.cpp's (the first such run wins)
+    reference: dict[tuple[str, str], int] = {}
     for r in records:
-        if (
-            r["config"] in REFERENCES
-            and r.get("identical_to_llama_cpp")
-            and r["config"] not in reference.get((r["set"], r["prompt_id"]), {})
-        ):
-            reference.setdefault((r["set"], r["prompt_id"]), {})[r["config"]] = r["n_generated"]
+        if r["config"] in REFERENCES and r.get("identical_to_llama_cpp"):
+            reference.setdefault((r["set"], r["prompt_id"]), r["n_generated"])
     left_out = []
     for r in records:
         if r["config"] != "llama.cpp" or r.get("recounted"):
             continue
-        counts = reference.get((r["set"], r["prompt_id"]))
-        if not counts:
+        n = reference.get((r["set"], r["prompt_id"]))
+        if n is None:
             left_out.append(f"{r['set']}/{r['prompt_id']}")
             r["tokens_per_second"] = None
             continue
-        n = next(iter(counts.values()))
         # the callback's calls: the tokens, the end-of-generation token if one ended it, one more
         calls = n + (1 if n < max_tokens else 0) + 1
         assert r["n_generated"] == n + 1, (r, n)  # what the old script stored, for either ending

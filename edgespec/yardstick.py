@@ -10,8 +10,9 @@ which never stops anything) stamps the first token as llama.cpp produces it, so 
 first token and the decoding rate are measured as edgespec measures its own: tokens after the first
 over the time after the first. The tokens are counted as edgespec counts its own, from the
 completion's usage (an end-of-generation token is not counted, though its step is timed in both):
-llama-cpp-python calls the callback once more than that, after its loop ends, and counting the
-calls would credit it one token more than it gave.
+llama-cpp-python calls the callback for every sampled token, an end-of-generation token included,
+and once more after its loop ends, so counting the calls would credit it one or two tokens more
+than it gave.
 """
 
 from __future__ import annotations
