@@ -60,7 +60,7 @@ def oracle(seq: list[int], start: int, ratios: list[float]) -> float:
     drafter.begin(seq[: start - 1])
     t, time = start, 0.0
     while t < len(seq):
-        draft = drafter.propose(seq[:t], min(len(ratios) - 1, len(seq) - t - 1))
+        draft = drafter.propose(seq[:t], min(len(ratios) - 1, len(seq) - t - 1)).tokens
         good = 0
         while good < len(draft) and draft[good] == seq[t + good]:
             good += 1
@@ -113,7 +113,7 @@ def main() -> None:
         drafter.begin(seq[: start - 1])
         t = start
         while t < len(seq):
-            draft = drafter.propose(seq[:t], min(args.k, len(seq) - t))
+            draft = drafter.propose(seq[:t], min(args.k, len(seq) - t)).tokens
             n = 0
             while n < len(draft) and draft[n] == seq[t + n]:
                 n += 1

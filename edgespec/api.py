@@ -213,7 +213,7 @@ class Stream:
         try:
             self._tokens.close()  # type: ignore[attr-defined]  # a generator: runs its cleanup
         finally:
-            summary = getattr(self._engine.drafter, "summary", None)
+            drafter = self._engine.drafter
             self.result = Result(
                 text=generation.text,
                 tokens=list(generation.tokens),
@@ -221,7 +221,7 @@ class Stream:
                 prompt_tokens=generation.stats.n_prompt,
                 seed=generation.seed,
                 stats=generation.stats,
-                sources=summary() if summary is not None else None,
+                sources=drafter.summary() if drafter is not None else None,
             )
             self._engine._release(self._generation)
 
@@ -418,7 +418,7 @@ class Engine:
         self._check_open()
         check_messages(messages)
         target = self._pair.engine.target
-        template = getattr(target, "chat_template", lambda: None)()
+        template = target.chat_template()
         if not template:
             raise PromptError(f"{target.path.name} has no chat template (tokenizer.chat_template)")
         return chat_tokens(target, template, messages)

@@ -254,7 +254,7 @@ def run(
         from .yardstick import LlamaCppPlain
 
         plain = LlamaCppPlain(target.path, target.n_ctx, target.settings.n_threads or default_threads())
-    template = target.chat_template() if hasattr(target, "chat_template") else None
+    template = target.chat_template()
     if not template:
         raise SettingsError(f"{target.path.name} has no chat template; bench formats prompts with it")
 
@@ -301,8 +301,9 @@ def run(
                         )
                     same_as_plain = gen.text == yardstick_text if yardstick_text is not None else None
                     engine = engines.get(config.label)
-                    summary = getattr(engine.drafter, "summary", None) if engine is not None else None
-                    sources = {k: asdict(v) for k, v in summary().items()} if summary else None
+                    drafter = engine.drafter if engine is not None else None
+                    summary = drafter.summary() if drafter is not None else None
+                    sources = {k: asdict(v) for k, v in summary.items()} if summary is not None else None
                     result.records.append(
                         {
                             "prompt_id": item.id,

@@ -8,7 +8,6 @@ from .errors import IncompatibleModelsError
 
 if TYPE_CHECKING:
     from .runtimes.base import Runtime
-    from .vocabmap import VocabMap
 
 # Vocabularies may differ by padding rows added for matrix alignment (llama.cpp tolerates 128).
 MAX_VOCAB_PADDING = 128
@@ -25,32 +24,33 @@ def check_compatible(target: Runtime, draft: Runtime) -> None:
     """
     t, d = target.vocab, draft.vocab
     names = f"draft {draft.path.name} cannot draft for target {target.path.name}"
-    vmap: VocabMap | None = getattr(draft, "vocab_map", None)
-    trimmed_ids = vmap is not None and not getattr(draft, "inputs_in_target_ids", False)
+    vmap = draft.vocab_map
+    # the map of a drafter whose own ids are trimmed ids (None: it reads the target's ids)
+    trimmed = vmap if vmap is not None and not draft.inputs_in_target_ids else None
     if t.kind != d.kind:
         raise IncompatibleModelsError(f"{names}: tokenizer types differ (target {t.kind}, draft {d.kind})")
     if t.add_bos != d.add_bos:
         raise IncompatibleModelsError(f"{names}: one adds a BOS token to prompts and the other does not")
     if vmap is not None:
         vmap.check_target_size(t.n_vocab, names)
-    if trimmed_ids:
-        if vmap.n_keep != d.n_vocab:
+    if trimmed is not None:
+        if trimmed.n_keep != d.n_vocab:
             raise IncompatibleModelsError(
-                f"{names}: its vocabulary map has {vmap.n_keep} tokens, the model {d.n_vocab}"
+                f"{names}: its vocabulary map has {trimmed.n_keep} tokens, the model {d.n_vocab}"
             )
-        vmap.check_fits(target.token_text, draft.token_text, names)
+        trimmed.check_fits(target.token_text, draft.token_text, names)
     for label in ("bos", "eos", "eot"):
         d_id = getattr(d, label)
-        if trimmed_ids and d_id is not None:
-            d_id = vmap.to_target(d_id)  # the draft's own ids are trimmed ids
+        if trimmed is not None and d_id is not None:
+            d_id = trimmed.to_target(d_id)  # the draft's own ids are trimmed ids
         if getattr(t, label) != d_id:
             raise IncompatibleModelsError(
                 f"{names}: {label.upper()} token ids differ (target {getattr(t, label)}, draft {d_id})"
             )
-    if trimmed_ids:
+    if trimmed is not None:
         return
     # A drafter whose outputs alone are trimmed still reads (and tokenizes) the full vocabulary.
-    d_n_vocab = getattr(draft, "n_input_vocab", d.n_vocab) if vmap is not None else d.n_vocab
+    d_n_vocab = draft.n_input_vocab if vmap is not None else d.n_vocab
     if abs(t.n_vocab - d_n_vocab) > MAX_VOCAB_PADDING:
         raise IncompatibleModelsError(
             f"{names}: vocabulary sizes differ by more than padding (target {t.n_vocab}, draft {d_n_vocab})"

@@ -27,8 +27,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .drafting import NO_DRAFT, Draft, DrafterBase
+
 if TYPE_CHECKING:
     from .drafting import ModelDrafter, NgramDrafter
+    from .runtimes.base import Runtime
     from .sampling import TokenSampler
 
 #: n-gram match lengths are grouped into buckets starting at these lengths: 1, 2, 3-4, 5-8, 9-16, 17+
@@ -259,7 +262,7 @@ def _fresh_stats() -> dict[str, SourceStats]:
 
 
 @dataclass
-class ControlledDrafter:
+class ControlledDrafter(DrafterBase):
     """A drafter that asks a GoodputController, before every step, which source to draft from
     (the model drafter, the n-gram drafter or none) and how many tokens.
 
@@ -278,23 +281,23 @@ class ControlledDrafter:
         self._plan = Plan(None, 0, 0.0)
 
     @property
-    def samples_from_q(self) -> bool:  # type: ignore[override]
-        return self._plan.source == "model"
+    def runtime(self) -> Runtime | None:
+        return self.model.runtime if self.model is not None else None
 
-    def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> list[int]:
-        proposal = self.ngram.propose(context, k) if self.ngram is not None else []
+    def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> Draft:
+        proposal = self.ngram.propose(context, k).tokens if self.ngram is not None else []
         match = self.ngram.match_length if self.ngram is not None else 0
         plan = self.controller.plan(k, len(proposal), match, model=self.model is not None)
         self._plan = plan
         if plan.source == "ngram":
-            draft = proposal[: plan.k]
+            draft = Draft(proposal[: plan.k])
         elif plan.source == "model" and self.model is not None:
             draft = self.model.propose(context, plan.k, sampler)
         else:
-            draft = []
+            draft = NO_DRAFT
         entry = self.stats[plan.source or "none"]
         entry.steps += 1
-        entry.drafted += len(draft)
+        entry.drafted += len(draft.tokens)
         return draft
 
     def accepted(self, n_proposed: int, n_accepted: int) -> None:
@@ -319,5 +322,5 @@ class ControlledDrafter:
         if self.model is not None:
             self.model.close()
 
-    def summary(self) -> Mapping[str, SourceStats]:
+    def summary(self) -> Mapping[str, SourceStats] | None:
         return dict(self.stats)

@@ -9,27 +9,49 @@ and an n-gram drafter are interchangeable.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from .control import SourceStats
     from .runtimes.base import Runtime
-    from .sampling import TokenSampler
+    from .sampling import Dist, TokenSampler
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A proposal: the draft tokens and, when they were drawn from a distribution, q.
+
+    Attributes:
+        tokens: the proposed token ids (target ids), possibly none.
+        q: the distribution each token was drawn from (one per token, for speculative sampling),
+            or None for a point proposal (an n-gram copy, a greedy draft): q is then one-hot.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    q: list[Dist] | None = None
+
+
+NO_DRAFT = Draft()
 
 
 @runtime_checkable
 class Drafter(Protocol):
-    name: str
-    #: True if draft tokens are drawn through the sampler passed to `propose`, so that the
-    #: sampler's distributions are q for verification; False for point proposals (one-hot q).
-    samples_from_q: bool
+    """The whole drafter lifecycle the engine drives: begin → (propose → accepted)* per
+    generation; forget and close from the owner. `DrafterBase` gives the defaults."""
 
-    def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> list[int]:
-        """Up to k token ids likely to follow `context` (may be fewer, or none).
+    name: str
+
+    def begin(self, prompt: Sequence[int]) -> None:
+        """A new sequence starts with `prompt`: forget the old one and prepare for this one."""
+        ...
+
+    def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> Draft:
+        """Up to k token ids likely to follow `context` (may be fewer, or none), with their q.
 
         Args:
             sampler: how to choose tokens from a model's logits when not by plain argmax
@@ -41,9 +63,43 @@ class Drafter(Protocol):
         """Feedback after verification: n_accepted of the n_proposed tokens were kept."""
         ...
 
-    def begin(self, prompt: Sequence[int]) -> None:
-        """A new sequence starts with `prompt`: forget the old one and prepare for this one."""
+    @property
+    def runtime(self) -> Runtime | None:
+        """The draft model's runtime, or None for a drafter without a model."""
         ...
+
+    def summary(self) -> Mapping[str, SourceStats] | None:
+        """Per-source statistics of the last generation (a controlled drafter), else None."""
+        ...
+
+    def forget(self) -> None:
+        """Empty any cache, so the next prompt is processed whole."""
+        ...
+
+    def close(self) -> None:
+        """Stop background work (the model runtime, owned by the loader, stays open)."""
+        ...
+
+
+class DrafterBase:
+    """Defaults for the optional parts of `Drafter`: no feedback, no model, nothing to forget or
+    stop."""
+
+    def accepted(self, n_proposed: int, n_accepted: int) -> None:
+        pass
+
+    @property
+    def runtime(self) -> Runtime | None:
+        return None
+
+    def summary(self) -> Mapping[str, SourceStats] | None:
+        return None
+
+    def forget(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 #: how far back NgramDrafter measures a match
@@ -83,7 +139,7 @@ class _DraftState:
         self.ahead: tuple[list[int], Future[tuple[list[int], bool]]] | None = None
 
 
-class ModelDrafter:
+class ModelDrafter(DrafterBase):
     """Drafts from a small model with its own runtime and KV cache: its argmax, or with a sampler
     samples from its distribution q.
 
@@ -115,27 +171,30 @@ class ModelDrafter:
     """
 
     name = "draft"
-    samples_from_q = True
 
     def __init__(
         self, runtime: Runtime, max_id: int | None = None, *, min_prob: float = 0.0, overlap: bool = False
     ) -> None:
         if not 0.0 <= min_prob < 1.0:
             raise ValueError(f"min_prob must be in [0, 1), got {min_prob}")
-        self.runtime = runtime
+        self._runtime = runtime
         self.min_prob = min_prob
         self.overlap = overlap
-        vmap = getattr(runtime, "vocab_map", None)
+        vmap = runtime.vocab_map
         # A VocabTrim drafter: its logits row j is target id keep[j]; its input ids are
         # input_map[target id], unless it still reads target ids (an ONNX export trims outputs only).
         self._keep: np.ndarray | None = None if vmap is None else vmap.keep
-        reads_target_ids = vmap is None or getattr(runtime, "inputs_in_target_ids", False)
-        self._input_map: list[int] | None = None if reads_target_ids else vmap.input_map.tolist()
+        reads_target_ids = vmap is None or runtime.inputs_in_target_ids
+        self._input_map: list[int] | None = None if vmap is None or reads_target_ids else vmap.input_map.tolist()
         n_target = runtime.vocab.n_vocab if vmap is None else vmap.target_n_vocab
         self.max_id = n_target if max_id is None else max_id
         self._state = _DraftState()
         #: draft tokens that came from a background continuation instead of being drafted in turn
         self.n_ahead_used = 0
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
 
     def variant(self, *, min_prob: float | None = None, overlap: bool | None = None) -> ModelDrafter:
         """The same model and cache with other options (one runtime must have one cache view)."""
@@ -201,7 +260,15 @@ class ModelDrafter:
         tokens, stopped = future.result()
         return base, tokens, stopped
 
-    def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> list[int]:
+    def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> Draft:
+        if sampler is not None:
+            sampler.reset()
+        tokens = self._propose(context, k, sampler)
+        # A sampler records the distribution of every token it drew (none when greedy): q.
+        q = sampler.dists[: len(tokens)] if sampler is not None and sampler.dists else None
+        return Draft(tokens, q)
+
+    def _propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None) -> list[int]:
         ahead = self._settle()
         k = min(k, self.runtime.n_ctx - len(context))
         if k <= 0:
@@ -229,9 +296,7 @@ class ModelDrafter:
             state.ahead = (base, state.pool.submit(self._draft, base, min(k, room), None))
         return draft
 
-    def accepted(self, n_proposed: int, n_accepted: int) -> None:
-        # Rejected tokens are dropped lazily, by the prefix match at the next propose.
-        pass
+    # accepted(): nothing to do, rejected tokens are dropped lazily by the next prefix match.
 
     def begin(self, prompt: Sequence[int]) -> None:
         # Process the prompt now, so that the first propose evaluates only the first new token.
@@ -258,7 +323,7 @@ class ModelDrafter:
 
 
 @dataclass
-class NgramDrafter:
+class NgramDrafter(DrafterBase):
     """Prompt lookup: find an earlier occurrence of the context's last n tokens and propose what
     followed it. Free to run; pays off when the answer repeats the prompt (code edits, extraction,
     summaries that quote).
@@ -280,7 +345,6 @@ class NgramDrafter:
     n_min: int = 2
     n_max: int = 4
     name: str = "ngram"
-    samples_from_q: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_min <= self.n_max:
@@ -308,10 +372,11 @@ class NgramDrafter:
                 if len(seen) > OCCURRENCES:
                     del seen[0]
 
-    def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> list[int]:
+    def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> Draft:
+        """A copy of what followed the best earlier match (a point proposal: q is None)."""
         self.match_length = 0
         if k <= 0 or len(context) < self.n_min + 1:
-            return []
+            return NO_DRAFT
         self._extend_index(context)
         tokens = self._tokens
         for n in range(min(self.n_max, len(tokens) - 1), self.n_min - 1, -1):
@@ -322,8 +387,8 @@ class NgramDrafter:
                 # uses this). Later occurrences win ties.
                 length, start = max((self._reach(s, n), s) for s in starts)
                 self.match_length = length
-                return tokens[start : start + k]
-        return []
+                return Draft(tokens[start : start + k])
+        return NO_DRAFT
 
     def _reach(self, start: int, n: int) -> int:
         """How many tokens before `start` agree with the context's end (n known to, at most
@@ -337,9 +402,6 @@ class NgramDrafter:
         ):
             length += 1
         return length
-
-    def accepted(self, n_proposed: int, n_accepted: int) -> None:
-        pass
 
     def begin(self, prompt: Sequence[int]) -> None:
         self._tokens = []

@@ -224,7 +224,7 @@ class Generation:
         start = clock()
         # Reuse the longest common prefix of the cache and the prompt; the last prompt token is
         # always evaluated, for its logits.
-        held = getattr(target, "tokens", None) if settings.cache_prompt else None
+        held = target.tokens if settings.cache_prompt else None
         keep = reuse_prefix(target, held or (), context, redo_last=True)
         p_logits = target.eval(context[keep:], logits="last")
         stats.n_prompt_cached = keep
@@ -262,11 +262,11 @@ class Generation:
                 # Draft: at most k tokens, no more than the output and the context still allow.
                 k = min(settings.draft_max, settings.max_tokens - len(self.tokens) - 1, n_ctx - len(context))
                 draft: list[int] = []
+                q = None  # point proposals (n-gram, greedy): q is one-hot
                 if drafter is not None and k > 0:
                     t0 = clock()
-                    if draft_sampler is not None:
-                        draft_sampler.reset()
-                    draft = drafter.propose(context, k, draft_sampler)[:k]
+                    proposal = drafter.propose(context, k, draft_sampler)
+                    draft, q = proposal.tokens[:k], proposal.q
                     stats.t_draft += clock() - t0
 
                 # Verify: the newest token plus the draft, in one target pass.
@@ -283,11 +283,10 @@ class Generation:
                     if sampling.accept == "exact":
                         n_accepted, next_token = verify_exact_match(draft, p, uniforms)
                     else:
-                        q = None  # point proposals (n-gram): q is one-hot
-                        if draft and drafter is not None and drafter.samples_from_q:
-                            q = draft_sampler.dists[: len(draft)] if draft_sampler else []
+                        if q is not None:
+                            q = q[: len(draft)]
                             if len(q) != len(draft):
-                                raise RuntimeError(f"drafter {drafter.name!r} did not draw its draft from q")
+                                raise RuntimeError(f"a drafter gave {len(draft)} tokens but {len(q)} distributions")
                         n_accepted, next_token = verify_rejection(draft, q, p, uniforms, processor.n_vocab)
                 # Keep the cache for the newest token and the accepted drafts; the correction or
                 # bonus token is evaluated at the next step.
@@ -324,9 +323,8 @@ class SpeculativeEngine:
     def forget(self) -> None:
         """Empty the caches, so the next generation evaluates its whole prompt."""
         self.target.truncate(0)
-        forget = getattr(self.drafter, "forget", None)
-        if forget is not None:
-            forget()
+        if self.drafter is not None:
+            self.drafter.forget()
 
     def generate(self, prompt: Sequence[int], settings: GenerationSettings | None = None) -> Generation:
         """Start generating after `prompt` (token ids). Nothing runs until the result is iterated.

@@ -110,12 +110,11 @@ class LoadedPair:
     def draft_runtime(self) -> Runtime | None:
         """The draft model's runtime, or None for an n-gram drafter or none."""
         drafter = self.engine.drafter
-        model = getattr(drafter, "model", None) if not isinstance(drafter, ModelDrafter) else drafter
-        return model.runtime if isinstance(model, ModelDrafter) else None
+        return drafter.runtime if drafter is not None else None
 
     def close(self) -> None:
         drafter = self.engine.drafter
-        if hasattr(drafter, "close"):
+        if drafter is not None:
             drafter.close()  # background drafting first, then the models
         if self.draft_runtime is not None:
             self.draft_runtime.close()
@@ -266,7 +265,7 @@ def prompt_tokens(target: Runtime, text: str, *, raw: bool = False, system: str 
     """
     if not text.strip():
         raise PromptError("the prompt is empty")
-    template = getattr(target, "chat_template", lambda: None)()
+    template = target.chat_template()
     if raw or not template:
         if not raw and not template:
             raise PromptError(

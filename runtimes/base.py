@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from ..defaults import N_CTX
+
+if TYPE_CHECKING:
+    from ..vocabmap import VocabMap
 
 LogitRows = Literal["last", "all", "none"]
 
@@ -73,16 +76,33 @@ class Runtime(Protocol):
     The cache holds `n_past` tokens at positions 0 … n_past-1. `eval` appends tokens after them;
     `truncate` forgets everything from a position on.
 
-    A runtime may also have `vocab_map` (an `edgespec.vocabmap.VocabMap`, for a VocabTrim drafter
-    whose ids are a subset of its target's; None or absent otherwise) and `inputs_in_target_ids`
-    (True when such a model still reads target ids and only its output rows are trimmed), and
-    `tokens` (the ids in its cache, in position order), which lets the engine reuse the longest
-    common prefix of the cache and a new prompt; without it every prompt is evaluated whole.
+    Every member the engine, the loader and the drafters read is declared here; `RuntimeBase`
+    gives the optional ones their defaults (a backend subclasses it and overrides what it has).
     """
 
     path: Path
     settings: RuntimeSettings
     vocab: VocabInfo
+    #: a VocabTrim drafter's map from its ids to its target's (None: ids are the target's)
+    vocab_map: VocabMap | None
+    #: True when a trimmed model still reads target ids (only its output rows are trimmed)
+    inputs_in_target_ids: bool
+
+    @property
+    def n_input_vocab(self) -> int:
+        """Size of the id space of inputs and of the tokenizer (`vocab.n_vocab` unless a trimmed
+        model reads target ids)."""
+        ...
+
+    @property
+    def tokens(self) -> Sequence[int] | None:
+        """The ids in the cache, in position order, so a new prompt can reuse the longest common
+        prefix; None when the backend does not track them (every prompt is evaluated whole)."""
+        ...
+
+    def chat_template(self) -> str | None:
+        """The model's chat template (tokenizer.chat_template), or None when it has none."""
+        ...
 
     @property
     def n_ctx(self) -> int: ...
@@ -128,3 +148,23 @@ class Runtime(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class RuntimeBase:
+    """Defaults for the optional members of `Runtime`: no vocabulary map, inputs in the model's
+    own ids, untracked cache contents and no chat template. Backends subclass it."""
+
+    vocab: VocabInfo
+    vocab_map: VocabMap | None = None
+    inputs_in_target_ids: bool = False
+
+    @property
+    def n_input_vocab(self) -> int:
+        return self.vocab.n_vocab
+
+    @property
+    def tokens(self) -> Sequence[int] | None:
+        return None
+
+    def chat_template(self) -> str | None:
+        return None

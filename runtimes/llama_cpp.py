@@ -36,7 +36,7 @@ import numpy as np
 from ..errors import ModelLoadError, PromptError, RuntimeFailure, SettingsError
 from ..ggufcheck import check_gguf
 from ..vocabmap import KEY_TARGET_N_VOCAB, VocabMap
-from .base import LogitRows, RuntimeSettings, VocabInfo
+from .base import LogitRows, RuntimeBase, RuntimeSettings, VocabInfo
 from .invariance import GGML_TYPES, ProbeResult, probe_or_load
 
 try:
@@ -183,7 +183,7 @@ def default_threads() -> int:
     return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
-class LlamaCppRuntime:
+class LlamaCppRuntime(RuntimeBase):
     """One GGUF model and one llama.cpp context holding sequence 0.
 
     Args:
@@ -253,7 +253,6 @@ class LlamaCppRuntime:
         self.vocab = vocab_info(self._vocab_p)
         # A VocabTrim drafter's map back to its target's ids (None for an ordinary model). The
         # scalar key is visible through llama.cpp; the arrays are read from the file's header.
-        self.vocab_map: VocabMap | None = None
         if self.metadata(KEY_TARGET_N_VOCAB) is not None:
             self.vocab_map = VocabMap.from_gguf(self.path)
             if self.vocab_map is None or self.vocab_map.n_keep != self.vocab.n_vocab:

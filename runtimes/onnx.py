@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import ModelLoadError, PromptError, SettingsError
 from ..vocabmap import SIDECAR_NAME, VocabMap
-from .base import LogitRows, RuntimeSettings, VocabInfo
+from .base import LogitRows, RuntimeBase, RuntimeSettings, VocabInfo
 
 EXPORT_INFO_NAME = "edgespec_onnx.json"
 MODEL_NAME = "model.onnx"
@@ -211,7 +211,7 @@ def choose_provider(requested: str | None, available: Sequence[str]) -> str:
     return name
 
 
-class OnnxRuntime:
+class OnnxRuntime(RuntimeBase):
     """One exported decoder and one KV cache holding one sequence.
 
     Args:
@@ -289,7 +289,7 @@ class OnnxRuntime:
                 f"{sidecar} keeps {self.vocab_map.n_keep} tokens but {model_file.name} outputs "
                 f"{self._n_out} logits"
             )
-        self.n_input_vocab = int(self._config.get("vocab_size") or self._tokenizer.get_vocab_size(True))
+        self._n_input_vocab = int(self._config.get("vocab_size") or self._tokenizer.get_vocab_size(True))
         self._n_tokenizer = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self._vocab_spec = self._info.get("vocab") or vocab_from_tokenizer(directory)
         self._control = frozenset(self._vocab_spec.get("control", ()))
@@ -347,7 +347,7 @@ class OnnxRuntime:
 
         def special(key: str) -> int | None:
             value = spec.get(key)
-            return value if isinstance(value, int) and 0 <= value < self.n_input_vocab else None
+            return value if isinstance(value, int) and 0 <= value < self._n_input_vocab else None
 
         return VocabInfo(
             kind=str(spec.get("kind", "bpe")),
@@ -384,7 +384,7 @@ class OnnxRuntime:
         text = self._tokenizer.id_to_token(token) if 0 <= token < self._n_tokenizer else None
         if text is None:
             # Padding rows beyond the tokenizer, named as llama.cpp's converter names them.
-            return f"[PAD{token}]".encode() if 0 <= token < self.n_input_vocab else b""
+            return f"[PAD{token}]".encode() if 0 <= token < self._n_input_vocab else b""
         return text.encode("utf-8")
 
     def token_bytes(self, token: int) -> bytes:
@@ -421,6 +421,10 @@ class OnnxRuntime:
             return None
         return str(value)
 
+    @property
+    def n_input_vocab(self) -> int:
+        return self._n_input_vocab
+
     def chat_template(self) -> str | None:
         template = self._tokenizer_config.get("chat_template")
         if isinstance(template, str):
@@ -454,9 +458,9 @@ class OnnxRuntime:
         if self._n_past + n > self._n_ctx:
             raise PromptError(f"{self._n_past + n} tokens do not fit the context of {self._n_ctx} tokens")
         ids = np.asarray(tokens, dtype=np.int64)
-        if ids.min() < 0 or ids.max() >= self.n_input_vocab:
-            bad = int(ids[(ids < 0) | (ids >= self.n_input_vocab)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary of {self.n_input_vocab} tokens")
+        if ids.min() < 0 or ids.max() >= self._n_input_vocab:
+            bad = int(ids[(ids < 0) | (ids >= self._n_input_vocab)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary of {self._n_input_vocab} tokens")
         if logits == "all":
             # Exact kernels: a batched MatMul rounds differently from a one-row one, so one token per pass.
             step = 1 if self._exact else self.settings.n_batch

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgespec.drafting import common_prefix
-from edgespec.runtimes.base import LogitRows, Runtime
+from edgespec.runtimes.base import LogitRows, Runtime, RuntimeBase
 
 
-class MemoRuntime:
+class MemoRuntime(RuntimeBase):
     def __init__(self, inner: Runtime) -> None:
         self.inner = inner
         self.path = inner.path

@@ -99,9 +99,9 @@ def test_match_buckets():
 def test_ngram_drafter_reports_how_far_the_match_reaches():
     d = NgramDrafter(n_min=1, n_max=2)
     context = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3, 4]
-    assert d.propose(context, 3) == [5, 9, 9]
+    assert d.propose(context, 3).tokens == [5, 9, 9]
     assert d.match_length == 4  # 1 2 3 4 matches, beyond n_max
-    assert d.propose([7, 8], 3) == [] and d.match_length == 0
+    assert d.propose([7, 8], 3).tokens == [] and d.match_length == 0
 
 
 def target_only(target, prompt, n):

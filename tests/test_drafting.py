@@ -44,25 +44,25 @@ def test_ngram_proposes_what_followed_the_latest_match():
     d = NgramDrafter(n_min=2, n_max=3)
     assert isinstance(d, Drafter)
     context = [1, 2, 3, 4, 5, 9, 9, 2, 3]
-    assert d.propose(context, 3) == [4, 5, 9]
+    assert d.propose(context, 3).tokens == [4, 5, 9]
     # the longest n-gram wins: [7, 2, 3] occurs later with a different continuation
     context = [7, 2, 3, 8, 8, 1, 2, 3, 4, 4, 7, 2, 3]
-    assert d.propose(context, 2) == [8, 8]
+    assert d.propose(context, 2).tokens == [8, 8]
 
 
 def test_ngram_prefers_latest_occurrence_and_grows_incrementally():
     d = NgramDrafter(n_min=2, n_max=2)
     context = [5, 6, 1, 5, 6, 2]
-    assert d.propose(context + [5, 6], 1) == [2]
+    assert d.propose(context + [5, 6], 1).tokens == [2]
     # appending keeps the index in sync; a non-extension rebuilds it
-    assert d.propose(context + [5, 6, 2, 7, 5, 6], 2) == [2, 7]
-    assert d.propose([9, 9, 8, 9, 9], 4) == [8, 9, 9]
+    assert d.propose(context + [5, 6, 2, 7, 5, 6], 2).tokens == [2, 7]
+    assert d.propose([9, 9, 8, 9, 9], 4).tokens == [8, 9, 9]
 
 
 def test_ngram_returns_nothing_without_a_match_or_room():
     d = NgramDrafter()
-    assert d.propose([1, 2, 3, 4], 4) == []
-    assert d.propose([1, 2, 1, 2], 0) == []
+    assert d.propose([1, 2, 3, 4], 4).tokens == []
+    assert d.propose([1, 2, 1, 2], 0).tokens == []
     with pytest.raises(ValueError):
         NgramDrafter(n_min=3, n_max=2)
 
@@ -71,7 +71,7 @@ def test_model_drafter_keeps_its_cache_in_step(tiny_runtimes):
     target, draft_rt = tiny_runtimes
     drafter = ModelDrafter(draft_rt, max_id=target.vocab.n_vocab)
     prompt = draft_rt.tokenize("the cat sat on", add_special=True, parse_special=False)
-    first = drafter.propose(prompt, 4)
+    first = drafter.propose(prompt, 4).tokens
     assert len(first) == 4
     # drafts are greedy continuations of the draft model
     draft_rt.truncate(0)
@@ -85,7 +85,7 @@ def test_model_drafter_keeps_its_cache_in_step(tiny_runtimes):
     assert draft_rt.n_past == len(prompt)
     drafter.propose(prompt, 4)
     context = prompt + first[:2] + [42]
-    second = drafter.propose(context, 3)
+    second = drafter.propose(context, 3).tokens
     assert drafter._state.cached == context + second[:-1]
     assert draft_rt.n_past == len(context) + len(second) - 1
 
@@ -93,6 +93,6 @@ def test_model_drafter_keeps_its_cache_in_step(tiny_runtimes):
 def test_model_drafter_stops_at_tokens_the_target_lacks(tiny_runtimes):
     _, draft_rt = tiny_runtimes
     prompt = draft_rt.tokenize("the cat", add_special=True, parse_special=False)
-    free = ModelDrafter(draft_rt).propose(prompt, 3)
-    assert ModelDrafter(draft_rt, max_id=free[0]).propose(prompt, 3) == []
-    assert ModelDrafter(draft_rt, max_id=max(free) + 1).propose(prompt, 3) == free
+    free = ModelDrafter(draft_rt).propose(prompt, 3).tokens
+    assert ModelDrafter(draft_rt, max_id=free[0]).propose(prompt, 3).tokens == []
+    assert ModelDrafter(draft_rt, max_id=max(free) + 1).propose(prompt, 3).tokens == free

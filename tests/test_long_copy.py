@@ -27,7 +27,7 @@ def test_ngram_copies_from_the_occurrence_whose_match_reaches_furthest_back():
     context = early + late + [1, 2, 3, 4]
     drafter = NgramDrafter(n_min=1, n_max=2)
     drafter.begin(context)
-    assert drafter.propose(context, 3) == [50, 51, 52]
+    assert drafter.propose(context, 3).tokens == [50, 51, 52]
     assert drafter.match_length == 4
 
 
@@ -35,7 +35,7 @@ def test_ngram_ties_go_to_the_latest_occurrence():
     context = [7, 3, 4, 50, 7, 3, 4, 60, 7, 3, 4]
     drafter = NgramDrafter(n_min=1, n_max=3)
     drafter.begin(context)
-    assert drafter.propose(context, 1) == [60]
+    assert drafter.propose(context, 1).tokens == [60]
 
 
 def test_ngram_drafts_up_to_64_tokens_of_a_long_copy():
@@ -45,12 +45,12 @@ def test_ngram_drafts_up_to_64_tokens_of_a_long_copy():
     context = code + [1, 2] + code[:20]
     drafter = NgramDrafter(n_min=1, n_max=8)
     drafter.begin(context)
-    assert drafter.propose(context, 64) == code[20:84]
+    assert drafter.propose(context, 64).tokens == code[20:84]
     assert drafter.match_length == 20
     # the match length is measured up to MATCH_LENGTH_MAX
     longer = code + [1, 2] + code[:100]
     drafter.begin(longer)
-    assert drafter.propose(longer, 64) == code[100:164]
+    assert drafter.propose(longer, 64).tokens == code[100:164]
     assert drafter.match_length == MATCH_LENGTH_MAX
 
 

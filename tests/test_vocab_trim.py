@@ -138,8 +138,9 @@ def test_trimmed_drafter_samples_only_kept_tokens(tiny_pair, trimmed):
         sampler = TokenSampler(SamplingSettings(temperature=1.0), np.random.default_rng(0))
         drafter.begin(prompt)
         draft = drafter.propose(prompt, 8, sampler)
-        assert len(draft) == 8 and set(draft) <= kept
-        for dist in sampler.dists:  # q puts no mass on dropped tokens
+        assert len(draft.tokens) == 8 and set(draft.tokens) <= kept
+        assert draft.q is not None and len(draft.q) == 8
+        for dist in draft.q:  # q puts no mass on dropped tokens
             assert set(np.flatnonzero(dist.as_dense(554) > 0).tolist()) <= kept
     finally:
         pair.close()
