@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from edgespec import models
-    from edgespec.loader import prompt_tokens
+    from edgespec.chat import prompt_tokens
     from edgespec.runtimes.base import RuntimeSettings
     from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 

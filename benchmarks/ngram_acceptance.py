@@ -32,8 +32,9 @@ from edgespec.drafting import NgramDrafter
 def answers(path: Path, per_category: int, max_tokens: int, dataset: str | None = None) -> list[dict]:
     if path.exists():
         return json.loads(path.read_text())
+    from edgespec.chat import chat_tokens
     from edgespec.engine import GenerationSettings
-    from edgespec.loader import chat_tokens, load
+    from edgespec.loader import load
     from edgespec.runtimes.base import RuntimeSettings
 
     pair = load(None, "none", RuntimeSettings())

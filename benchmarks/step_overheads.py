@@ -17,9 +17,10 @@ import random
 import statistics
 import time
 
+from edgespec.chat import prompt_tokens
 from edgespec.control import ControlledDrafter, GoodputController
 from edgespec.drafting import NgramDrafter
-from edgespec.loader import load, prompt_tokens
+from edgespec.loader import load
 from edgespec.runtimes.base import RuntimeSettings
 
 

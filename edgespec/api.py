@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from .control import SourceStats
-    from .loader import LoadedPair
+    from .loader import EngineSpec, LoadedPair
     from .placement import Profile
 
 __all__ = ["Chunk", "Engine", "EngineBusy", "GenerateOptions", "Result", "Stream"]
@@ -288,53 +288,54 @@ class Engine:
         tune_progress: Callable[[int], Any] | None = None,
         on_note: Callable[[str], None] | None = None,
     ) -> None:
-        from .loader import DEFAULT, ProfileOverrides, load, load_with_profile
-        from .runtimes.base import RuntimeSettings
+        from .loader import EngineSpec
 
-        if profile is None and draft is None and draft_max is None:
-            profile = "auto"  # nothing says how to draft: measure, and draft only where it pays
-        self.profile: Profile | None = None
-        if profile is not None:
-            pair, self.profile = load_with_profile(
-                str(profile),
-                target,
-                DEFAULT if draft is None else draft,
-                n_ctx=n_ctx,
-                overrides=ProfileOverrides(
-                    threads=threads,
-                    gpu_layers=gpu_layers,
-                    draft_gpu_layers=draft_gpu_layers,
-                    draft_threads=draft_threads,
-                    kernels=kernels,
-                ),
-                verbose=verbose,
-                progress=progress,
-                tune_progress=tune_progress,
-                on_note=on_note,
-            )
-            spec = self.profile.speculation
-            if draft_max is None:
-                draft_max = spec.k_max if spec.controller == "goodput" else spec.k
-        else:
-            settings = RuntimeSettings(
-                n_ctx=n_ctx,
-                n_threads=threads,
-                gpu_layers=gpu_layers or 0,
-                flash_attn=flash_attn,  # type: ignore[arg-type]
-                kernels=kernels or "fast",  # type: ignore[arg-type]
-                verbose=verbose,
-            )
-            pair = load(
-                target,
-                DEFAULT if draft is None else draft,
-                settings,
-                draft_gpu_layers=draft_gpu_layers or 0,
-                progress=progress,
-                draft_provider=draft_provider,
-                draft_threads=draft_threads,
-                on_note=on_note,
-            )
-        self._init(pair, DRAFT_MAX if draft_max is None else draft_max, cache_prompt)
+        spec = EngineSpec(
+            target,
+            draft,
+            profile,
+            draft_max,
+            n_ctx,
+            threads,
+            draft_threads,
+            gpu_layers,
+            draft_gpu_layers,
+            kernels,
+            flash_attn,
+            draft_provider,
+            verbose,
+        )
+        self._build(spec, cache_prompt, progress, tune_progress, on_note)
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: EngineSpec,
+        *,
+        cache_prompt: bool = True,
+        progress: Callable[..., Any] | None = None,
+        tune_progress: Callable[[int], Any] | None = None,
+        on_note: Callable[[str], None] | None = None,
+    ) -> Engine:
+        """The engine `spec` describes (the CLI's and the server's way in); arguments as for
+        `Engine`."""
+        engine = cls.__new__(cls)
+        engine._build(spec, cache_prompt, progress, tune_progress, on_note)
+        return engine
+
+    def _build(
+        self,
+        spec: EngineSpec,
+        cache_prompt: bool,
+        progress: Callable[..., Any] | None,
+        tune_progress: Callable[[int], Any] | None,
+        on_note: Callable[[str], None] | None,
+    ) -> None:
+        from .loader import build
+
+        built = build(spec, progress=progress, tune_progress=tune_progress, on_note=on_note)
+        self.profile = built.profile
+        self._init(built.pair, built.draft_max, cache_prompt)
 
     @classmethod
     def from_pair(
@@ -405,7 +406,7 @@ class Engine:
     def tokenize(self, prompt: str, *, raw: bool = False, system: str | None = None) -> list[int]:
         """Token ids for a prompt: through the model's chat template as one user message (with
         an optional system message), or as it is with `raw`."""
-        from .loader import prompt_tokens
+        from .chat import prompt_tokens
 
         self._check_open()
         return prompt_tokens(self._pair.engine.target, prompt, raw=raw, system=system)
@@ -413,7 +414,7 @@ class Engine:
     def chat_tokens(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids for a conversation, rendered with the model's chat template, ending with the
         header of the assistant's answer."""
-        from .loader import chat_tokens
+        from .chat import chat_tokens
 
         self._check_open()
         check_messages(messages)

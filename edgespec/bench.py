@@ -209,9 +209,10 @@ def run(
         auto_profile: the tuned profile `auto` configurations follow (its drafters and costs;
             the models are the ones loaded here).
     """
+    from .chat import chat_tokens
+    from .drafters import DraftSetup, make_drafter
     from .drafting import Drafter, ModelDrafter, NgramDrafter
     from .engine import GenerationSettings, SpeculativeEngine
-    from .loader import chat_tokens
 
     configs = list(configs)
     if all(c.drafter != "none" for c in configs):
@@ -230,24 +231,20 @@ def run(
     ngram_drafters: dict[tuple[int, int], NgramDrafter] = {}
     engines: dict[str, SpeculativeEngine] = {}
     for config in configs:
-        drafter: Drafter | None = None
-        if config.drafter == "draft":
-            drafter = model_drafter if config.model is None else named[config.model]
-            if config.overlap:
-                drafter = drafter.variant(overlap=True)
-        elif config.drafter == "auto":
-            from .tuning import make_drafter
-
-            assert auto_profile is not None
-            profile = auto_profile
-            if config.overlap is not None:
-                profile = replace(profile, speculation=replace(profile.speculation, overlap=config.overlap))
-            drafter = make_drafter(profile, target, model_drafter)
-        elif config.drafter == "ngram":
+        if config.drafter == "llama.cpp":
+            continue
+        drafter: Drafter | None
+        if config.drafter == "ngram":
+            # one per n-gram setting: its index follows the sequence it was shown
             key = (config.n_min, config.n_max)
-            drafter = ngram_drafters.setdefault(key, NgramDrafter(n_min=config.n_min, n_max=config.n_max))
-        if config.drafter != "llama.cpp":
-            engines[config.label] = SpeculativeEngine(target, drafter)
+            if key not in ngram_drafters:
+                ngram_drafters[key] = NgramDrafter(n_min=config.n_min, n_max=config.n_max)
+            drafter = ngram_drafters[key]
+        else:
+            model = model_drafter if config.model is None else named[config.model]
+            overlap = config.overlap if config.drafter == "auto" else (True if config.overlap else None)
+            drafter = make_drafter(config.drafter, DraftSetup(model, auto_profile, overlap=overlap))
+        engines[config.label] = SpeculativeEngine(target, drafter)
     plain = None
     if any(c.drafter == "llama.cpp" for c in configs):
         from .runtimes.llama_cpp import default_threads

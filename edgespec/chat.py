@@ -1,4 +1,5 @@
-"""Chat formatting with the model's own template (GGUF key `tokenizer.chat_template`).
+"""Prompts as token ids: chat formatting with the model's own template (GGUF key
+`tokenizer.chat_template`), or the raw text.
 
 Templates are Hugging Face-style Jinja; they are rendered in a sandbox with the helpers such
 templates expect (`raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII text).
@@ -10,9 +11,12 @@ import datetime
 import json
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import PromptError
+
+if TYPE_CHECKING:
+    from .runtimes.base import Runtime
 
 
 def _raise(message: str) -> None:
@@ -67,3 +71,38 @@ def render_chat(
         )
     except TemplateError as exc:
         raise PromptError(f"the model's chat template could not be rendered: {exc}") from exc
+
+
+def prompt_tokens(target: Runtime, text: str, *, raw: bool = False, system: str | None = None) -> list[int]:
+    """Tokenize a user prompt, formatted with the model's chat template unless `raw`.
+
+    Special tokens in the text are parsed in both modes, so a hand-formatted prompt works with
+    `raw`. BOS is added when the model asks for it and the template did not already write it.
+    """
+    if not text.strip():
+        raise PromptError("the prompt is empty")
+    template = target.chat_template()
+    if raw or not template:
+        if not raw and not template:
+            raise PromptError(
+                f"{target.path.name} has no chat template (tokenizer.chat_template); pass --raw to send the "
+                "prompt as it is"
+            )
+        return target.tokenize(text, add_special=True, parse_special=True)
+    messages: list[Mapping[str, str]] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": text})
+    return chat_tokens(target, template, messages)
+
+
+def chat_tokens(target: Runtime, template: str, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    vocab = target.vocab
+    bos = target.token_text(vocab.bos).decode("utf-8", "replace") if vocab.bos is not None else ""
+    eos = target.token_text(vocab.eos).decode("utf-8", "replace") if vocab.eos is not None else ""
+    rendered = render_chat(template, messages, bos_token=bos, eos_token=eos)
+    add_bos = vocab.add_bos and not (bos and rendered.startswith(bos))
+    tokens = target.tokenize(rendered, add_special=False, parse_special=True)
+    if add_bos and vocab.bos is not None:
+        tokens.insert(0, vocab.bos)
+    return tokens

@@ -261,19 +261,20 @@ def _bench_runtimes(
     draft_threads: int | None = None,
     draft_gpu_layers: int = 0,
 ):
-    """Load the pair through the same loader as `run` (compatibility check included)."""
-    from .loader import load
-    from .runtimes.base import RuntimeSettings
+    """Load the pair through the same builder as `run` (compatibility check included)."""
+    from .loader import EngineSpec, build
 
-    settings = RuntimeSettings(n_ctx=ctx, n_threads=threads, kernels=kernels)  # type: ignore[arg-type]
-    pair = load(
+    spec = EngineSpec(
         target,
         draft if need_draft else "none",
-        settings,
-        draft_gpu_layers=draft_gpu_layers,
-        progress=progress,
+        n_ctx=ctx,
+        threads=threads,
         draft_threads=draft_threads,
+        draft_gpu_layers=draft_gpu_layers,
+        kernels=kernels,
+        flash_attn="off",  # as llama-cpp-python's Llama, which the bench compares with
     )
+    pair = build(spec, progress=progress).pair
     return pair, pair.engine.target, pair.draft_runtime
 
 

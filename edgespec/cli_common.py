@@ -272,6 +272,7 @@ def open_engine(ctx: click.Context, kwargs: dict[str, Any], **extra: Any) -> Eng
     --draft nor --draft-max is given). `extra` goes to `Engine` as it is.
     """
     from .api import Engine
+    from .loader import EngineSpec
 
     values = {key: kwargs.pop(key) for key in ENGINE_KEYS}
 
@@ -280,7 +281,7 @@ def open_engine(ctx: click.Context, kwargs: dict[str, Any], **extra: Any) -> Eng
         explicit = source in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
         return values[name] if explicit else None
 
-    return Engine(
+    spec = EngineSpec(
         values["target"],
         given("draft"),
         profile=values["profile_spec"],
@@ -294,6 +295,9 @@ def open_engine(ctx: click.Context, kwargs: dict[str, Any], **extra: Any) -> Eng
         flash_attn=values["flash_attn"],
         draft_provider=values["draft_provider"],
         verbose=values["verbose"],
+    )
+    return Engine.from_spec(
+        spec,
         progress=progress,
         tune_progress=tune_progress,
         on_note=lambda line: click.echo(line, err=True),

@@ -108,9 +108,10 @@ def _calibrate(options: dict[str, Any]) -> _Calibration:
     """Token frequencies of the target's text, measured, counted in a corpus, or loaded."""
     import numpy as np
 
+    from .chat import prompt_tokens
     from .datasets import held_out, last_per_category, read_prompts, spec_bench_path
     from .exporters import vocab_trim as vt
-    from .loader import load, prompt_tokens, resolve_model_path
+    from .loader import load, resolve_model_path
 
     target_path = resolve_model_path(options["target"], "target", _model_progress)
     counts_in: Path | None = options["counts_in"]

@@ -185,7 +185,9 @@ class ModelDrafter(DrafterBase):
         # input_map[target id], unless it still reads target ids (an ONNX export trims outputs only).
         self._keep: np.ndarray | None = None if vmap is None else vmap.keep
         reads_target_ids = vmap is None or runtime.inputs_in_target_ids
-        self._input_map: list[int] | None = None if vmap is None or reads_target_ids else vmap.input_map.tolist()
+        self._input_map: list[int] | None = (
+            None if vmap is None or reads_target_ids else vmap.input_map.tolist()
+        )
         n_target = runtime.vocab.n_vocab if vmap is None else vmap.target_n_vocab
         self.max_id = n_target if max_id is None else max_id
         self._state = _DraftState()

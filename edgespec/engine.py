@@ -286,7 +286,9 @@ class Generation:
                         if q is not None:
                             q = q[: len(draft)]
                             if len(q) != len(draft):
-                                raise RuntimeError(f"a drafter gave {len(draft)} tokens but {len(q)} distributions")
+                                raise RuntimeError(
+                                    f"a drafter gave {len(draft)} tokens but {len(q)} distributions"
+                                )
                         n_accepted, next_token = verify_rejection(draft, q, p, uniforms, processor.n_vocab)
                 # Keep the cache for the newest token and the accepted drafts; the correction or
                 # bonus token is evaluated at the next step.

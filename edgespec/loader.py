@@ -12,20 +12,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from . import models
-from .chat import render_chat
 from .compat import check_compatible
-from .defaults import N_CTX
-from .drafting import Drafter, ModelDrafter, NgramDrafter
-from .engine import SpeculativeEngine
-from .errors import ModelLoadError, PromptError, SettingsError
+from .defaults import DRAFT_MAX, N_CTX
+from .drafters import DraftSetup, make_drafter
+from .drafting import ModelDrafter
+from .engine import GenerationSettings, SpeculativeEngine
+from .errors import ModelLoadError, SettingsError
 from .memory import check_memory, memory_need
 from .runtimes.base import Runtime, RuntimeSettings
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 DEFAULT = "default"
 logger = logging.getLogger("edgespec")
+R = TypeVar("R", bound="Runtime")
 
 
 def _warner(on_note: Callable[[str], None] | None) -> Callable[[str], None]:
@@ -69,13 +70,19 @@ def open_gguf(path: Path, settings: RuntimeSettings) -> LlamaCppRuntime:
     """
     from .runtimes.llama_cpp import LlamaCppRuntime
 
-    runtime = LlamaCppRuntime(path, settings)
-    try:
+    with owned(LlamaCppRuntime(path, settings)) as (runtime, stack):
         check_numeric(runtime)
-    except BaseException:
-        runtime.close()
-        raise
+        stack.pop_all()
     return runtime
+
+
+@contextlib.contextmanager
+def owned(runtime: R) -> Iterator[tuple[R, contextlib.ExitStack]]:
+    """Close `runtime` if the block fails; `stack.pop_all()` at its end keeps it open for the
+    caller (the one way a loader hands on what it opened)."""
+    with contextlib.ExitStack() as stack:
+        stack.callback(runtime.close)
+        yield runtime, stack
 
 
 def check_numeric(runtime: Runtime) -> None:
@@ -119,6 +126,126 @@ class LoadedPair:
         if self.draft_runtime is not None:
             self.draft_runtime.close()
         self.engine.target.close()
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything that decides which engine gets built: the one description the CLI (`run`,
+    `chat`, `serve`, `bench`), the Python API and the server build from, through `build`.
+
+    Attributes:
+        target: target GGUF path, or None / "default" for the default target.
+        draft: a draft model (GGUF path, ONNX export, "default"), "ngram" or "none"; None leaves
+            it to the profile (the default draft model where the profile drafts with one).
+        profile: a profile name, a .toml path or "auto"; None drafts every step with `draft`.
+            `resolved()` makes it "auto" when nothing says how to draft.
+        draft_max: most draft tokens per step (None: DRAFT_MAX, or the profile's).
+        n_ctx: context size in tokens.
+        threads, draft_threads: CPU threads for the target and the draft model.
+        gpu_layers, draft_gpu_layers: layers on a GPU (None: the profile's, else 0).
+        kernels: "fast" or "exact" (None: the profile's, else "fast").
+        flash_attn: llama.cpp's flash attention without a profile ("auto", "on", "off").
+        draft_provider: ONNX Runtime execution provider for an ONNX drafter.
+        verbose: let llama.cpp's log lines through.
+    """
+
+    target: str | os.PathLike[str] | None = None
+    draft: str | os.PathLike[str] | None = None
+    profile: str | os.PathLike[str] | None = None
+    draft_max: int | None = None
+    n_ctx: int = N_CTX
+    threads: int | None = None
+    draft_threads: int | None = None
+    gpu_layers: int | None = None
+    draft_gpu_layers: int | None = None
+    kernels: str | None = None
+    flash_attn: str = "auto"
+    draft_provider: str | None = None
+    verbose: bool = False
+
+    def resolved(self) -> EngineSpec:
+        """With nothing saying how to draft (no draft, profile or draft_max), `--profile auto`:
+        measure, and draft only where it pays."""
+        if self.profile is None and self.draft is None and self.draft_max is None:
+            return replace(self, profile="auto")
+        return self
+
+
+@dataclass(frozen=True)
+class Built:
+    """What `build` made: the loaded pair (owning its models), the profile it follows (None
+    without one) and the draft length to ask for per step."""
+
+    pair: LoadedPair
+    profile: Profile | None
+    draft_max: int
+
+
+def build(
+    spec: EngineSpec,
+    *,
+    progress: Callable | None = None,
+    tune_progress: Callable[[int], Any] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> Built:
+    """Load the models `spec` describes and make its drafter; on failure everything opened so far
+    is closed again.
+
+    Args:
+        progress: progress factory for joining a default model on first use (`models.resolve`).
+        tune_progress: `tune_progress(total)` → a progress bar while a profile is tuned.
+        on_note: told, one line each, what was decided (automatic placement, tuning, warnings).
+
+    Raises:
+        EdgespecError: a model is missing or unusable, the pair is incompatible, or a setting is
+            out of range.
+    """
+    spec = spec.resolved()
+    if spec.draft_max is not None:
+        GenerationSettings(draft_max=spec.draft_max)  # its range, before anything loads
+    draft = DEFAULT if spec.draft is None else spec.draft
+    if spec.profile is not None:
+        pair, profile = load_with_profile(
+            str(spec.profile),
+            spec.target,
+            draft,
+            n_ctx=spec.n_ctx,
+            overrides=ProfileOverrides(
+                threads=spec.threads,
+                gpu_layers=spec.gpu_layers,
+                draft_gpu_layers=spec.draft_gpu_layers,
+                draft_threads=spec.draft_threads,
+                kernels=spec.kernels,
+            ),
+            verbose=spec.verbose,
+            progress=progress,
+            tune_progress=tune_progress,
+            on_note=on_note,
+        )
+        k = profile.speculation
+        draft_max = spec.draft_max
+        if draft_max is None:
+            draft_max = k.k_max if k.controller == "goodput" else k.k
+        return Built(pair, profile, draft_max)
+    settings = RuntimeSettings(
+        n_ctx=spec.n_ctx,
+        n_threads=spec.threads,
+        gpu_layers=spec.gpu_layers or 0,
+        flash_attn=spec.flash_attn,  # type: ignore[arg-type]  # checked by the CLI and Engine
+        kernels=spec.kernels or "fast",  # type: ignore[arg-type]
+        verbose=spec.verbose,
+    )
+    pair = load(
+        spec.target,
+        draft,
+        settings,
+        draft_gpu_layers=spec.draft_gpu_layers or 0,
+        progress=progress,
+        draft_provider=spec.draft_provider,
+        draft_threads=spec.draft_threads,
+        on_note=on_note,
+    )
+    return Built(pair, None, DRAFT_MAX if spec.draft_max is None else spec.draft_max)
 
 
 def resolve_model_path(
@@ -184,16 +311,10 @@ def load(
         memory_need(draft_path, settings.n_ctx, draft_layers, gpu) if draft_path is not None else None
     )
     check_memory([memory_need(target_path, settings.n_ctx, settings.gpu_layers, gpu), draft_need])
-    target_rt = open_gguf(target_path, settings)
-    drafter: Drafter | None
-    try:
-        if draft_spec == "none":
-            drafter = None
-            label = "none"
-        elif draft_spec == "ngram":
-            drafter = NgramDrafter()
-            label = "ngram"
-        else:
+    with owned(open_gguf(target_path, settings)) as (target_rt, stack):
+        model = None
+        label = draft_spec
+        if has_model:
             draft_settings = settings
             if draft_threads is not None:
                 draft_settings = replace(settings, n_threads=draft_threads, n_threads_batch=draft_threads)
@@ -205,11 +326,10 @@ def load(
                 progress,
                 provider=draft_provider,
             )
-            drafter = ModelDrafter(draft_rt, max_id=target_rt.vocab.n_vocab)
+            model = ModelDrafter(draft_rt, max_id=target_rt.vocab.n_vocab)
             label = str(draft_rt.path)
-    except BaseException:
-        target_rt.close()
-        raise
+        drafter = make_drafter("draft" if has_model else draft_spec, DraftSetup(model))
+        stack.pop_all()
     return LoadedPair(SpeculativeEngine(target_rt, drafter), target_path, label)
 
 
@@ -244,52 +364,15 @@ def load_draft_model(
                 "--draft-provider applies to ONNX drafters (an `edgespec export onnx` folder)"
             )
         draft_rt = open_gguf(draft_path, draft_settings)
-    try:
+    with owned(draft_rt) as (_, stack):
         check_compatible(target, draft_rt)
-    except BaseException:
-        draft_rt.close()
-        raise
+        stack.pop_all()
     return draft_rt
 
 
 def is_onnx_model(path: Path) -> bool:
     """An ONNX export: a folder with model.onnx, or an .onnx file."""
     return path.suffix == ".onnx" or (path.is_dir() and (path / "model.onnx").is_file())
-
-
-def prompt_tokens(target: Runtime, text: str, *, raw: bool = False, system: str | None = None) -> list[int]:
-    """Tokenize a user prompt, formatted with the model's chat template unless `raw`.
-
-    Special tokens in the text are parsed in both modes, so a hand-formatted prompt works with
-    `raw`. BOS is added when the model asks for it and the template did not already write it.
-    """
-    if not text.strip():
-        raise PromptError("the prompt is empty")
-    template = target.chat_template()
-    if raw or not template:
-        if not raw and not template:
-            raise PromptError(
-                f"{target.path.name} has no chat template (tokenizer.chat_template); pass --raw to send the "
-                "prompt as it is"
-            )
-        return target.tokenize(text, add_special=True, parse_special=True)
-    messages: list[Mapping[str, str]] = []
-    if system:
-        messages.append({"role": "system", "content": system})
-    messages.append({"role": "user", "content": text})
-    return chat_tokens(target, template, messages)
-
-
-def chat_tokens(target: Runtime, template: str, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    vocab = target.vocab
-    bos = target.token_text(vocab.bos).decode("utf-8", "replace") if vocab.bos is not None else ""
-    eos = target.token_text(vocab.eos).decode("utf-8", "replace") if vocab.eos is not None else ""
-    rendered = render_chat(template, messages, bos_token=bos, eos_token=eos)
-    add_bos = vocab.add_bos and not (bos and rendered.startswith(bos))
-    tokens = target.tokenize(rendered, add_special=False, parse_special=True)
-    if add_bos and vocab.bos is not None:
-        tokens.insert(0, vocab.bos)
-    return tokens
 
 
 @dataclass(frozen=True)
@@ -361,7 +444,7 @@ def load_with_profile(
     """
     from .hardware import detect_hardware
     from .placement import cpu_fallback
-    from .tuning import find_tuned, make_drafter, needs_costs
+    from .tuning import find_tuned, needs_costs
 
     note = on_note or (lambda line: None)
     warn = _warner(on_note)
@@ -413,24 +496,20 @@ def load_with_profile(
     gpu = hw.best_gpu() is not None
     draft_need = memory_need(probe_draft, n_ctx, draft_layers, gpu) if wants_model else None
     check_memory([memory_need(target_path, n_ctx, target_settings.gpu_layers, gpu), draft_need])
-    target_rt = open_gguf(target_path, target_settings)
-    draft_rt: Runtime | None = None
-    try:
+    with owned(open_gguf(target_path, target_settings)) as (target_rt, stack):
+        draft_rt: Runtime | None = None
         if wants_model:
             draft_rt = load_draft_model(probe_draft, target_rt, draft_settings, draft_layers, progress)
+            stack.callback(draft_rt.close)
         profile = ensure_tuned(
             profile, hw, target_rt, draft_rt, tune_progress=tune_progress, on_note=note, retune=retune
         )
         if "model" not in profile.speculation.drafters and draft_rt is not None:
-            draft_rt.close()
+            draft_rt.close()  # tuning dropped the model drafter
             draft_rt = None
         model = ModelDrafter(draft_rt, max_id=target_rt.vocab.n_vocab) if draft_rt is not None else None
-        drafter = make_drafter(profile, target_rt, model)
-    except BaseException:
-        if draft_rt is not None:
-            draft_rt.close()
-        target_rt.close()
-        raise
+        drafter = make_drafter("auto", DraftSetup(model, profile))
+        stack.pop_all()
     label = f"profile {profile.name}"
     return LoadedPair(SpeculativeEngine(target_rt, drafter), target_path, label), profile
 

@@ -1,5 +1,5 @@
 """`edgespec profile tune` and `--profile auto`: measure what speculation costs and gains on this
-machine, write it into a profile, and build the controlled drafter a profile describes.
+machine, and write it into a profile (`drafters.make_drafter` builds the drafter it describes).
 
 Tuning measures, with the models placed as the base profile says:
 - T_verify(n), the target's cost for one pass over n tokens, n = 1 … k_max + 1, and the cost of one
@@ -20,12 +20,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .control import MODEL_PRIOR, NGRAM_PRIOR, Acceptance, ControlledDrafter, GoodputController, best_k
+from .control import MODEL_PRIOR, NGRAM_PRIOR, Acceptance, best_k
 from .costs import Costs, measure
-from .errors import ProfileError
 
 if TYPE_CHECKING:
-    from .drafting import Drafter, ModelDrafter
     from .hardware import Hardware
     from .placement import Profile
     from .runtimes.base import Runtime
@@ -80,9 +78,9 @@ def tune(
         repeats: samples per cost figure (the median is kept).
         on_step: called with a label after each unit of work (for a progress bar; `steps()` units).
     """
+    from .chat import prompt_tokens
     from .drafting import ModelDrafter
     from .engine import GenerationSettings, SpeculativeEngine
-    from .loader import prompt_tokens
 
     tick = on_step or (lambda label: None)
     prompts = [prompt_tokens(target, text) for text in CALIBRATION_PROMPTS]
@@ -204,49 +202,3 @@ def find_tuned(base: Profile, hw: Hardware, target_path: Path, draft_path: Path 
     if costs is None or costs.machine != hw.fingerprint() or costs.target != model_id(target_path):
         return None
     return profile
-
-
-def make_drafter(profile: Profile, target: Runtime, model: ModelDrafter | None) -> Drafter | None:
-    """The drafter a profile describes, for `target`.
-
-    Args:
-        model: the model drafter to use when the profile drafts with the model (None otherwise);
-            the profile's min_draft_prob and overlap are applied to a variant of it.
-
-    Raises:
-        ProfileError: the goodput controller has no measured costs, or the profile needs a draft
-            model that was not given.
-    """
-    from .drafting import NgramDrafter
-
-    spec = profile.speculation
-    if "model" in spec.drafters and model is None:
-        raise ProfileError(f"profile {profile.name} drafts with a model, but no draft model was loaded")
-    model = (
-        model.variant(min_prob=spec.min_draft_prob, overlap=spec.overlap)
-        if model and "model" in spec.drafters
-        else None
-    )
-    ngram = NgramDrafter(n_min=1, n_max=8) if "ngram" in spec.drafters else None
-    if not spec.drafters:
-        return None
-    if spec.controller == "fixed":
-        if model is not None and ngram is not None:
-            raise ProfileError(
-                f'profile {profile.name}: controller = "fixed" drafts from one source; list one drafter'
-            )
-        return model if model is not None else NgramDrafter()
-    if profile.costs is None:
-        raise ProfileError(
-            f"profile {profile.name} has no measured costs for the goodput controller; "
-            "run `edgespec profile tune` or use --profile auto"
-        )
-    costs = profile.costs  # validated by placement.parse_profile (acceptance_ngram: one per bucket)
-    controller = GoodputController(
-        [t / 1000 for t in costs.t_verify_ms],
-        costs.t_draft_ms / 1000,
-        spec.k_max,
-        model_prior=costs.acceptance_model or (MODEL_PRIOR,),
-        ngram_prior=costs.acceptance_ngram or NGRAM_PRIOR,
-    )
-    return ControlledDrafter(controller, model, ngram)

@@ -192,7 +192,7 @@ def test_a_multi_line_library_message_is_printed_on_one_line(runner, tiny_pair, 
     def fail(*args, **kwargs):
         raise ExportError("the exporter failed:\nTraceback-like detail\n  more detail")
 
-    monkeypatch.setattr(api.Engine, "__init__", fail)
+    monkeypatch.setattr(api.Engine, "_build", fail)
     result = runner.invoke(cli, ["run", *tiny_model_args(tiny_pair), "hi"])
     assert result.exit_code == 1
     assert result.stderr == "error: the exporter failed: Traceback-like detail more detail\n"

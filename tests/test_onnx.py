@@ -287,11 +287,11 @@ def test_real_drafter_trimmed_to_onnx_drafts_for_the_real_target(tmp_path: Path)
     """Export the default drafter GGUF (dequantized to float32) with a 32k VocabTrim head, compare it
     with llama.cpp, and draft with it for the real target: output identical to target-only."""
     from edgespec import models
+    from edgespec.chat import prompt_tokens
     from edgespec.compat import check_compatible
     from edgespec.drafting import ModelDrafter
     from edgespec.engine import GenerationSettings, SpeculativeEngine
     from edgespec.exporters import vocab_trim as vt
-    from edgespec.loader import prompt_tokens
     from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
     if not (models.parts_installed(models.DRAFT) and models.parts_installed(models.TARGET)):

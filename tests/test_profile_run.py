@@ -8,10 +8,11 @@ import pytest
 from click.testing import CliRunner
 
 from edgespec.cli import cli
+from edgespec.drafters import DraftSetup, make_drafter
 from edgespec.hardware import detect_hardware
 from edgespec.loader import ProfileOverrides, load_with_profile
 from edgespec.placement import load_profile, read_profile, user_profile_dir
-from edgespec.tuning import make_drafter, tuned_name
+from edgespec.tuning import tuned_name
 
 from .helpers import assert_one_line_error
 
@@ -129,17 +130,19 @@ def test_make_drafter_refuses_what_it_cannot_build(tiny_runtimes):
     from dataclasses import replace
 
     from edgespec.drafting import ModelDrafter
-    from edgespec.errors import ProfileError
+    from edgespec.errors import ProfileError, SettingsError
 
     target, draft_rt = tiny_runtimes
     profile = load_profile("cpu-only")
     with pytest.raises(ProfileError, match="no draft model was loaded"):
-        make_drafter(profile, target, None)
+        make_drafter("auto", DraftSetup(profile=profile))
     with pytest.raises(ProfileError, match="no measured costs"):
-        make_drafter(profile, target, ModelDrafter(draft_rt))
+        make_drafter("auto", DraftSetup(ModelDrafter(draft_rt), profile))
     fixed = replace(profile, speculation=replace(profile.speculation, controller="fixed"))
     with pytest.raises(ProfileError, match="one source"):
-        make_drafter(fixed, target, ModelDrafter(draft_rt))
+        make_drafter("auto", DraftSetup(ModelDrafter(draft_rt), fixed))
+    with pytest.raises(SettingsError, match="unknown drafter 'eagle'"):
+        make_drafter("eagle")
 
 
 def test_bench_auto_config_matches_target_only(config_dir, tiny_pair, tmp_path):

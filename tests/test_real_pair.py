@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from edgespec.chat import prompt_tokens
 from edgespec.cli import cli
 from edgespec.compat import check_compatible
 from edgespec.drafting import ModelDrafter, NgramDrafter
 from edgespec.engine import GenerationSettings, SpeculativeEngine
-from edgespec.loader import prompt_tokens
 from edgespec.runtimes.base import RuntimeSettings
 
 from .conftest import bench_prompts, real_pair_paths

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from edgespec.chat import prompt_tokens
 from edgespec.cli import cli
 from edgespec.engine import GenerationSettings
 from edgespec.errors import ExportError, IncompatibleModelsError, ModelLoadError
 from edgespec.exporters import vocab_trim as vt
-from edgespec.loader import load, prompt_tokens
+from edgespec.loader import load
 from edgespec.sampling import SamplingSettings
 from edgespec.vocabmap import VocabMap
 
