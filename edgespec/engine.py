@@ -21,16 +21,16 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from .defaults import DRAFT_MAX, K_LIMIT
-from .drafting import reuse_prefix
+from .drafting import NO_DRAFT, reuse_prefix
 from .errors import PromptError, SettingsError
-from .sampling import GREEDY, LazyDists, LogitsProcessor, SamplingSettings, TokenSampler
+from .sampling import GREEDY, Dist, LazyDists, LogitsProcessor, SamplingSettings, TokenSampler
 from .text import TextStream
 from .verify import verify_exact_match, verify_greedy, verify_rejection
 
@@ -95,14 +95,26 @@ class Stats:
     n_prompt: int = 0
     n_prompt_cached: int = 0
     n_generated: int = 0
-    n_steps: int = 0
     n_drafted: int = 0
-    n_accepted: int = 0
     t_prompt: float = 0.0
     t_draft: float = 0.0
     t_verify: float = 0.0
     t_total: float = 0.0
     accepted_per_step: list[int] = field(default_factory=list)
+
+    def record(self, n_drafted: int, n_accepted: int) -> None:
+        """One verification step: n_accepted of n_drafted draft tokens were kept."""
+        self.n_drafted += n_drafted
+        self.accepted_per_step.append(n_accepted)
+
+    @property
+    def n_steps(self) -> int:
+        """Target forward passes after the prompt's."""
+        return len(self.accepted_per_step)
+
+    @property
+    def n_accepted(self) -> int:
+        return sum(self.accepted_per_step)
 
     @property
     def t_decode(self) -> float:
@@ -126,6 +138,14 @@ class Stats:
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
         data.pop("accepted_per_step")
+        counts = ("guarantee", "n_prompt", "n_prompt_cached", "n_generated")
+        data = {
+            **{key: data.pop(key) for key in counts},
+            "n_steps": self.n_steps,
+            "n_drafted": data.pop("n_drafted"),
+            "n_accepted": self.n_accepted,
+            **data,
+        }
         data.update(
             t_decode=self.t_decode,
             tokens_per_second=self.tokens_per_second,
@@ -175,6 +195,14 @@ class Generation:
         self.seed = settings.seed if settings.seed is not None else secrets.randbits(63)
         self._started = False
         self._cancel = threading.Event()
+        self._context = list(prompt)  # prompt + accepted tokens
+        sampling = settings.sampling
+        self._rng = np.random.default_rng(self.seed)
+        self._processor = LogitsProcessor(sampling, engine.target.vocab.n_vocab)  # p's pipeline
+        # The drafter gets a sampler whenever it must not take the raw argmax.
+        adjusts = self._processor.adjusts or not sampling.greedy
+        self._draft_sampler = TokenSampler(sampling, self._rng) if adjusts else None
+        self._verify = make_verifier(sampling, self._processor, self._rng)
 
     def cancel(self) -> None:
         """Stop before the next step; safe from any thread. Tokens already yielded stay; the
@@ -198,116 +226,131 @@ class Generation:
         return self
 
     def _run(self) -> Iterator[Token]:
-        engine = self._engine
-        target, drafter = engine.target, engine.drafter
-        settings, stats = self.settings, self.stats
-        eog = target.vocab.eog
-        n_ctx = target.n_ctx
-        stream = TextStream(settings.stop)
-        context = list(self._prompt)
-        text_parts: list[str] = []
-        clock = time.perf_counter
-        sampling = settings.sampling
-        processor = LogitsProcessor(sampling, target.vocab.n_vocab)  # p's pipeline
-        rng = np.random.default_rng(self.seed)
-        # The drafter gets a sampler whenever it must not take the raw argmax.
-        draft_sampler = TokenSampler(sampling, rng) if processor.adjusts or not sampling.greedy else None
-        window = processor.window
+        """Text on top of the token loop: each token's text, stop strings, the final text."""
+        start = time.perf_counter()
+        stream = TextStream(self.settings.stop)
+        token_bytes = self._engine.target.token_bytes
+        parts: list[str] = []
+        tokens = self._tokens(start)
+        try:
+            for token, from_draft in tokens:
+                piece = stream.feed(token_bytes(token))
+                if piece:
+                    parts.append(piece)
+                yield Token(token, piece, from_draft)
+                if stream.stopped:
+                    self.finish_reason = "stop"
+                    return
+        finally:
+            tokens.close()
+            parts.append(stream.flush())
+            self.text = "".join(parts)
+            self.stats.t_total = time.perf_counter() - start
 
-        def recents(draft: Sequence[int]) -> list[list[int]]:
-            """Tokens before each verified position, for the penalties."""
-            if not window:
-                return [[]] * (len(draft) + 1)
-            tail = context[-window:]
-            return [tail + list(draft[:i]) for i in range(len(draft) + 1)]
+    def _tokens(self, start: float) -> Iterator[tuple[int, bool]]:
+        """The loop: the prompt pass, then draft → verify steps; yields (token, from_draft) as
+        tokens are accepted, until an end-of-generation token, a limit or a cancel."""
+        settings, context = self.settings, self._context
+        eog, n_ctx = self._engine.target.vocab.eog, self._engine.target.n_ctx
+        pending = self._prefill()
+        self.stats.t_prompt = time.perf_counter() - start
+        while True:
+            for token, from_draft in pending:
+                if token in eog:
+                    self.finish_reason = "stop"
+                    return
+                context.append(token)
+                self.tokens.append(token)
+                self.stats.n_generated += 1
+                yield token, from_draft
+                if len(self.tokens) >= settings.max_tokens or len(context) >= n_ctx:
+                    self.finish_reason = "length"
+                    return
+            if self._cancel.is_set():
+                self.finish_reason = "cancelled"
+                return
+            pending = self._step()
 
-        start = clock()
-        # Reuse the longest common prefix of the cache and the prompt; the last prompt token is
-        # always evaluated, for its logits.
-        held = target.tokens if settings.cache_prompt else None
+    def _prefill(self) -> list[tuple[int, bool]]:
+        """Evaluate the prompt (past the prefix the cache already holds, with cache_prompt), show
+        it to the drafter, and choose the first token."""
+        target, drafter, context = self._engine.target, self._engine.drafter, self._context
+        held = target.tokens if self.settings.cache_prompt else None
+        # the last prompt token is always evaluated, for its logits
         keep = reuse_prefix(target, held or (), context, redo_last=True)
         p_logits = target.eval(context[keep:], logits="last")
-        stats.n_prompt_cached = keep
+        self.stats.n_prompt_cached = keep
         if drafter is not None:
             drafter.begin(context)
-        first, _ = processor.choose(p_logits[0], recents([])[0], rng)
-        pending = [(first, False)]  # accepted, not yet emitted
-        stats.t_prompt = clock() - start
+        first, _ = self._processor.choose(p_logits[0], self._recents([])[0], self._rng)
+        return [(first, False)]
 
-        try:
-            while True:
-                # Emit this step's accepted tokens one by one, checking every stop condition.
-                for token, from_draft in pending:
-                    if token in eog:
-                        self.finish_reason = "stop"
-                        return
-                    context.append(token)
-                    self.tokens.append(token)
-                    stats.n_generated += 1
-                    piece = stream.feed(target.token_bytes(token))
-                    if piece:
-                        text_parts.append(piece)
-                    yield Token(token, piece, from_draft)
-                    if stream.stopped:
-                        self.finish_reason = "stop"
-                        return
-                    if len(self.tokens) >= settings.max_tokens or len(context) >= n_ctx:
-                        self.finish_reason = "length"
-                        return
+    def _step(self) -> list[tuple[int, bool]]:
+        """One speculative step: draft, verify the newest token plus the draft in one target
+        pass, roll the cache back over rejected positions. Returns the accepted tokens (drafts,
+        then the target's own)."""
+        engine, settings, stats, context = self._engine, self.settings, self.stats, self._context
+        target, drafter, clock = engine.target, engine.drafter, time.perf_counter
+        # At most k tokens, no more than the output and the context still allow.
+        k = min(settings.draft_max, settings.max_tokens - len(self.tokens) - 1, target.n_ctx - len(context))
+        proposal = NO_DRAFT
+        if drafter is not None and k > 0:
+            t0 = clock()
+            proposal = drafter.propose(context, k, self._draft_sampler)
+            stats.t_draft += clock() - t0
+        draft = proposal.tokens[:k]
+        t0 = clock()
+        p_logits = target.eval([context[-1], *draft], logits="all")
+        n_accepted, next_token = self._verify(draft, proposal.q, p_logits, self._recents(draft))
+        # Keep the newest token and the accepted drafts; the next token is evaluated next step.
+        target.truncate(len(context) + n_accepted)
+        stats.t_verify += clock() - t0
+        stats.record(len(draft), n_accepted)
+        if drafter is not None and draft:
+            drafter.accepted(len(draft), n_accepted)
+        return [(t, True) for t in draft[:n_accepted]] + [(next_token, False)]
 
-                if self._cancel.is_set():
-                    self.finish_reason = "cancelled"
-                    return
+    def _recents(self, draft: Sequence[int]) -> list[list[int]]:
+        """The tokens before each verified position, for the penalties."""
+        window = self._processor.window
+        if not window:
+            return [[]] * (len(draft) + 1)
+        tail = self._context[-window:]
+        return [tail + list(draft[:i]) for i in range(len(draft) + 1)]
 
-                # Draft: at most k tokens, no more than the output and the context still allow.
-                k = min(settings.draft_max, settings.max_tokens - len(self.tokens) - 1, n_ctx - len(context))
-                draft: list[int] = []
-                q = None  # point proposals (n-gram, greedy): q is one-hot
-                if drafter is not None and k > 0:
-                    t0 = clock()
-                    proposal = drafter.propose(context, k, draft_sampler)
-                    draft, q = proposal.tokens[:k], proposal.q
-                    stats.t_draft += clock() - t0
 
-                # Verify: the newest token plus the draft, in one target pass.
-                t0 = clock()
-                p_logits = target.eval([context[-1], *draft], logits="all")
-                if sampling.greedy:
-                    # bias and penalties move the argmax (adjusted is a view when there are none)
-                    rows = processor.adjusted(p_logits, recents(draft))
-                    n_accepted, next_token = verify_greedy(draft, rows)
-                else:
-                    # p: the target's distributions for every draft position and the one after.
-                    p = LazyDists(processor, p_logits, recents(draft))
-                    uniforms = rng.random(len(draft) + 1)
-                    if sampling.accept == "exact":
-                        n_accepted, next_token = verify_exact_match(draft, p, uniforms)
-                    else:
-                        if q is not None:
-                            q = q[: len(draft)]
-                            if len(q) != len(draft):
-                                raise RuntimeError(
-                                    f"a drafter gave {len(draft)} tokens but {len(q)} distributions"
-                                )
-                        n_accepted, next_token = verify_rejection(draft, q, p, uniforms, processor.n_vocab)
-                # Keep the cache for the newest token and the accepted drafts; the correction or
-                # bonus token is evaluated at the next step.
-                target.truncate(len(context) + n_accepted)
-                stats.t_verify += clock() - t0
+Verifier = Callable[[Sequence[int], Sequence[Dist] | None, np.ndarray, list[list[int]]], tuple[int, int]]
 
-                stats.n_steps += 1
-                stats.n_drafted += len(draft)
-                stats.n_accepted += n_accepted
-                stats.accepted_per_step.append(n_accepted)
-                if drafter is not None and draft:
-                    drafter.accepted(len(draft), n_accepted)
-                pending = [(t, True) for t in draft[:n_accepted]] + [(next_token, False)]
-        finally:
-            tail = stream.flush()
-            if tail:
-                text_parts.append(tail)
-            self.text = "".join(text_parts)
-            stats.t_total = clock() - start
+
+def make_verifier(
+    sampling: SamplingSettings, processor: LogitsProcessor, rng: np.random.Generator
+) -> Verifier:
+    """The acceptance rule for these settings, as one function (draft, q, p_logits, recents) →
+    (n_accepted, next_token): greedy, speculative sampling, or exact-match acceptance."""
+    if sampling.greedy:
+
+        def greedy(
+            draft: Sequence[int], q: Sequence[Dist] | None, p_logits: np.ndarray, recents: list[list[int]]
+        ) -> tuple[int, int]:
+            # bias and penalties move the argmax (adjusted is a view when there are none)
+            return verify_greedy(draft, processor.adjusted(p_logits, recents))
+
+        return greedy
+
+    def sample(
+        draft: Sequence[int], q: Sequence[Dist] | None, p_logits: np.ndarray, recents: list[list[int]]
+    ) -> tuple[int, int]:
+        # p: the target's distributions for every draft position and the one after
+        p = LazyDists(processor, p_logits, recents)
+        uniforms = rng.random(len(draft) + 1)
+        if sampling.accept == "exact":
+            return verify_exact_match(draft, p, uniforms)
+        if q is not None and len(q) < len(draft):
+            raise RuntimeError(f"a drafter gave {len(draft)} tokens but {len(q)} distributions")
+        # q None: point proposals (n-gram, a greedy draft), one-hot
+        return verify_rejection(draft, None if q is None else q[: len(draft)], p, uniforms, processor.n_vocab)
+
+    return sample
 
 
 class SpeculativeEngine:
