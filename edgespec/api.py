@@ -377,6 +377,11 @@ class Engine:
         return self._pair.draft
 
     @property
+    def draft_name(self) -> str:
+        """What drafts, as reports name it: "none", "ngram", "profile NAME" or a file name."""
+        return self._pair.draft_name
+
+    @property
     def n_ctx(self) -> int:
         return self._pair.engine.target.n_ctx
 

@@ -193,7 +193,7 @@ def run(
         elif not result.text.endswith("\n"):
             out.write("\n")
         if stats:
-            click.echo(format_stats(result.stats, draft_label(engine.draft)), err=True)
+            click.echo(format_stats(result.stats, draft_label(engine)), err=True)
             if result.sources is not None:
                 click.echo(format_sources(result.sources), err=True)
 

@@ -243,7 +243,7 @@ class ChatSession:
             click.echo("no answers yet", err=True)
             return
         click.echo(self.totals.line(), err=True)
-        click.echo("last answer: " + format_stats(self.last.stats, draft_label(self.engine.draft)), err=True)
+        click.echo("last answer: " + format_stats(self.last.stats, draft_label(self.engine)), err=True)
         if self.last.sources is not None:
             click.echo(format_sources(self.last.sources), err=True)
 
@@ -344,7 +344,7 @@ def chat(
             return
         with line_editing():
             click.echo(
-                f"chatting with {engine.model} ({draft_label(engine.draft)}); /help lists the commands, "
+                f"chatting with {engine.model} ({draft_label(engine)}); /help lists the commands, "
                 "/exit or Ctrl-D leaves",
                 err=True,
             )

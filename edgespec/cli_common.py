@@ -4,7 +4,6 @@ sampling flags, the flags that load an engine, and the one-line statistics."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -129,11 +128,10 @@ def read_prompt(prompt: str | None) -> str:
     return sys.stdin.read()
 
 
-def draft_label(draft: str) -> str:
+def draft_label(engine: Engine) -> str:
     """How statistics lines name what drafted: "none", "ngram", "profile NAME" or "draft FILE"."""
-    if draft in ("none", "ngram") or draft.startswith("profile "):
-        return draft
-    return f"draft {Path(draft).name}"
+    name = engine.draft_name
+    return name if name in ("none", "ngram") or name.startswith("profile ") else f"draft {name}"
 
 
 def format_stats(stats: Any, drafter: str) -> str:

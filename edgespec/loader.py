@@ -114,6 +114,13 @@ class LoadedPair:
     draft: str  # a path, "ngram" or "none"
 
     @property
+    def draft_name(self) -> str:
+        """What drafts, as reports name it: "none", "ngram", "profile NAME" or a file name."""
+        if self.draft in ("none", "ngram") or self.draft.startswith("profile "):
+            return self.draft
+        return Path(self.draft).name
+
+    @property
     def draft_runtime(self) -> Runtime | None:
         """The draft model's runtime, or None for an n-gram drafter or none."""
         drafter = self.engine.drafter

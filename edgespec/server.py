@@ -52,7 +52,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .cli_common import draft_label
 from .errors import EdgespecError, PromptError, SettingsError
 from .openai_format import Reply, as_api_error, messages, params, prompt, sse
 from .serving import DEFAULT_MAX_QUEUE, APIError, Job, Scheduler, shutting_down
@@ -312,7 +311,7 @@ def create_app(
         }
         engine.check_options(**options)  # types and ranges, before the request waits in the queue
         draft_max = options.get("draft_max", engine.draft_max)
-        draft = draft_label(engine.draft).removeprefix("draft ")  # a file name, "ngram", ...
+        draft = engine.draft_name  # a file name, "ngram", ...
         reply = Reply(chat, engine.model, request_params.include_usage, draft, draft_max)
         job = Job(tokens, options, request_params.stream)
         scheduler.submit(job)
