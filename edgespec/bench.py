@@ -17,7 +17,7 @@ import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .datasets import BenchPrompt
 from .defaults import DRAFT_MAX, K_LIMIT
@@ -54,7 +54,7 @@ class BenchConfig:
     k: int = 0
     n_min: int = 2
     n_max: int = 4
-    accept: str | None = None
+    accept: Literal["rejection", "exact"] | None = None
     model: str | None = None
     overlap: bool | None = None
 
@@ -581,7 +581,7 @@ def machine_info() -> dict[str, Any]:
 
     commit = git("rev-parse", "--short", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("edgespec", "llama-cpp-python", "numpy"):
         try:
             versions[package] = version(package)

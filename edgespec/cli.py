@@ -298,9 +298,8 @@ def _bench_auto_profile(target_rt: Any, draft_rt: Any, draft: str) -> Any:
     )
     costs = profile.costs
     drafters = ", ".join(profile.speculation.drafters) or "none"
-    click.echo(
-        f"auto: tuned profile {profile.source} (drafters: {drafters}; measured {costs.measured})", err=True
-    )
+    measured = costs.measured if costs is not None else "no costs needed"
+    click.echo(f"auto: tuned profile {profile.source} (drafters: {drafters}; measured {measured})", err=True)
     return profile
 
 

@@ -140,7 +140,7 @@ def line_editing() -> Iterator[None]:
     try:
         import readline
     except ImportError:
-        readline = None
+        readline = None  # type: ignore[assignment]  # Windows: no readline module
     if readline is None:
         click.echo("note: no line editing or history here (Python has no readline module)", err=True)
         yield

@@ -127,7 +127,9 @@ def expected_tokens(alphas: Sequence[float] | np.ndarray, k: int) -> float:
     return 1.0 + float(np.cumprod(np.asarray(alphas[:k], dtype=np.float64)).sum())
 
 
-def best_k(alphas: Sequence[float] | np.ndarray, step_cost: Sequence[float]) -> tuple[int, float]:
+def best_k(
+    alphas: Sequence[float] | np.ndarray, step_cost: Sequence[float] | np.ndarray
+) -> tuple[int, float]:
     """(k, goodput) maximising expected tokens per second.
 
     Args:

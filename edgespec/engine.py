@@ -21,7 +21,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -231,7 +231,7 @@ class Generation:
         stream = TextStream(self.settings.stop)
         token_bytes = self._engine.target.token_bytes
         parts: list[str] = []
-        tokens = self._tokens(start)
+        tokens: Generator[tuple[int, bool], None, None] = self._tokens(start)
         try:
             for token, from_draft in tokens:
                 piece = stream.feed(token_bytes(token))
@@ -247,7 +247,7 @@ class Generation:
             self.text = "".join(parts)
             self.stats.t_total = time.perf_counter() - start
 
-    def _tokens(self, start: float) -> Iterator[tuple[int, bool]]:
+    def _tokens(self, start: float) -> Generator[tuple[int, bool], None, None]:
         """The loop: the prompt pass, then draft → verify steps; yields (token, from_draft) as
         tokens are accepted, until an end-of-generation token, a limit or a cancel."""
         settings, context = self.settings, self._context

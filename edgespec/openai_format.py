@@ -52,7 +52,7 @@ _UNSUPPORTED = frozenset(
         *("verbosity", "web_search_options", "echo", "best_of", "suffix"),
     }
 )
-_NO_OP = (None, False, "", "none", [], ["text"], {"type": "text"})
+_NO_OP: tuple[object, ...] = (None, False, "", "none", [], ["text"], {"type": "text"})
 _COMMON = frozenset({"stream", "stream_options", "n", "max_tokens", *_OPTIONS, *_EXTENSIONS, *_IGNORED})
 _FIELDS = {
     True: _COMMON | {"messages", "max_completion_tokens"} | _UNSUPPORTED,
@@ -153,11 +153,12 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
     role, content = message.get("role"), message.get("content")
     if isinstance(content, list):
         texts = [p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None for p in content]
-        if any(not isinstance(t, str) for t in texts):
+        strings = [t for t in texts if isinstance(t, str)]
+        if len(strings) != len(texts):
             raise PromptError(
                 f"messages[{i}].content parts must be {{'type': 'text', 'text': ...}} (text only)"
             )
-        content = "\n".join(texts)
+        content = "\n".join(strings)
     return {"role": "system" if role == "developer" else role, "content": content}
 
 

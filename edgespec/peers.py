@@ -164,7 +164,7 @@ def find_speculative_simple(bin_dir: str | None) -> Path | None:
     return Path(found) if found else None
 
 
-def parse_speculative_simple(output: str) -> dict[str, float]:
+def parse_speculative_simple(output: str) -> dict[str, float | None]:
     """Figures from llama-speculative-simple's closing report (its log goes to stderr)."""
     decoded = _DECODED.findall(output)
     if not decoded:
@@ -211,7 +211,8 @@ def llama_speculative_simple(
         )
     if uses_draft and draft_path is None:
         return _skipped(name, "needs a draft model")
-    runs = []
+    runs: list[dict[str, Any]] = []
+    speeds: list[float] = []
     with tempfile.TemporaryDirectory(prefix="edgespec-peer-") as tmp:
         for prompt in prompts:
             prompt_file = Path(tmp) / "prompt.txt"
@@ -252,10 +253,11 @@ def llama_speculative_simple(
             except ValueError as exc:
                 return _skipped(name, f"could not read its report: {exc}")
             runs.append({"prompt_id": prompt.id, **figures})
+            speeds.append(float(figures["tokens_per_second"] or 0.0))
     return {
         "name": name,
         "status": "ran",
         "runs": runs,
-        "tokens_per_s_median": statistics.median(r["tokens_per_second"] for r in runs),
+        "tokens_per_s_median": statistics.median(speeds),
         "notes": "its own tokens/s (decode phase); output not compared",
     }

@@ -40,7 +40,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -209,7 +209,7 @@ class _EventStream(StreamingResponse):
             self._on_close()
 
 
-async def _until_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+async def _until_disconnect(receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
     """Return once the client has gone away (the request body has been read already)."""
     while (await receive())["type"] != "http.disconnect":
         pass

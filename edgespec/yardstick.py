@@ -100,6 +100,8 @@ class LlamaCppPlain:
             stopping_criteria=StoppingCriteriaList([stamp]),
         )
         end = time.perf_counter()
+        if not isinstance(out, dict):  # an iterator only when streaming, which is not asked for
+            raise TypeError("create_completion streamed an answer that was asked for whole")
         usage = out["usage"]
         return PlainResult(
             text=out["choices"][0]["text"],
@@ -125,7 +127,7 @@ class LlamaCppPlain:
             stream=True,
         ):
             text = chunk["choices"][0]["delta"].get("content")  # type: ignore[index, union-attr]
-            if text:
+            if isinstance(text, str) and text:
                 stamps.append(time.perf_counter())
                 pieces.append(text)
         end = time.perf_counter()

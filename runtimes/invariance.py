@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import llama_cpp as _ll
 import numpy as np
@@ -143,6 +143,10 @@ class _Probe:
         _ll.llama_batch_free(self.batch)
         _ll.llama_free(self.ctx)
 
+    @overload
+    def decode(self, tokens: Sequence[int], start: int, rows: Literal[True]) -> np.ndarray: ...
+    @overload
+    def decode(self, tokens: Sequence[int], start: int, rows: Literal[False]) -> None: ...
     def decode(self, tokens: Sequence[int], start: int, rows: bool) -> np.ndarray | None:
         """Evaluate tokens at positions start…; with `rows`, a copy of every row's logits."""
         b = self.batch

@@ -372,6 +372,8 @@ class LlamaCppRuntime(RuntimeBase):
         n = len(tokens)
         n_vocab = self.vocab.n_vocab
         batch = self._batch
+        if batch is None:
+            raise RuntimeFailure(f"{self.path.name} is closed")
         start = 0
         count = 0
         while start < n:

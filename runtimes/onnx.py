@@ -303,6 +303,7 @@ class OnnxRuntime(RuntimeBase):
         #: "exact" (one token per pass whenever every row's logits are needed) or "distribution"
         self.guarantee = "exact" if self._exact else "distribution"
         self._past: list[np.ndarray] = []
+        self._n_past = 0
         self.truncate(0)
 
     # ------------------------------------------------------------------------------------- io
