@@ -16,10 +16,20 @@ checks the structure (magic, version, counts, keys, value types, array lengths, 
 dimensions, types, data offsets and sizes within the file) and the values above, and raises a
 one-line `ModelLoadError` naming the file and the problem.
 
+It is the project's only hand-written GGUF header parser: the memory estimate, placement, the
+runtime's pre-load check and the VocabTrim map (`VocabMap.from_gguf`, whose int32 arrays are in
+`GGUFHeader.arrays`) all read the header through `check_gguf`. The exporters that rewrite files
+use llama.cpp's own `gguf` package.
+
 Cost: one pass over the header through mmap, no tensor data read. The vocabulary's strings are
 stepped over one by one and checked for duplicates: 60-100 ms for the default Qwen2.5 models
 (152k tokens and 151k merges), well under a tenth of llama.cpp's own load; 0.3 ms for the tiny
-test models.
+test models. Since one load asks for the same header several times (memory estimate, placement,
+the runtime, the vocabulary map), the last few headers read are kept, keyed by the resolved path
+and the file's identity (device, inode), size, modification and status-change times: an unchanged
+file is walked once, a changed or replaced one again. A file changed in the last two seconds is
+not kept (a rewrite within the same tick of the file system's clock would not show in its stat):
+it is walked on every call.
 """
 
 from __future__ import annotations
@@ -28,13 +38,20 @@ import math
 import mmap
 import os
 import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
+
+import numpy as np
 
 from .errors import ModelLoadError
 
-__all__ = ["GGML_TYPES", "GGUFHeader", "check_gguf"]
+__all__ = ["GGML_TYPES", "GGUFHeader", "check_gguf", "clear_header_cache"]
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # what llama.cpp reads; version 1 had 32-bit counts and is no longer supported
@@ -61,6 +78,12 @@ _SCALARS = {
 _U32S = _SCALARS[_U32]
 _U64S = _SCALARS[_U64]
 _I64S = _SCALARS[_I64]
+# numpy dtypes of the fixed-size value types, for arrays
+_DTYPES: dict[int, np.dtype[Any]] = {
+    _U8: np.dtype("u1"), _I8: np.dtype("i1"), _U16: np.dtype("<u2"), _I16: np.dtype("<i2"),
+    _U32: np.dtype("<u4"), _I32: np.dtype("<i4"), _F32: np.dtype("<f4"), _BOOL: np.dtype("?"),
+    _U64: np.dtype("<u8"), _I64: np.dtype("<i8"), _F64: np.dtype("<f8"),
+}  # fmt: skip
 
 # The ggml tensor types of the bundled llama.cpp (GGML_TYPE_COUNT = 43): id → (values per block,
 # bytes per block). Ids 4, 5, 31-33 and 36-38 were removed from ggml. tests/test_gguf_fuzz.py
@@ -79,7 +102,8 @@ _TOKEN_TYPE_BYTE = 6  # llama_token_type LLAMA_TOKEN_TYPE_BYTE
 
 @dataclass(frozen=True)
 class GGUFHeader:
-    """What the check read.
+    """What the check read. Shared by every caller that reads the same file (see the module's
+    docstring), so it is read-only throughout.
 
     Attributes:
         version: the GGUF version (2 or 3).
@@ -87,12 +111,15 @@ class GGUFHeader:
         metadata: the scalar and string entries (strings decoded as UTF-8, bad bytes replaced);
             arrays are left out.
         data_offset: where the tensor data starts.
+        arrays: the arrays of fixed-size values (integers, floats, bools) as read-only numpy
+            arrays of their GGUF type; arrays of strings are left out.
     """
 
     version: int
     n_tensors: int
-    metadata: dict[str, Any] = field(repr=False)
+    metadata: Mapping[str, Any] = field(repr=False)
     data_offset: int
+    arrays: Mapping[str, np.ndarray] = field(repr=False)
 
 
 class _Bad(Exception):
@@ -106,6 +133,9 @@ def _shown(text: str | bytes, limit: int = 48) -> str:
 
 def check_gguf(path: str | os.PathLike[str]) -> GGUFHeader:
     """Check that `path` is a GGUF model file llama.cpp can read without stopping the process.
+
+    An unchanged file checked before (one of the last few) is not read again: its header comes
+    from the cache (see the module's docstring).
 
     Args:
         path: the model file.
@@ -123,6 +153,11 @@ def check_gguf(path: str | os.PathLike[str]) -> GGUFHeader:
     if not path.is_file():
         raise ModelLoadError(f"model path is not a file: {path}")
     try:
+        where = str(path.resolve())
+        cached = _cached(_cache_key(where, path.stat()))
+        if cached is not None:
+            return cached
+        started = time.time_ns()
         with path.open("rb") as handle:
             magic = handle.read(4)
             if magic != MAGIC:
@@ -130,12 +165,55 @@ def check_gguf(path: str | os.PathLike[str]) -> GGUFHeader:
                     f"{path} is not a GGUF model file (it starts with {magic!r}, a GGUF file starts "
                     f"with {MAGIC!r})"
                 )
+            stat = os.fstat(handle.fileno())  # of the bytes read below
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                return _Reader(data).header()
+                header = _Reader(data).header()
     except _Bad as exc:
         raise ModelLoadError(f"could not load {path}: {exc}") from None
     except OSError as exc:
         raise ModelLoadError(f"could not read {path}: {exc.strerror or exc}") from None
+    if max(stat.st_mtime_ns, stat.st_ctime_ns) < started - _SETTLED_NS:
+        _remember(_cache_key(where, stat), header)
+    return header
+
+
+# -- the cache of headers read ----------------------------------------------------------------
+
+_CACHE_SIZE = 8  # headers kept: a load reads two files (target, drafter), a bench a few drafters
+# A file changed this recently (its modification or status-change time) is not cached: a second
+# write in the same tick of the file system's clock (up to 2 s on FAT) could leave its size and
+# times as they were. ctime also covers a writer that sets the modification time back (copy2).
+_SETTLED_NS = 2_000_000_000
+_cache: OrderedDict[tuple[str, int, int, int, int, int], GGUFHeader] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _cache_key(where: str, stat: os.stat_result) -> tuple[str, int, int, int, int, int]:
+    """The resolved path, and what changes when the file is rewritten or replaced."""
+    return (where, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def _cached(key: tuple[str, int, int, int, int, int]) -> GGUFHeader | None:
+    with _cache_lock:
+        header = _cache.get(key)
+        if header is not None:
+            _cache.move_to_end(key)
+        return header
+
+
+def _remember(key: tuple[str, int, int, int, int, int], header: GGUFHeader) -> None:
+    with _cache_lock:
+        for old in [k for k in _cache if k[0] == key[0]]:  # an earlier version of the file
+            del _cache[old]
+        _cache[key] = header
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+
+
+def clear_header_cache() -> None:
+    """Forget the headers read so far (the next `check_gguf` of each file reads it again)."""
+    with _cache_lock:
+        _cache.clear()
 
 
 class _Reader:
@@ -240,7 +318,16 @@ class _Reader:
                     f"tensor {name} ({nbytes:,} bytes at {offset:,})", data_offset + offset + nbytes
                 )
         _check_values(self.data, metadata, arrays)
-        return GGUFHeader(version, n_tensors, metadata, data_offset)
+        values = {key: self.array(elem, n, at) for key, (elem, n, at, _) in arrays.items() if elem in _DTYPES}
+        return GGUFHeader(
+            version, n_tensors, MappingProxyType(metadata), data_offset, MappingProxyType(values)
+        )
+
+    def array(self, elem: int, n: int, at: int) -> np.ndarray:
+        """A read-only copy of the n values of type `elem` at `at` (bounds checked when read)."""
+        values = np.frombuffer(self.data, dtype=_DTYPES[elem], count=n, offset=at).copy()
+        values.flags.writeable = False
+        return values
 
     def entry(
         self, i: int, metadata: dict[str, Any], arrays: dict[str, tuple[int, int, int, list[int] | None]]

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import IncompatibleModelsError, ModelLoadError
+from .ggufcheck import check_gguf
 
 PREFIX = "edgespec.vocab_trim."
 KEY_KEEP = PREFIX + "keep"  # int32[N]: target id of each trimmed id
@@ -94,16 +95,22 @@ class VocabMap:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str]) -> VocabMap | None:
-        """The map stored in a GGUF file's metadata, or None for an untrimmed model."""
-        fields = read_gguf_metadata(Path(path), PREFIX)
+        """The map stored in a GGUF file's metadata, or None for an untrimmed model.
+
+        The header is read by `check_gguf` (bounded, and cached while the file is unchanged), so a
+        file it refuses raises its one-line ModelLoadError here too.
+        """
+        header = check_gguf(path)
+        fields = {**header.metadata, **header.arrays}
         if KEY_KEEP not in fields:
             return None
         for key in (KEY_INPUT_MAP,):
             if key not in fields:
                 raise ModelLoadError(f"{path}: trimmed drafter lacks metadata {key}")
         return cls(
-            keep=np.asarray(fields[KEY_KEEP], dtype=np.int32),
-            input_map=np.asarray(fields[KEY_INPUT_MAP], dtype=np.int32),
+            # copies: the header's arrays are shared by every reader of the file
+            keep=np.array(fields[KEY_KEEP], dtype=np.int32),
+            input_map=np.array(fields[KEY_INPUT_MAP], dtype=np.int32),
             source_sha256=str(fields.get(KEY_SOURCE_SHA256, "")),
             target_sha256=str(fields.get(KEY_TARGET_SHA256, "")),
             frequency_source=str(fields.get(KEY_FREQUENCIES, "")),
@@ -155,67 +162,3 @@ class VocabMap:
                     f"({target_text(token).decode('utf-8', 'replace')!r}) but is "
                     f"{draft_text(i).decode('utf-8', 'replace')!r}"
                 )
-
-
-# GGUF value types (gguf.GGUFValueType) and the numpy dtype of the fixed-size ones.
-_GGUF_SCALARS = {
-    0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
-    6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64,
-}  # fmt: skip
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def read_gguf_metadata(path: Path, prefix: str) -> dict[str, object]:
-    """The metadata entries of a GGUF file whose keys start with `prefix`.
-
-    llama.cpp does not expose array-valued metadata, and the gguf package parses every entry into
-    Python objects (about 7 s for a 152k-token vocabulary), so this scans the header itself:
-    arrays of fixed-size values it skips or reads as numpy arrays, string arrays it steps over.
-    """
-    import mmap
-    import struct
-
-    if path.stat().st_size < 24:  # shorter than a GGUF header (and mmap refuses an empty file)
-        raise ModelLoadError(f"{path} is not a GGUF file (it has {path.stat().st_size} bytes)")
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if data[:4] != b"GGUF":
-            raise ModelLoadError(f"{path} is not a GGUF file")
-        try:
-            n_kv = struct.unpack_from("<Q", data, 16)[0]
-            offset = 24
-            found: dict[str, object] = {}
-
-            def string(at: int) -> tuple[bytes, int]:
-                (length,) = struct.unpack_from("<Q", data, at)
-                return data[at + 8 : at + 8 + length], at + 8 + length
-
-            for _ in range(n_kv):
-                raw_key, offset = string(offset)
-                key = raw_key.decode("utf-8", "replace")
-                (kind,) = struct.unpack_from("<I", data, offset)
-                offset += 4
-                wanted = key.startswith(prefix)
-                if kind == _GGUF_STRING:
-                    value, offset = string(offset)
-                    if wanted:
-                        found[key] = value.decode("utf-8", "replace")
-                elif kind == _GGUF_ARRAY:
-                    elem, count = struct.unpack_from("<IQ", data, offset)
-                    offset += 12
-                    if elem == _GGUF_STRING:
-                        for _ in range(count):
-                            (length,) = struct.unpack_from("<Q", data, offset)
-                            offset += 8 + length
-                    else:
-                        dtype = np.dtype(_GGUF_SCALARS[elem]).newbyteorder("<")
-                        if wanted:
-                            found[key] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).copy()
-                        offset += dtype.itemsize * count
-                else:
-                    dtype = np.dtype(_GGUF_SCALARS[kind]).newbyteorder("<")
-                    if wanted:
-                        found[key] = np.frombuffer(data, dtype=dtype, count=1, offset=offset)[0].item()
-                    offset += dtype.itemsize
-        except (struct.error, KeyError, ValueError, OverflowError, MemoryError) as exc:
-            raise ModelLoadError(f"{path}: malformed GGUF metadata ({exc})") from None
-        return found

@@ -270,6 +270,8 @@ def _hparams(config: dict[str, Any], config_path: Path) -> _HParams:
     # transformers 5 keeps rope settings in rope_parameters, 4.x in rope_theta + rope_scaling.
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, int | float):
+        raise ExportError(f"{config_path}: rope_theta is {theta!r}, not a number")
     return _HParams(
         arch=arch,
         n_layer=need("num_hidden_layers"),
@@ -459,6 +461,15 @@ class _Planned:
     shape: tuple[int, ...]
 
 
+def _planned_data(item: _Planned, maps: dict[Path, np.memmap]) -> np.ndarray:
+    """The tensor's values: read from the checkpoint, or the ones generated for it."""
+    if item.source is not None:
+        return _load(item.source, maps)
+    if item.generated is None:  # _plan gives every tensor a source or generated values
+        raise ExportError(f"tensor {item.name} has neither a checkpoint source nor generated values")
+    return item.generated
+
+
 def _plan(
     hp: _HParams, weights: dict[str, _TensorSource], extra: list[tuple[str, np.ndarray]]
 ) -> list[_Planned]:
@@ -571,7 +582,7 @@ def _write_gguf(
         maps: dict[Path, np.memmap] = {}
         with progress_bar(progress, len(plan), label) as bar:
             for item in plan:
-                data = item.generated if item.source is None else _load(item.source, maps)
+                data = _planned_data(item, maps)
                 if item.permute_heads:
                     data = _permute_qk(data, item.permute_heads)
                 writer.write_tensor_data(_convert(data, quant, item.name))

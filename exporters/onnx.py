@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExportError
+from ..errors import ExportError, ModelLoadError
 from ..fileio import ExportWriteError, describe_write_error
 from ..vocabmap import SIDECAR_NAME, VocabMap
 from .progress import ProgressFactory, progress_bar
@@ -218,9 +218,11 @@ def _check_source(source: Path) -> str:
             magic = handle.read(4)
         if magic != b"GGUF":
             raise ExportError(f"{source} is neither a GGUF file nor a Hugging Face checkpoint folder")
-        from edgespec.vocabmap import VocabMap
-
-        if VocabMap.from_gguf(source) is not None:
+        try:
+            trimmed = VocabMap.from_gguf(source) is not None
+        except ModelLoadError as exc:  # a file llama.cpp could not read either
+            raise ExportError(str(exc)) from None
+        if trimmed:
             # Its ids are trimmed ids, and the map would not survive transformers' GGUF loader.
             raise ExportError(
                 f"{source} is a VocabTrim drafter; export the untrimmed drafter with --vocab-trim N instead"
@@ -293,12 +295,11 @@ def _llama_cpp_vocab(path: Path) -> tuple[str, dict[str, Any]]:
     """Architecture and vocabulary of a GGUF as llama.cpp sees them (vocab-only load, no weights)."""
     import llama_cpp as ll
 
-    from ..errors import ModelLoadError
+    from ..ggufcheck import check_gguf
     from ..runtimes.llama_cpp import vocab_info, vocab_only
-    from ..vocabmap import read_gguf_metadata
 
-    arch = str(read_gguf_metadata(path, "general.architecture").get("general.architecture", ""))
     try:
+        arch = str(check_gguf(path).metadata.get("general.architecture", ""))
         with vocab_only(path) as vocab:
             info = vocab_info(vocab)
             control, user_defined, unused = [], [], []

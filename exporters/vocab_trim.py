@@ -272,8 +272,7 @@ def trim_gguf(
             for key, token in detected.items():
                 if key not in reader.fields:
                     writer.add_uint32(key, new_id[token])
-            name = reader.fields.get("general.name")
-            if name is None:
+            if "general.name" not in reader.fields:
                 writer.add_name(f"{source.stem} (VocabTrim {n_keep})")
             for key, value in vmap.metadata().items():
                 if isinstance(value, np.ndarray):
