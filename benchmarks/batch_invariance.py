@@ -31,8 +31,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
 
-    from edgespec import models
     from edgespec.chat import prompt_tokens
+    from edgespec.load import models
     from edgespec.runtimes.base import RuntimeSettings
     from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 

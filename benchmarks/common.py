@@ -12,14 +12,14 @@ BENCH_QUESTIONS = ROOT.parent / "shared" / "bench" / "spec_bench_question.jsonl"
 
 def spec_bench_prompts(per_category: int = 1, categories: int = 12) -> list[dict]:
     """First turns of Spec-Bench: the first `per_category` prompts of the first `categories` categories."""
-    from edgespec.datasets import first_per_category, read_prompts
+    from edgespec.bench.datasets import first_per_category, read_prompts
 
     chosen = first_per_category(read_prompts(BENCH_QUESTIONS), per_category, categories)
     return [{"id": p.id, "category": p.category, "prompt": p.prompt} for p in chosen]
 
 
 def machine() -> dict:
-    from edgespec.bench import machine_info
+    from edgespec.bench.runner import machine_info
 
     return machine_info()
 

@@ -33,9 +33,9 @@ def main() -> None:
 
     import llama_cpp
 
-    from edgespec import models
     from edgespec.chat import prompt_tokens
     from edgespec.engine import GenerationSettings, SpeculativeEngine
+    from edgespec.load import models
     from edgespec.runtimes.base import RuntimeSettings
     from edgespec.runtimes.llama_cpp import LlamaCppRuntime, default_threads
 

@@ -57,8 +57,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from edgespec import Engine
+    from edgespec.bench.yardstick import LlamaCppPlain
     from edgespec.runtimes.llama_cpp import default_threads
-    from edgespec.yardstick import LlamaCppPlain
 
     threads = args.threads or default_threads()
     info = machine()

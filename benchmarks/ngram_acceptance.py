@@ -24,8 +24,8 @@ import argparse
 import json
 from pathlib import Path
 
+from edgespec.bench.datasets import last_per_category, read_prompts, spec_bench_path
 from edgespec.control import MATCH_BUCKETS, match_bucket
-from edgespec.datasets import last_per_category, read_prompts, spec_bench_path
 from edgespec.drafting import NgramDrafter
 
 
@@ -34,7 +34,7 @@ def answers(path: Path, per_category: int, max_tokens: int, dataset: str | None 
         return json.loads(path.read_text())
     from edgespec.chat import chat_tokens
     from edgespec.engine import GenerationSettings
-    from edgespec.loader import load
+    from edgespec.load.builder import load
     from edgespec.runtimes.base import RuntimeSettings
 
     pair = load(None, "none", RuntimeSettings())
@@ -89,7 +89,7 @@ def main() -> None:
     if args.oracle_costs:
         import math
 
-        from edgespec.placement import read_profile
+        from edgespec.placement.profiles import read_profile
 
         costs = read_profile(args.oracle_costs).costs
         if costs is None:

@@ -32,8 +32,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from edgespec import models
     from edgespec.chat import prompt_tokens
+    from edgespec.load import models
     from edgespec.runtimes.base import RuntimeSettings
     from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 

@@ -20,7 +20,7 @@ import time
 from edgespec.chat import prompt_tokens
 from edgespec.control import ControlledDrafter, GoodputController
 from edgespec.drafting import NgramDrafter
-from edgespec.loader import load
+from edgespec.load.builder import load
 from edgespec.runtimes.base import RuntimeSettings
 
 

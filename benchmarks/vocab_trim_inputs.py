@@ -1,7 +1,7 @@
 """What does reading stand-ins for dropped tokens cost a VocabTrim drafter in acceptance?
 
 A trimmed GGUF has N vocabulary rows, so a context token outside the kept set is fed as its
-longest kept prefix (see edgespec/vocabmap.py). To separate that cost from the cost of the
+longest kept prefix (see edgespec/formats/vocabmap.py). To separate that cost from the cost of the
 smaller head, this runs three drafters for the default target on the same prompts, greedy, k = 4:
 
 * untrimmed: the default drafter;
@@ -72,9 +72,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from edgespec import bench
-    from edgespec.datasets import first_per_category, read_prompts, spec_bench_path
-    from edgespec.loader import load, load_draft_model
+    from edgespec.bench import runner as bench
+    from edgespec.bench.datasets import first_per_category, read_prompts, spec_bench_path
+    from edgespec.load.builder import load, load_draft_model
     from edgespec.runtimes.base import RuntimeSettings
 
     settings = RuntimeSettings(n_ctx=4096, n_threads=args.threads)

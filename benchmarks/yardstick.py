@@ -7,7 +7,7 @@
 For every prompt, in this order, on the default pair (greedy, the same chat-formatted tokens,
 the same threads, the whole prompt evaluated each time):
 - `llama.cpp`: llama-cpp-python's `Llama.create_completion` with its default context parameters
-  (`edgespec.yardstick`), the yardstick;
+  (`edgespec.bench.yardstick`), the yardstick;
 - `edgespec` (default): `Engine()`, i.e. `--profile auto` on llama.cpp's kernels;
 - `edgespec target-only`: the same engine with draft_max = 0;
 - `edgespec exact` and `edgespec exact target-only`: `Engine(kernels="exact")`, the opt-in
@@ -32,7 +32,7 @@ from common import machine, spec_bench_prompts, write_json  # noqa: E402
 
 
 def read_set(path: Path) -> list[dict[str, Any]]:
-    from edgespec.datasets import read_prompts
+    from edgespec.bench.datasets import read_prompts
 
     return [
         {"id": p.id, "category": p.category, "prompt": p.prompt, "set": path.stem} for p in read_prompts(path)
@@ -123,9 +123,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from edgespec import Engine, peers
+    from edgespec import Engine
+    from edgespec.bench import peers
+    from edgespec.bench.yardstick import LlamaCppPlain
     from edgespec.runtimes.llama_cpp import default_threads
-    from edgespec.yardstick import LlamaCppPlain
 
     prompts: list[dict[str, Any]] = []
     for path in args.set:
@@ -151,7 +152,7 @@ def main() -> None:
     binary = peers.find_speculative_simple(args.llama_cpp_bin) if args.spec_types else None
     draft_path = None
     if binary is not None:
-        from edgespec import models
+        from edgespec.load import models
 
         draft_path = models.resolve(models.DRAFT)
 

@@ -16,14 +16,14 @@ __version__ = "0.1.0"
 __all__ = ["Chunk", "Engine", "EngineBusy", "Result", "Stream", "__version__"]
 
 if TYPE_CHECKING:
-    from .api import Chunk, Engine, EngineBusy, Result, Stream
+    from edgespec.api import Chunk, Engine, EngineBusy, Result, Stream
 
 _API = frozenset({"Chunk", "Engine", "EngineBusy", "Result", "Stream"})
 
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        from . import api
+        from edgespec import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'edgespec' has no attribute {name!r}")

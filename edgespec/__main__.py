@@ -1,3 +1,3 @@
-from .cli import main
+from edgespec.cli.main import main
 
 main()

@@ -24,16 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from .defaults import DRAFT_MAX, N_CTX
-from .engine import FinishReason, Generation, GenerationSettings, Stats
-from .errors import EdgespecError, PromptError, SettingsError
+from edgespec.chat import chat_tokens, prompt_tokens
+from edgespec.defaults import DRAFT_MAX, N_CTX
+from edgespec.engine import FinishReason, Generation, GenerationSettings, Stats
+from edgespec.errors import EdgespecError, PromptError, SettingsError
+from edgespec.load.builder import EngineSpec, build
+from edgespec.sampling import LogitsProcessor, SamplingSettings
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from .control import SourceStats
-    from .loader import EngineSpec, LoadedPair
-    from .placement import Profile
+    from edgespec.control import SourceStats
+    from edgespec.load.builder import EngineSpec, LoadedPair
+    from edgespec.placement.profiles import Profile
 
 __all__ = ["Chunk", "Engine", "EngineBusy", "GenerateOptions", "Result", "Stream"]
 
@@ -288,8 +291,6 @@ class Engine:
         tune_progress: Callable[[int], Any] | None = None,
         on_note: Callable[[str], None] | None = None,
     ) -> None:
-        from .loader import EngineSpec
-
         spec = EngineSpec(
             target,
             draft,
@@ -331,8 +332,6 @@ class Engine:
         tune_progress: Callable[[int], Any] | None,
         on_note: Callable[[str], None] | None,
     ) -> None:
-        from .loader import build
-
         built = build(spec, progress=progress, tune_progress=tune_progress, on_note=on_note)
         self.profile = built.profile
         self._init(built.pair, built.draft_max, cache_prompt)
@@ -345,7 +344,7 @@ class Engine:
         profile: Profile | None = None,
         cache_prompt: bool = True,
     ) -> Engine:
-        """An engine over models loaded with `edgespec.loader` (it takes ownership of them)."""
+        """An engine over models loaded with `edgespec.load.builder` (it takes ownership of them)."""
         engine = cls.__new__(cls)
         engine.profile = profile
         engine._init(pair, draft_max, cache_prompt)
@@ -411,16 +410,12 @@ class Engine:
     def tokenize(self, prompt: str, *, raw: bool = False, system: str | None = None) -> list[int]:
         """Token ids for a prompt: through the model's chat template as one user message (with
         an optional system message), or as it is with `raw`."""
-        from .chat import prompt_tokens
-
         self._check_open()
         return prompt_tokens(self._pair.engine.target, prompt, raw=raw, system=system)
 
     def chat_tokens(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids for a conversation, rendered with the model's chat template, ending with the
         header of the assistant's answer."""
-        from .chat import chat_tokens
-
         self._check_open()
         check_messages(messages)
         target = self._pair.engine.target
@@ -535,8 +530,6 @@ class Engine:
     def check_options(self, **options: Any) -> GenerationSettings:
         """Check per-call options (see `GenerateOptions`) without generating: the settings they
         make, or a one-line `SettingsError` naming the option (e.g. before a request is queued)."""
-        from .sampling import LogitsProcessor, SamplingSettings
-
         unknown = sorted(set(options) - _OPTION_KEYS)
         if unknown:
             raise SettingsError(

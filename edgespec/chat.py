@@ -13,10 +13,10 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from .errors import PromptError
+from edgespec.errors import PromptError
 
 if TYPE_CHECKING:
-    from .runtimes.base import Runtime
+    from edgespec.runtimes.base import Runtime
 
 
 def _raise(message: str) -> None:

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .drafting import NO_DRAFT, Draft, DrafterBase
+from edgespec.drafting import NO_DRAFT, Draft, DrafterBase
 
 if TYPE_CHECKING:
-    from .drafting import ModelDrafter, NgramDrafter
-    from .runtimes.base import Runtime
-    from .sampling import TokenSampler
+    from edgespec.drafting import ModelDrafter, NgramDrafter
+    from edgespec.runtimes.base import Runtime
+    from edgespec.sampling import TokenSampler
 
 #: n-gram match lengths are grouped into buckets starting at these lengths: 1, 2, 3-4, 5-8, 9-16, 17+
 MATCH_BUCKETS = (1, 2, 3, 5, 9, 17)

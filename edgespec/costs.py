@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .runtimes.base import Runtime
+    from edgespec.runtimes.base import Runtime
 
 
 @dataclass(frozen=True)

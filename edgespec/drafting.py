@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 
 if TYPE_CHECKING:
-    from .control import SourceStats
-    from .runtimes.base import Runtime
-    from .sampling import Dist, TokenSampler
+    from edgespec.control import SourceStats
+    from edgespec.runtimes.base import Runtime
+    from edgespec.sampling import Dist, TokenSampler
 
 
 @dataclass(frozen=True)

@@ -27,16 +27,16 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .defaults import DRAFT_MAX, K_LIMIT
-from .drafting import NO_DRAFT, reuse_prefix
-from .errors import PromptError, SettingsError
-from .sampling import GREEDY, Dist, LazyDists, LogitsProcessor, SamplingSettings, TokenSampler
-from .text import TextStream
-from .verify import verify_exact_match, verify_greedy, verify_rejection
+from edgespec.defaults import DRAFT_MAX, K_LIMIT
+from edgespec.drafting import NO_DRAFT, reuse_prefix
+from edgespec.errors import PromptError, SettingsError
+from edgespec.sampling import GREEDY, Dist, LazyDists, LogitsProcessor, SamplingSettings, TokenSampler
+from edgespec.text import TextStream
+from edgespec.verify import verify_exact_match, verify_greedy, verify_rejection
 
 if TYPE_CHECKING:
-    from .drafting import Drafter
-    from .runtimes.base import Runtime
+    from edgespec.drafting import Drafter
+    from edgespec.runtimes.base import Runtime
 
 FinishReason = Literal["stop", "length", "cancelled"]
 

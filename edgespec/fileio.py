@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgespecError, ExportError
+from edgespec.errors import EdgespecError, ExportError
 
 _MIB = 1 << 20
 _DISK_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
@@ -134,3 +134,18 @@ def close_quietly(handle: Any) -> None:
     not replace the first, which may be a Ctrl-C."""
     with contextlib.suppress(OSError, ValueError):
         handle.close()
+
+
+#: overrides where edgespec keeps its user files (profiles, tuned costs, probe results, history)
+CONFIG_ENV = "EDGESPEC_CONFIG_DIR"
+
+
+def user_config_dir() -> Path:
+    """edgespec's user folder: `$EDGESPEC_CONFIG_DIR`, else the platform's user config directory
+    for edgespec (e.g. ~/.config/edgespec), which may not exist yet."""
+    override = os.environ.get(CONFIG_ENV)
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("edgespec", appauthor=False))

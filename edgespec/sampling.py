@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import RuntimeFailure, SettingsError
+from edgespec.errors import RuntimeFailure, SettingsError
 
 AcceptMode = Literal["rejection", "exact"]
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .sampling import Dist, residual
+from edgespec.sampling import Dist, residual
 
 
 def verify_greedy(draft: Sequence[int], p_logits: np.ndarray) -> tuple[int, int]:

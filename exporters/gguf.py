@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ExportError
-from ..fileio import atomic_path, close_quietly, free_bytes, size_text, write_errors
-from .progress import ProgressFactory, progress_bar
+from edgespec.errors import ExportError
+from edgespec.exporters.progress import ProgressFactory, progress_bar
+from edgespec.fileio import atomic_path, close_quietly, free_bytes, size_text, write_errors
 
 __all__ = ["ARCHITECTURES", "DIRECT_QUANTS", "ExportReport", "export_gguf", "quant_names"]
 
@@ -600,7 +600,7 @@ def _quantize(src: Path, dst: Path, quant: str, threads: int | None) -> None:
     """Run llama.cpp's quantizer from the F16 file `src` to `dst`."""
     import llama_cpp
 
-    from ..runtimes import llama_cpp as runtime
+    from edgespec.runtimes import llama_cpp as runtime
 
     log = runtime.backend()  # silences llama.cpp's log and keeps the last error line
     log.clear()

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExportError, ModelLoadError
-from ..fileio import ExportWriteError, describe_write_error
-from ..vocabmap import SIDECAR_NAME, VocabMap
-from .progress import ProgressFactory, progress_bar
+from edgespec.errors import ExportError, ModelLoadError
+from edgespec.exporters.progress import ProgressFactory, progress_bar
+from edgespec.fileio import ExportWriteError, describe_write_error
+from edgespec.formats.vocabmap import SIDECAR_NAME, VocabMap
 
 __all__ = ["ARCHITECTURES", "OnnxExportReport", "export_onnx"]
 
@@ -295,8 +295,8 @@ def _llama_cpp_vocab(path: Path) -> tuple[str, dict[str, Any]]:
     """Architecture and vocabulary of a GGUF as llama.cpp sees them (vocab-only load, no weights)."""
     import llama_cpp as ll
 
-    from ..ggufcheck import check_gguf
-    from ..runtimes.llama_cpp import vocab_info, vocab_only
+    from edgespec.formats.gguf import check_gguf
+    from edgespec.runtimes.llama_cpp import vocab_info, vocab_only
 
     try:
         arch = str(check_gguf(path).metadata.get("general.architecture", ""))
@@ -343,13 +343,13 @@ def _checkpoint_vocab(source: Path, scratch: Path) -> dict[str, Any]:
     and read back with llama.cpp. A tokenizer that the GGUF writer refuses gets llama.cpp's rules
     applied here instead, and `vocab_source` in edgespec_onnx.json says so.
     """
-    from ..runtimes.onnx import vocab_from_tokenizer
+    from edgespec.runtimes.onnx import vocab_from_tokenizer
 
     path = scratch / "vocab-only.gguf"
     try:
         import gguf
 
-        from . import gguf as gguf_export
+        from edgespec.exporters import gguf as gguf_export
 
         config_path = source / "config.json"
         hparams = gguf_export._hparams(gguf_export._read_json(config_path), config_path)

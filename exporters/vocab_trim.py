@@ -12,7 +12,7 @@ still computes the whole head), so the trimmed GGUF has a smaller, self-consiste
 tokens: the kept tokens in target-id order, with token_embd and output sliced by whole rows
 (quantized rows slice as raw bytes), merges and special-token ids rewritten to match. The map back
 to target ids, and each dropped token's stand-in for the drafter's input (its longest kept prefix,
-see `edgespec.vocabmap`), is stored in the file's metadata.
+see `edgespec.formats.vocabmap`), is stored in the file's metadata.
 
 What is always kept: every non-normal token (control, user-defined, byte, unknown), every token a
 special-token id points at, and for byte-level BPE vocabularies the 256 single-byte tokens, so
@@ -32,10 +32,9 @@ from typing import Any
 import numpy as np
 
 from edgespec.errors import ExportError
+from edgespec.exporters.progress import ProgressFactory, progress_bar
 from edgespec.fileio import atomic_path, check_free_space, close_quietly, write_errors
-from edgespec.vocabmap import KEY_KEEP, PREFIX, VocabMap
-
-from .progress import ProgressFactory, progress_bar
+from edgespec.formats.vocabmap import KEY_KEEP, PREFIX, VocabMap
 
 # gguf's TokenType values (kept here so that importing this module does not need gguf).
 _NORMAL, _UNUSED = 1, 5
@@ -144,7 +143,7 @@ def choose_keep(counts: np.ndarray, vocab: SourceVocab, n_keep: int) -> np.ndarr
 
 
 def input_map_for(keep: np.ndarray, vocab: SourceVocab) -> np.ndarray:
-    """For every source id, the trimmed id the drafter reads in its place (see edgespec.vocabmap).
+    """For every source id, the trimmed id the drafter reads in its place (see edgespec.formats.vocabmap).
 
     Kept ids map to themselves. A dropped id maps to the kept token whose text is the longest
     prefix of its text; failing that (SentencePiece vocabularies without single-character

@@ -5,6 +5,6 @@ implements it over llama-cpp-python's low-level C API. Backends import their hea
 their own module, so importing this package is cheap.
 """
 
-from .base import Runtime, RuntimeSettings, VocabInfo
+from edgespec.runtimes.base import Runtime, RuntimeSettings, VocabInfo
 
 __all__ = ["Runtime", "RuntimeSettings", "VocabInfo"]

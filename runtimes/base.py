@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..defaults import N_CTX
+from edgespec.defaults import N_CTX
 
 if TYPE_CHECKING:
-    from ..vocabmap import VocabMap
+    from edgespec.formats.vocabmap import VocabMap
 
 LogitRows = Literal["last", "all", "none"]
 

@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelLoadError, PromptError, RuntimeFailure, SettingsError
-from ..ggufcheck import check_gguf
-from ..vocabmap import KEY_TARGET_N_VOCAB, VocabMap
-from .base import LogitRows, RuntimeBase, RuntimeSettings, VocabInfo
-from .invariance import GGML_TYPES, ProbeResult, probe_or_load
+from edgespec.errors import ModelLoadError, PromptError, RuntimeFailure, SettingsError
+from edgespec.formats.gguf import check_gguf
+from edgespec.formats.vocabmap import KEY_TARGET_N_VOCAB, VocabMap
+from edgespec.runtimes.base import LogitRows, RuntimeBase, RuntimeSettings, VocabInfo
+from edgespec.runtimes.invariance import GGML_TYPES, ProbeResult, probe_or_load
 
 try:
     import llama_cpp as _ll
@@ -272,7 +272,7 @@ class LlamaCppRuntime(RuntimeBase):
 
     def _probe(self, threads: int, threads_batch: int) -> ProbeResult:
         """The row-invariant configuration for this model here (cached), or a SettingsError."""
-        from ..placement import user_config_dir
+        from edgespec.fileio import user_config_dir
 
         result = probe_or_load(
             self._model,

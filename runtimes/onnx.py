@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelLoadError, PromptError, SettingsError
-from ..vocabmap import SIDECAR_NAME, VocabMap
-from .base import LogitRows, RuntimeBase, RuntimeSettings, VocabInfo
+from edgespec.errors import ModelLoadError, PromptError, SettingsError
+from edgespec.formats.vocabmap import SIDECAR_NAME, VocabMap
+from edgespec.runtimes.base import LogitRows, RuntimeBase, RuntimeSettings, VocabInfo
 
 EXPORT_INFO_NAME = "edgespec_onnx.json"
 MODEL_NAME = "model.onnx"
@@ -257,7 +257,7 @@ class OnnxRuntime(RuntimeBase):
 
         self.provider = choose_provider(provider, available_providers())
         options = ort.SessionOptions()
-        from .llama_cpp import default_threads
+        from edgespec.runtimes.llama_cpp import default_threads
 
         options.intra_op_num_threads = self.settings.n_threads or default_threads()
         options.inter_op_num_threads = 1

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edgespec import models
-from edgespec.datasets import BenchPrompt, first_per_category, read_prompts
+from edgespec.bench.datasets import BenchPrompt, first_per_category, read_prompts
+from edgespec.load import models
 from edgespec.runtimes.base import RuntimeSettings
 
 from .tinymodels import build_pair, build_tiny_model, default_vocab, vocab_with_changed_token

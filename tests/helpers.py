@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgespec.hardware import GpuDevice, Hardware
+from edgespec.placement.hardware import GpuDevice, Hardware
 
 from .conftest import tiny_model_args
 

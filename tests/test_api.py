@@ -14,7 +14,7 @@ from edgespec import Engine, EngineBusy
 from edgespec.drafting import ModelDrafter, common_prefix
 from edgespec.engine import SpeculativeEngine
 from edgespec.errors import EdgespecError, PromptError, SettingsError
-from edgespec.loader import LoadedPair
+from edgespec.load.builder import LoadedPair
 from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
 from .conftest import TINY_SETTINGS

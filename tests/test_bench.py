@@ -8,8 +8,8 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from edgespec import bench
-from edgespec.cli import cli
+from edgespec.bench import runner as bench
+from edgespec.cli.main import cli
 from edgespec.costs import Costs
 from edgespec.errors import SettingsError
 
@@ -168,7 +168,7 @@ echo "accept    = 62.500%" >&2
 
 
 def test_llama_speculative_simple_peer_runs_and_parses(tmp_path):
-    from edgespec import peers
+    from edgespec.bench import peers
 
     binary = tmp_path / peers.SPECULATIVE_SIMPLE
     binary.write_text(FAKE_SPECULATIVE_SIMPLE)
@@ -194,7 +194,7 @@ def test_llama_speculative_simple_peer_runs_and_parses(tmp_path):
 
 
 def test_a_failing_peer_is_reported_not_raised():
-    from edgespec import peers
+    from edgespec.bench import peers
 
     def boom():
         raise ValueError("could not broadcast\nsecond line")

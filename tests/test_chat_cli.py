@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgespec.cli import cli
-from edgespec.cli_chat import INTERRUPT_HINT, ctrl_c_cancels, history_path, line_editing
+from edgespec.cli.chat import INTERRUPT_HINT, ctrl_c_cancels, history_path, line_editing
+from edgespec.cli.main import cli
 
 from .conftest import tiny_model_args
 from .tinymodels import build_tiny_model, default_vocab

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgespec import __version__
-from edgespec.cli import cli
+from edgespec.cli.main import cli
 
 from .conftest import tiny_model_args
 from .helpers import assert_one_line_error

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgespec.compat import check_compatible
 from edgespec.errors import IncompatibleModelsError
+from edgespec.load.pair_check import check_compatible
 from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
 from .conftest import TINY_SETTINGS
@@ -43,7 +43,7 @@ def test_more_than_padding_is_refused(tiny_runtimes, tmp_path):
 
 def test_different_tokenizer_type_is_refused(tiny_runtimes, tmp_path):
     """A BPE-vocabulary model (the real Qwen drafter) cannot draft for the SPM tiny target."""
-    from edgespec import models
+    from edgespec.load import models
 
     if not models.parts_installed(models.DRAFT):
         pytest.skip("needs the default drafter for a BPE vocabulary")

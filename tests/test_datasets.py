@@ -1,6 +1,6 @@
 import pytest
 
-from edgespec.datasets import first_per_category, read_prompts
+from edgespec.bench.datasets import first_per_category, read_prompts
 from edgespec.errors import EdgespecError
 
 from .conftest import BENCH_QUESTIONS
@@ -27,7 +27,7 @@ def test_prompt_or_turns_and_clear_errors(tmp_path):
 
 
 def test_held_out_and_last_per_category_never_meet_the_first():
-    from edgespec.datasets import BenchPrompt, first_per_category, held_out, last_per_category
+    from edgespec.bench.datasets import BenchPrompt, first_per_category, held_out, last_per_category
 
     prompts = [BenchPrompt(str(i), "ab"[i % 2], (f"q{i}",)) for i in range(12)]  # 6 per category
     first = {p.id for p in first_per_category(prompts, 2)}

@@ -281,7 +281,7 @@ def test_failure_midway_leaves_no_file_and_keeps_the_old_one(checkpoints, tmp_pa
 def test_cli_export_gguf(checkpoints, tmp_path: Path, monkeypatch) -> None:
     from click.testing import CliRunner
 
-    from edgespec.cli import cli
+    from edgespec.cli.main import cli
 
     from .helpers import assert_one_line_error
 

@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgespec import Engine, models
-from edgespec.cli import cli
+from edgespec import Engine
+from edgespec.cli.main import cli
 from edgespec.errors import (
     EdgespecError,
     ExportError,
@@ -40,7 +40,8 @@ from edgespec.errors import (
     SettingsError,
 )
 from edgespec.exporters import vocab_trim as vt
-from edgespec.memory import KV_BYTES, check_memory, memory_need
+from edgespec.load import models
+from edgespec.load.memory import KV_BYTES, check_memory, memory_need
 from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
 from .conftest import tiny_model_args
@@ -378,10 +379,10 @@ def test_check_memory_counts_weights_and_kv_cache(tiny_pair):
 @pytest.fixture()
 def cpu_only_machine(monkeypatch):
     """This machine as one whose llama.cpp has no GPU (as CI's, and on a GPU machine too)."""
-    import edgespec.hardware
+    import edgespec.placement.hardware
 
     hw = machine(cpu_model="Test CPU without GPU", physical_cores=2, logical_cores=2)
-    monkeypatch.setattr(edgespec.hardware, "detect_hardware", lambda: hw)
+    monkeypatch.setattr(edgespec.placement.hardware, "detect_hardware", lambda: hw)
     return hw
 
 
@@ -449,7 +450,7 @@ def test_user_gpu_profile_without_a_gpu_keeps_its_drafting(api_env, tiny_pair, c
 
 
 def test_cpu_fallback_only_where_there_is_no_usable_gpu(api_env):
-    from edgespec.placement import cpu_fallback, load_profile
+    from edgespec.placement.profiles import cpu_fallback, load_profile
 
     from .helpers import cuda
 
@@ -738,7 +739,7 @@ DRIVER = textwrap.dedent(
         time.sleep(0.05)
         return real(*args, **kwargs)
     setattr(cls, name, slow)
-    from edgespec.cli import main
+    from edgespec.cli.main import main
     sys.argv[0] = "edgespec"
     main()
     """

@@ -8,7 +8,7 @@ outcome of every case is a one-line `EdgespecError` (normally `ModelLoadError`),
 mutation that happens to be harmless (a changed byte inside a token's text, an odd token score),
 a model that loads and decodes.
 
-Before `edgespec.ggufcheck` existed, llama.cpp aborted the process on four kinds of file found
+Before `edgespec.formats.gguf` existed, llama.cpp aborted the process on four kinds of file found
 here (see that module's docstring); `test_values_llama_cpp_aborts_on_are_refused` pins them.
 
 The mutations are drawn from fixed seeds: the same cases run every time.
@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from edgespec.errors import ModelLoadError
-from edgespec.ggufcheck import GGML_TYPES, check_gguf
+from edgespec.formats.gguf import GGML_TYPES, check_gguf
 
 from .conftest import real_pair_paths
 
@@ -135,7 +135,7 @@ _SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12
 def layout(data: bytes) -> Layout:
     """Parse a well-formed GGUF file (the original, before mutation) into field positions.
 
-    Kept independent of the product's validator (edgespec.ggufcheck) on purpose."""
+    Kept independent of the product's validator (edgespec.formats.gguf) on purpose."""
     n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
     at = 24
 

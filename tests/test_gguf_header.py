@@ -1,4 +1,4 @@
-"""The GGUF header is parsed by one checked parser (edgespec.ggufcheck), once per load.
+"""The GGUF header is parsed by one checked parser (edgespec.formats.gguf), once per load.
 
 Loading a pair asks for each file's header several times (memory estimate, the runtime's check,
 the VocabTrim map); `check_gguf` keeps the headers of unchanged files, and parses a file again
@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgespec import ggufcheck
 from edgespec.errors import ModelLoadError
 from edgespec.exporters import vocab_trim as vt
-from edgespec.ggufcheck import check_gguf, clear_header_cache
-from edgespec.loader import load
-from edgespec.memory import memory_need
-from edgespec.placement import gguf_block_count
+from edgespec.formats import gguf as ggufcheck
+from edgespec.formats.gguf import check_gguf, clear_header_cache
+from edgespec.formats.vocabmap import KEY_INPUT_MAP, KEY_KEEP, VocabMap
+from edgespec.load.builder import load
+from edgespec.load.memory import memory_need
+from edgespec.placement.profiles import gguf_block_count
 from edgespec.runtimes.base import RuntimeSettings
-from edgespec.vocabmap import KEY_INPUT_MAP, KEY_KEEP, VocabMap
 
 SETTINGS = RuntimeSettings(n_ctx=64, n_threads=1)
 TINY_VOCAB = 554

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgespec import hardware
-from edgespec.hardware import GpuDevice, Hardware, LlamaDevice, gpus_from_llama, parse_nvidia_smi
+from edgespec.placement import hardware
+from edgespec.placement.hardware import GpuDevice, Hardware, LlamaDevice, gpus_from_llama, parse_nvidia_smi
 
 MIB = 1 << 20
 

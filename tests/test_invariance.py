@@ -128,7 +128,7 @@ def test_probe_result_round_trips():
 def _run(args: list[str]):
     from click.testing import CliRunner
 
-    from edgespec.cli import cli
+    from edgespec.cli.main import cli
 
     return CliRunner().invoke(cli, args)
 
@@ -193,7 +193,7 @@ def test_the_api_takes_and_reports_the_guarantee(tiny_pair, config_dir):
 
 
 def test_profile_show_states_the_guarantee(tmp_path, config_dir):
-    from edgespec.placement import load_profile
+    from edgespec.placement.profiles import load_profile
 
     shown = _run(["profile", "show", "cpu-only"])
     assert shown.exit_code == 0
@@ -207,9 +207,9 @@ def test_profile_show_states_the_guarantee(tmp_path, config_dir):
 
 
 def test_tuned_profiles_are_kept_apart_by_kernels(tmp_path):
-    from edgespec.hardware import detect_hardware
-    from edgespec.placement import load_profile
-    from edgespec.tuning import tuned_name
+    from edgespec.placement.hardware import detect_hardware
+    from edgespec.placement.profiles import load_profile
+    from edgespec.placement.tuning import tuned_name
 
     base = load_profile("cpu-only")
     model = tmp_path / "m.gguf"

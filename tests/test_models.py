@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgespec import models
 from edgespec.errors import ModelCacheError
+from edgespec.load import models
 
 
 @pytest.fixture()

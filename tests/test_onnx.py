@@ -23,9 +23,9 @@ pytest.importorskip("onnxruntime")
 
 from edgespec.errors import ExportError, ModelLoadError, SettingsError  # noqa: E402
 from edgespec.exporters.onnx import EXPORT_INFO_NAME, export_onnx  # noqa: E402
+from edgespec.formats.vocabmap import SIDECAR_NAME, VocabMap  # noqa: E402
 from edgespec.runtimes.base import Runtime, RuntimeSettings  # noqa: E402
 from edgespec.runtimes.onnx import OnnxRuntime  # noqa: E402
-from edgespec.vocabmap import SIDECAR_NAME, VocabMap  # noqa: E402
 
 from .conftest import ProgressRecorder  # noqa: E402
 from .hfmodels import build_tiny_hf, load_hf  # noqa: E402
@@ -286,12 +286,12 @@ def test_runtime_errors(exported, tmp_path: Path) -> None:
 def test_real_drafter_trimmed_to_onnx_drafts_for_the_real_target(tmp_path: Path) -> None:
     """Export the default drafter GGUF (dequantized to float32) with a 32k VocabTrim head, compare it
     with llama.cpp, and draft with it for the real target: output identical to target-only."""
-    from edgespec import models
     from edgespec.chat import prompt_tokens
-    from edgespec.compat import check_compatible
     from edgespec.drafting import ModelDrafter
     from edgespec.engine import GenerationSettings, SpeculativeEngine
     from edgespec.exporters import vocab_trim as vt
+    from edgespec.load import models
+    from edgespec.load.pair_check import check_compatible
     from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
     if not (models.parts_installed(models.DRAFT) and models.parts_installed(models.TARGET)):
@@ -345,10 +345,10 @@ def test_real_drafter_trimmed_to_onnx_drafts_for_the_real_target(tmp_path: Path)
 def test_onnx_drafter_in_the_engine(hf_dirs, exported, tmp_path: Path) -> None:
     """An ONNX drafter (full, and VocabTrim-ed) drafting for a llama.cpp target of the same checkpoint:
     output equals target-only, and nearly every draft is accepted."""
-    from edgespec.compat import check_compatible
     from edgespec.drafting import ModelDrafter
     from edgespec.engine import GenerationSettings, SpeculativeEngine
     from edgespec.exporters.gguf import export_gguf
+    from edgespec.load.pair_check import check_compatible
     from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
     gguf = export_gguf(hf_dirs["qwen2"], tmp_path / "target.gguf", "Q8_0").path
@@ -380,7 +380,7 @@ def test_cli_mixed_pair_onnx_drafter_llama_cpp_target(hf_dirs, exported, tmp_pat
     trimmed) for a llama.cpp target, through the loader's compatibility check, identical output."""
     from click.testing import CliRunner
 
-    from edgespec.cli import cli
+    from edgespec.cli.main import cli
     from edgespec.exporters.gguf import export_gguf
 
     from .helpers import assert_one_line_error

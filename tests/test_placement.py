@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgespec import placement
-from edgespec.cli import cli
+from edgespec.cli.main import cli
 from edgespec.errors import ProfileError, SettingsError
-from edgespec.hardware import GpuDevice, Hardware
-from edgespec.placement import (
+from edgespec.placement import profiles as placement
+from edgespec.placement.hardware import GpuDevice, Hardware
+from edgespec.placement.profiles import (
     ALL_LAYERS,
     ModelPlacement,
     Profile,
@@ -443,7 +443,7 @@ def test_cli_profile_list_marks_a_shadowed_builtin(runner, tmp_path):
 
 
 def test_cli_profile_detect_partial_on_a_fabricated_gpu(runner, monkeypatch):
-    from edgespec import hardware
+    from edgespec.placement import hardware
 
     monkeypatch.setattr(hardware, "detect_hardware", lambda: machine(cuda(1_200)))
     result = runner.invoke(cli, ["profile", "detect"])

@@ -7,12 +7,12 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from edgespec.cli import cli
-from edgespec.drafters import DraftSetup, make_drafter
-from edgespec.hardware import detect_hardware
-from edgespec.loader import ProfileOverrides, load_with_profile
-from edgespec.placement import load_profile, read_profile, user_profile_dir
-from edgespec.tuning import tuned_name
+from edgespec.cli.main import cli
+from edgespec.load.builder import ProfileOverrides, load_with_profile
+from edgespec.load.drafters import DraftSetup, make_drafter
+from edgespec.placement.hardware import detect_hardware
+from edgespec.placement.profiles import load_profile, read_profile, user_profile_dir
+from edgespec.placement.tuning import tuned_name
 
 from .helpers import assert_one_line_error
 

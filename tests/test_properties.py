@@ -20,12 +20,12 @@ import pytest
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from edgespec import openai_format
 from edgespec.api import ROLES, Engine
 from edgespec.engine import GenerationSettings
 from edgespec.errors import PromptError, SettingsError
 from edgespec.sampling import Dist, LazyDists, LogitsProcessor, SamplingSettings, residual
-from edgespec.serving import APIError
+from edgespec.server import openai as openai_format
+from edgespec.server.queue import APIError
 from edgespec.verify import verify_exact_match, verify_greedy, verify_rejection
 
 # No example database: nothing is written into the checkout, and every run starts afresh.

@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from edgespec.chat import prompt_tokens
-from edgespec.cli import cli
-from edgespec.compat import check_compatible
+from edgespec.cli.main import cli
 from edgespec.drafting import ModelDrafter, NgramDrafter
 from edgespec.engine import GenerationSettings, SpeculativeEngine
+from edgespec.load.pair_check import check_compatible
 from edgespec.runtimes.base import RuntimeSettings
 
 from .conftest import bench_prompts, real_pair_paths

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
+from edgespec.bench.datasets import last_per_category, read_prompts
 from edgespec.chat import prompt_tokens
-from edgespec.datasets import last_per_category, read_prompts
 from edgespec.engine import GenerationSettings
 from edgespec.exporters import vocab_trim as vt
-from edgespec.loader import load
+from edgespec.load.builder import load
 from edgespec.runtimes.base import RuntimeSettings
 
 from .conftest import BENCH_QUESTIONS, bench_prompts, real_pair_paths

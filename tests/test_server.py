@@ -33,9 +33,9 @@ import pytest
 from click.testing import CliRunner
 
 from edgespec.api import Engine
-from edgespec.cli import cli
-from edgespec.cli_serve import bind, url_of
-from edgespec.server import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY_BYTES, make_server
+from edgespec.cli.main import cli
+from edgespec.cli.serve import bind, url_of
+from edgespec.server.app import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY_BYTES, make_server
 
 from .conftest import real_pair_paths, tiny_model_args
 

@@ -10,13 +10,13 @@ import pytest
 from click.testing import CliRunner
 
 from edgespec.chat import prompt_tokens
-from edgespec.cli import cli
+from edgespec.cli.main import cli
 from edgespec.engine import GenerationSettings
 from edgespec.errors import ExportError, IncompatibleModelsError, ModelLoadError
 from edgespec.exporters import vocab_trim as vt
-from edgespec.loader import load
+from edgespec.formats.vocabmap import VocabMap
+from edgespec.load.builder import load
 from edgespec.sampling import SamplingSettings
-from edgespec.vocabmap import VocabMap
 
 from .conftest import TINY_SETTINGS
 from .helpers import assert_one_line_error

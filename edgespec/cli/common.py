@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .defaults import DRAFT_MAX, K_LIMIT, N_CTX
+from edgespec.defaults import DRAFT_MAX, K_LIMIT, N_CTX
 
 if TYPE_CHECKING:
-    from .api import Engine
+    from edgespec.api import Engine
 
 
 def progress(model: Any) -> Any:
@@ -93,7 +93,7 @@ SAMPLING_KEYS = (
 
 def sampling_settings(kwargs: dict[str, Any]) -> Any:
     """Pop the sampling flags from a command's keyword arguments into SamplingSettings."""
-    from .sampling import SamplingSettings
+    from edgespec.sampling import SamplingSettings
 
     values = {key: kwargs.pop(key) for key in SAMPLING_KEYS}
     values["logit_bias"] = logit_bias(values["logit_bias"])
@@ -269,8 +269,8 @@ def open_engine(ctx: click.Context, kwargs: dict[str, Any], **extra: Any) -> Eng
     left at their defaults leave the choice to the profile (`--profile auto` when neither
     --draft nor --draft-max is given). `extra` goes to `Engine` as it is.
     """
-    from .api import Engine
-    from .loader import EngineSpec
+    from edgespec.api import Engine
+    from edgespec.load.builder import EngineSpec
 
     values = {key: kwargs.pop(key) for key in ENGINE_KEYS}
 

@@ -1,5 +1,5 @@
 """TOML data files: parse with a one-line error naming the file, check values key by key, write
-arrays compactly. Used by the placement profiles (edgespec.placement)."""
+arrays compactly. Used by the placement profiles (edgespec.placement.profiles)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import ProfileError
+from edgespec.errors import ProfileError
 
 
 def loads(text: str, label: str) -> dict[str, Any]:

@@ -22,10 +22,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .defaults import DRAFT_MAX, K_LIMIT
-from .errors import ProfileError
-from .hardware import Hardware
-from .tomldata import TomlReader, compact_arrays, loads, show_value
+from edgespec.defaults import DRAFT_MAX, K_LIMIT
+from edgespec.errors import ProfileError
+from edgespec.fileio import user_config_dir
+from edgespec.placement.hardware import Hardware
+from edgespec.placement.tomldata import TomlReader, compact_arrays, loads, show_value
 
 SCHEMA = 1
 ALL_LAYERS = -1  # gpu_layers = "all"
@@ -35,7 +36,6 @@ DRAFTERS = ("model", "ngram")
 CONTROLLERS = ("goodput", "fixed")
 HEADROOM = 1.2  # GPU memory needed = 1.2 × the model files: KV cache and compute buffers come on top
 DEFAULT_N_LAYERS = 28  # Qwen2.5-Coder-1.5B, the default target
-CONFIG_ENV = "EDGESPEC_CONFIG_DIR"
 BUILTIN_PACKAGE = "edgespec.profiles"
 # detect_profile's order, most GPU first; each step down needs less GPU memory.
 DETECT_ORDER = ("gpu-all", "partial", "dovetail", "cpu-only")
@@ -378,7 +378,7 @@ def _costs(r: TomlReader, table: dict[str, Any]) -> TunedCosts:
 
 def _ngram_priors(r: TomlReader, value: Any) -> tuple[float, ...]:
     """costs.acceptance_ngram: empty, or one prior per n-gram match-length bucket."""
-    from .control import MATCH_BUCKETS
+    from edgespec.control import MATCH_BUCKETS
 
     priors = r.numbers(value, "costs.acceptance_ngram", 0, "a list of numbers in [0, 1]")
     if priors and len(priors) != len(MATCH_BUCKETS):
@@ -413,17 +413,6 @@ def builtin_profiles() -> list[Profile]:
             profile = parse_profile(loads(entry.read_text(encoding="utf-8"), entry.name), entry.name)
             found.append(dataclasses.replace(profile, source=Path(str(entry)), builtin=True))
     return sorted(found, key=lambda p: p.name)
-
-
-def user_config_dir() -> Path:
-    """edgespec's user folder: `$EDGESPEC_CONFIG_DIR`, else the platform's user config directory
-    for edgespec (e.g. ~/.config/edgespec), which may not exist yet."""
-    override = os.environ.get(CONFIG_ENV)
-    if override:
-        return Path(override).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_config_dir("edgespec", appauthor=False))
 
 
 def user_profile_dir() -> Path:
@@ -513,7 +502,7 @@ def model_bytes(path: Path) -> int:
 def gguf_block_count(path: Path) -> int | None:
     """The block (layer) count in a GGUF's metadata; None when the file has none. A file that is
     not GGUF fails here with a one-line ModelLoadError."""
-    from .ggufcheck import check_gguf
+    from edgespec.formats.gguf import check_gguf
 
     meta = check_gguf(path).metadata  # the header is walked once per unchanged file (cached)
     count = meta.get(f"{meta.get('general.architecture')}.block_count")

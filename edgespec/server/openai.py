@@ -32,12 +32,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .api import check_messages
-from .errors import EdgespecError, PromptError, SettingsError
-from .serving import APIError
+from edgespec.api import check_messages
+from edgespec.errors import EdgespecError, PromptError, SettingsError
+from edgespec.server.queue import APIError
 
 if TYPE_CHECKING:
-    from .api import Result
+    from edgespec.api import Result
 
 # Request fields, beyond each endpoint's own (messages / prompt, max tokens, stream, n).
 _OPTIONS = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "stop", "logit_bias")

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from .defaults import N_CTX
-from .errors import ExportError
+from edgespec.defaults import N_CTX
+from edgespec.errors import ExportError
 
 
 def _bar(total: int, label: str) -> Any:
@@ -108,10 +108,10 @@ def _calibrate(options: dict[str, Any]) -> _Calibration:
     """Token frequencies of the target's text, measured, counted in a corpus, or loaded."""
     import numpy as np
 
-    from .chat import prompt_tokens
-    from .datasets import held_out, last_per_category, read_prompts, spec_bench_path
-    from .exporters import vocab_trim as vt
-    from .loader import load, resolve_model_path
+    from edgespec.bench.datasets import held_out, last_per_category, read_prompts, spec_bench_path
+    from edgespec.chat import prompt_tokens
+    from edgespec.exporters import vocab_trim as vt
+    from edgespec.load.builder import load, resolve_model_path
 
     target_path = resolve_model_path(options["target"], "target", _model_progress)
     counts_in: Path | None = options["counts_in"]
@@ -126,7 +126,7 @@ def _calibrate(options: dict[str, Any]) -> _Calibration:
             raise ExportError(f"{counts_in} was measured on another target than {target_path}")
         return _Calibration(counts, source, target_path, sha)
 
-    from .runtimes.base import RuntimeSettings
+    from edgespec.runtimes.base import RuntimeSettings
 
     corpus: tuple[Path, ...] = options["corpus"]
     generate: int = options["generate"]
@@ -179,7 +179,7 @@ def _calibrate(options: dict[str, Any]) -> _Calibration:
     result = _Calibration(counts, source, target_path, vt.sha256_file(target_path))
     save: Path | None = options["save_counts"]
     if save is not None:
-        from .fileio import atomic_path, write_errors
+        from edgespec.fileio import atomic_path, write_errors
 
         with write_errors(save), atomic_path(save, suffix=".npz") as tmp, tmp.open("wb") as handle:
             np.savez_compressed(handle, counts=counts, source=source, target_sha256=result.target_sha256)
@@ -218,9 +218,9 @@ def vocab_trim(draft: str, keeps: tuple[int, ...], out: Path, **options: Any) ->
       edgespec export vocab-trim --keep 8192 --counts freq.npz --out drafter-8k.gguf
       edgespec export vocab-trim --draft d.gguf --target t.gguf --keep 8192 --corpus notes.txt --out d-8k.gguf
     """
-    from .exporters import vocab_trim as vt
-    from .loader import resolve_model_path
-    from .vocabmap import VocabMap
+    from edgespec.exporters import vocab_trim as vt
+    from edgespec.formats.vocabmap import VocabMap
+    from edgespec.load.builder import resolve_model_path
 
     draft_path = resolve_model_path(draft, "draft", _model_progress)
     # Fail before the (long) calibration, not after it.
@@ -283,7 +283,7 @@ def export_gguf(model_dir: Path, out: Path, quant: str, threads: int | None) -> 
       edgespec export gguf --model ./Qwen2.5-Coder-0.5B-Instruct --out qwen-0.5b-f16.gguf
       edgespec export gguf --model ./Qwen2.5-Coder-0.5B-Instruct --out qwen-0.5b-q8.gguf --quant Q8_0
     """
-    from .exporters.gguf import export_gguf as convert
+    from edgespec.exporters.gguf import export_gguf as convert
 
     report = convert(model_dir, out, quant, progress=_bar, threads=threads)
     click.echo(
@@ -326,11 +326,11 @@ def export_onnx(
       edgespec export onnx --model drafter.gguf --out drafter-onnx --int8
       edgespec export onnx --model drafter.gguf --out drafter-onnx-32k --vocab-trim 32768 --counts freq.npz
     """
-    from .exporters.onnx import export_onnx as convert
+    from edgespec.exporters.onnx import export_onnx as convert
 
     vocab_map = None
     if n_keep is not None:
-        from .exporters import vocab_trim as vt
+        from edgespec.exporters import vocab_trim as vt
 
         if not source.exists():
             raise ExportError(f"model not found: {source}")

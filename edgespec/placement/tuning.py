@@ -20,13 +20,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .control import MODEL_PRIOR, NGRAM_PRIOR, Acceptance, best_k
-from .costs import Costs, measure
+from edgespec.chat import prompt_tokens
+from edgespec.control import MODEL_PRIOR, NGRAM_PRIOR, Acceptance, best_k
+from edgespec.costs import Costs, measure
+from edgespec.drafting import ModelDrafter
+from edgespec.engine import GenerationSettings, SpeculativeEngine
+from edgespec.fileio import write_text_atomic
 
 if TYPE_CHECKING:
-    from .hardware import Hardware
-    from .placement import Profile
-    from .runtimes.base import Runtime
+    from edgespec.placement.hardware import Hardware
+    from edgespec.placement.profiles import Profile
+    from edgespec.runtimes.base import Runtime
 
 #: Short prompts of different kinds for measuring the model drafter's acceptance (written for this).
 CALIBRATION_PROMPTS = (
@@ -78,10 +82,6 @@ def tune(
         repeats: samples per cost figure (the median is kept).
         on_step: called with a label after each unit of work (for a progress bar; `steps()` units).
     """
-    from .chat import prompt_tokens
-    from .drafting import ModelDrafter
-    from .engine import GenerationSettings, SpeculativeEngine
-
     tick = on_step or (lambda label: None)
     prompts = [prompt_tokens(target, text) for text in CALIBRATION_PROMPTS]
     # A real context to measure after: the first prompt and the target's own answer to it.
@@ -158,7 +158,7 @@ def tuned_profile(
     base: Profile, result: TuneResult, hw: Hardware, target_path: Path, draft_path: Path | None
 ) -> Profile:
     """The base profile with the measured costs, named by `tuned_name`."""
-    from .placement import TunedCosts
+    from edgespec.placement.profiles import TunedCosts
 
     costs = TunedCosts(
         machine=hw.fingerprint(),
@@ -182,8 +182,7 @@ def tuned_profile(
 
 def save(profile: Profile) -> Path:
     """Write a profile into the user profile directory (atomically); returns its path."""
-    from .fileio import write_text_atomic
-    from .placement import user_profile_dir
+    from edgespec.placement.profiles import user_profile_dir
 
     path = user_profile_dir() / f"{profile.name}.toml"
     write_text_atomic(path, profile.to_toml())
@@ -192,7 +191,7 @@ def save(profile: Profile) -> Path:
 
 def find_tuned(base: Profile, hw: Hardware, target_path: Path, draft_path: Path | None) -> Profile | None:
     """The saved tuned profile for this base, machine and pair, if there is one that still matches."""
-    from .placement import read_profile, user_profile_dir
+    from edgespec.placement.profiles import read_profile, user_profile_dir
 
     path = user_profile_dir() / f"{tuned_name(base, hw, target_path, draft_path)}.toml"
     if not path.is_file():

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelLoadError
+from edgespec.errors import ModelLoadError
 
 __all__ = ["GGML_TYPES", "GGUFHeader", "check_gguf", "clear_header_cache"]
 

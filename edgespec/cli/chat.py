@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .cli_common import (
+from edgespec.cli.common import (
     SAMPLING_KEYS,
     draft_label,
     engine_options,
@@ -33,11 +33,11 @@ from .cli_common import (
     sampling_options,
     sampling_settings,
 )
-from .errors import EdgespecError, PromptError
+from edgespec.errors import EdgespecError, PromptError
 
 if TYPE_CHECKING:
-    from .api import Engine, Result
-    from .engine import Stats
+    from edgespec.api import Engine, Result
+    from edgespec.engine import Stats
 
 PROMPT = ">>> "
 HISTORY_FILE = "chat_history"  # in the user's config folder
@@ -128,7 +128,7 @@ def ctrl_c_cancels(engine: Engine) -> Iterator[threading.Event]:
 def history_path() -> Path:
     """The chat history file, in the user's config folder: $EDGESPEC_CONFIG_DIR, else the
     platform's (the folder that holds user profiles)."""
-    from .placement import user_config_dir
+    from edgespec.fileio import user_config_dir
 
     return user_config_dir() / HISTORY_FILE
 

@@ -16,10 +16,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import EdgespecError, SettingsError
+from edgespec.errors import EdgespecError, SettingsError
 
 if TYPE_CHECKING:
-    from .api import Engine, Stream
+    from edgespec.api import Engine, Stream
 
 __all__ = ["DEFAULT_MAX_QUEUE", "APIError", "Job", "Scheduler", "shutting_down"]
 

@@ -19,15 +19,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .datasets import BenchPrompt
-from .defaults import DRAFT_MAX, K_LIMIT
-from .errors import SettingsError
-from .sampling import GREEDY, SamplingSettings
+from edgespec.bench.datasets import BenchPrompt
+from edgespec.chat import chat_tokens
+from edgespec.costs import Costs
+from edgespec.defaults import DRAFT_MAX, K_LIMIT
+from edgespec.drafting import Drafter, ModelDrafter, NgramDrafter
+from edgespec.engine import GenerationSettings, SpeculativeEngine, Stats
+from edgespec.errors import SettingsError
+from edgespec.fileio import write_text_atomic
+from edgespec.load.drafters import DraftSetup, make_drafter
+from edgespec.sampling import GREEDY, SamplingSettings
 
 if TYPE_CHECKING:
-    from .costs import Costs
-    from .placement import Profile
-    from .runtimes.base import Runtime
+    from edgespec.placement.profiles import Profile
+    from edgespec.runtimes.base import Runtime
 
 _CONFIG = re.compile(
     r"^(?P<kind>llama\.cpp|target-only|none|draft|ngram|auto)(?::(?P<params>[a-z_]+=[\w.]+(?:,[a-z_]+=[\w.]+)*))?$"
@@ -209,11 +214,6 @@ def run(
         auto_profile: the tuned profile `auto` configurations follow (its drafters and costs;
             the models are the ones loaded here).
     """
-    from .chat import chat_tokens
-    from .drafters import DraftSetup, make_drafter
-    from .drafting import Drafter, ModelDrafter, NgramDrafter
-    from .engine import GenerationSettings, SpeculativeEngine
-
     configs = list(configs)
     if all(c.drafter != "none" for c in configs):
         configs.insert(0, TARGET_ONLY)
@@ -224,31 +224,12 @@ def run(
         raise SettingsError("a draft configuration needs a draft model")
     if any(c.drafter == "auto" for c in configs) and auto_profile is None:
         raise SettingsError("an auto configuration needs a tuned profile")
-    model_drafter = ModelDrafter(draft, max_id=target.vocab.n_vocab) if draft is not None else None
     check_drafter_names(configs, drafts or {})
-    # One drafter per model, shared by that model's configurations, so that its cache stays true.
-    named = {name: ModelDrafter(rt, max_id=target.vocab.n_vocab) for name, rt in (drafts or {}).items()}
-    ngram_drafters: dict[tuple[int, int], NgramDrafter] = {}
-    engines: dict[str, SpeculativeEngine] = {}
-    for config in configs:
-        if config.drafter == "llama.cpp":
-            continue
-        drafter: Drafter | None
-        if config.drafter == "ngram":
-            # one per n-gram setting: its index follows the sequence it was shown
-            key = (config.n_min, config.n_max)
-            if key not in ngram_drafters:
-                ngram_drafters[key] = NgramDrafter(n_min=config.n_min, n_max=config.n_max)
-            drafter = ngram_drafters[key]
-        else:
-            model = model_drafter if config.model is None else named[config.model]
-            overlap = config.overlap if config.drafter == "auto" else (True if config.overlap else None)
-            drafter = make_drafter(config.drafter, DraftSetup(model, auto_profile, overlap=overlap))
-        engines[config.label] = SpeculativeEngine(target, drafter)
+    engines = _engines(target, draft, configs, drafts or {}, auto_profile)
     plain = None
     if any(c.drafter == "llama.cpp" for c in configs):
-        from .runtimes.llama_cpp import default_threads
-        from .yardstick import LlamaCppPlain
+        from edgespec.bench.yardstick import LlamaCppPlain
+        from edgespec.runtimes.llama_cpp import default_threads
 
         plain = LlamaCppPlain(target.path, target.n_ctx, target.settings.n_threads or default_threads())
     template = target.chat_template()
@@ -299,26 +280,20 @@ def run(
                     same_as_plain = gen.text == yardstick_text if yardstick_text is not None else None
                     engine = engines.get(config.label)
                     drafter = engine.drafter if engine is not None else None
-                    summary = drafter.summary() if drafter is not None else None
-                    sources = {k: asdict(v) for k, v in summary.items()} if summary is not None else None
-                    result.records.append(
-                        {
-                            "prompt_id": item.id,
-                            "category": item.category,
-                            "turn": turn_index,
-                            "repeat": rep,
-                            "config": config.label,
-                            "k": config.k,
-                            "drafter": config.drafter,
-                            "prompt_tokens": len(tokens),
-                            "finish_reason": gen.finish_reason,
-                            "identical_to_target_only": identical,
-                            "identical_to_llama_cpp": same_as_plain if sampling.greedy else None,
-                            "rss_mib": _rss_mib(),
-                            "sources": sources,
-                            **gen.stats.to_dict(),
-                        }
-                    )
+                    record = {
+                        "prompt_id": item.id,
+                        "category": item.category,
+                        "turn": turn_index,
+                        "repeat": rep,
+                        "config": config.label,
+                        "k": config.k,
+                        "drafter": config.drafter,
+                        "prompt_tokens": len(tokens),
+                        "finish_reason": gen.finish_reason,
+                        "identical_to_target_only": identical,
+                        "identical_to_llama_cpp": same_as_plain if sampling.greedy else None,
+                    }
+                    result.records.append(_record(record, gen, drafter))
                     # Only the exact guarantee promises token-identical output; under llama.cpp's
                     # kernels a near-tie may break otherwise, which the identical rate reports.
                     if identical is False and exact and config.drafter not in ("llama.cpp", "none"):
@@ -334,6 +309,46 @@ def run(
     return result
 
 
+def _engines(
+    target: Runtime,
+    draft: Runtime | None,
+    configs: Sequence[BenchConfig],
+    drafts: Mapping[str, Runtime],
+    auto_profile: Profile | None,
+) -> dict[str, SpeculativeEngine]:
+    """One engine per configuration over the one target, its drafter from the registry. Each
+    model has one ModelDrafter, shared by its configurations, so that its cache stays true; each
+    n-gram setting one NgramDrafter (its index follows the sequence it was shown)."""
+    n_vocab = target.vocab.n_vocab
+    model_drafter = ModelDrafter(draft, max_id=n_vocab) if draft is not None else None
+    named = {name: ModelDrafter(rt, max_id=n_vocab) for name, rt in drafts.items()}
+    ngram_drafters: dict[tuple[int, int], NgramDrafter] = {}
+    engines: dict[str, SpeculativeEngine] = {}
+    for config in configs:
+        if config.drafter == "llama.cpp":
+            continue
+        drafter: Drafter | None
+        if config.drafter == "ngram":
+            key = (config.n_min, config.n_max)
+            if key not in ngram_drafters:
+                ngram_drafters[key] = NgramDrafter(n_min=config.n_min, n_max=config.n_max)
+            drafter = ngram_drafters[key]
+        else:
+            model = model_drafter if config.model is None else named[config.model]
+            overlap = config.overlap if config.drafter == "auto" else (True if config.overlap else None)
+            drafter = make_drafter(config.drafter, DraftSetup(model, auto_profile, overlap=overlap))
+        engines[config.label] = SpeculativeEngine(target, drafter)
+    return engines
+
+
+def _record(fields: dict[str, Any], gen: Any, drafter: Drafter | None) -> dict[str, Any]:
+    """A result record: what identifies the generation, the process's memory, the drafter's
+    per-source statistics (a controlled drafter) and the generation's statistics."""
+    summary = drafter.summary() if drafter is not None else None
+    sources = {k: asdict(v) for k, v in summary.items()} if summary is not None else None
+    return {**fields, "rss_mib": _rss_mib(), "sources": sources, **gen.stats.to_dict()}
+
+
 @dataclass
 class _PlainGeneration:
     """llama.cpp's plain decoding of one prompt, shaped as the bench records a generation."""
@@ -345,8 +360,6 @@ class _PlainGeneration:
 
 
 def _plain_generation(plain: Any, tokens: list[int], max_tokens: int) -> _PlainGeneration:
-    from .engine import Stats
-
     res = plain.complete(tokens, max_tokens)
     stats = Stats(
         guarantee="llama.cpp",
@@ -612,8 +625,6 @@ def write_results(
     import json
     from dataclasses import asdict
 
-    from .fileio import write_text_atomic
-
     categories = sorted({r["category"] for r in result.records})
     data = {
         "settings": settings,
@@ -649,8 +660,7 @@ def merge_results(paths: Sequence[Path]) -> tuple[BenchResult, dict[str, Any]]:
     """
     import json
 
-    from .costs import Costs
-    from .peers import lookup_summary
+    from edgespec.bench.peers import lookup_summary
 
     loaded = []
     for path in paths:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import IncompatibleModelsError, ModelLoadError
-from .ggufcheck import check_gguf
+from edgespec.errors import IncompatibleModelsError, ModelLoadError
+from edgespec.formats.gguf import check_gguf
 
 PREFIX = "edgespec.vocab_trim."
 KEY_KEEP = PREFIX + "keep"  # int32[N]: target id of each trimmed id

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import ModelCacheError
-from .fileio import atomic_path, check_free_space, write_errors, write_text_atomic
+from edgespec.errors import ModelCacheError
+from edgespec.fileio import atomic_path, check_free_space, write_errors, write_text_atomic
 
 CACHE_ENV = "EDGESPEC_CACHE_DIR"
 _CHUNK = 8 << 20

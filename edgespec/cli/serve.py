@@ -1,4 +1,4 @@
-"""`edgespec serve`: the OpenAI-compatible HTTP API on this machine (see `edgespec.server`).
+"""`edgespec serve`: the OpenAI-compatible HTTP API on this machine (see `edgespec.server.app`).
 
 FastAPI and uvicorn (the `server` extra) are imported only when the command runs, so the rest of
 the command line works without them.
@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from .cli_common import engine_options, open_engine
-from .errors import EdgespecError
+from edgespec.cli.common import engine_options, open_engine
+from edgespec.errors import EdgespecError
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -150,7 +150,7 @@ def serve(
         raise EdgespecError(
             f'edgespec serve needs {exc.name or "fastapi and uvicorn"}: pip install "edgespec[server]"'
         ) from None
-    from . import server
+    from edgespec.server import app as server
 
     if api_key is not None and not api_key.strip():
         raise click.BadParameter("the API key is empty", param_hint="--api-key")

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from .defaults import N_CTX
-from .errors import ModelLoadError
+from edgespec.defaults import N_CTX
+from edgespec.errors import ModelLoadError
 
 # Sizes assumed in the reasons when a default model's size is unknown (the pinned sizes make it rare).
 ASSUMED_BYTES = {"target": 1_200_000_000, "draft": 500_000_000}
@@ -43,8 +43,8 @@ class ModelSize:
 
 def model_size(spec: str, role: str) -> ModelSize:
     """The size of the model a user names, without joining a default model on first use."""
-    from . import models
-    from .placement import gguf_block_count, model_bytes
+    from edgespec.load import models
+    from edgespec.placement.profiles import gguf_block_count, model_bytes
 
     if role == "draft" and spec in NO_MODEL:
         return ModelSize(role, spec, None, 0, "no model")
@@ -56,7 +56,7 @@ def model_size(spec: str, role: str) -> ModelSize:
         if getattr(model, "size", None):
             return ModelSize(role, spec, str(path), model.size, "pinned")
         return ModelSize(role, spec, None, ASSUMED_BYTES[role], "assumed")
-    from .loader import resolve_model_path
+    from edgespec.load.builder import resolve_model_path
 
     path = resolve_model_path(spec, role)
     if path.is_dir():  # an ONNX export folder
@@ -85,8 +85,8 @@ def profile() -> None:
 @profile.command("list")
 def list_cmd() -> None:
     """List the profiles: where each comes from and whether it fits this machine."""
-    from .hardware import detect_hardware
-    from .placement import list_profiles, shadowed, user_profile_dir
+    from edgespec.placement.hardware import detect_hardware
+    from edgespec.placement.profiles import list_profiles, shadowed, user_profile_dir
 
     profiles = list_profiles()
     hw = detect_hardware()
@@ -118,7 +118,7 @@ def list_cmd() -> None:
 @click.argument("name_or_path")
 def show(name_or_path: str) -> None:
     """Print a profile (by name, or a .toml path) as TOML, every key with its effective value."""
-    from .placement import load_profile
+    from edgespec.placement.profiles import load_profile
 
     p = load_profile(name_or_path)
     origin = "built-in" if p.builtin else "file"
@@ -177,8 +177,8 @@ def detect(target: str, draft: str, as_json: bool) -> None:
       edgespec profile detect
       edgespec profile detect --target big.gguf --draft small.gguf --json
     """
-    from .hardware import detect_hardware
-    from .placement import DEFAULT_N_LAYERS, detect_profile
+    from edgespec.placement.hardware import detect_hardware
+    from edgespec.placement.profiles import DEFAULT_N_LAYERS, detect_profile
 
     sizes = {"target": model_size(target, "target"), "draft": model_size(draft, "draft")}
     hw = detect_hardware()
@@ -250,8 +250,8 @@ def tune(base: str, target: str, draft: str, ctx: int, threads: int | None, verb
       edgespec profile tune
       edgespec profile tune --profile dovetail --draft small.gguf
     """
-    from .cli_common import progress, tune_progress
-    from .loader import ProfileOverrides, load_with_profile
+    from edgespec.cli.common import progress, tune_progress
+    from edgespec.load.builder import ProfileOverrides, load_with_profile
 
     pair, tuned = load_with_profile(
         base,

@@ -19,20 +19,20 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from . import models
-from .compat import check_compatible
-from .defaults import DRAFT_MAX, N_CTX
-from .drafters import DraftSetup, make_drafter
-from .drafting import ModelDrafter
-from .engine import GenerationSettings, SpeculativeEngine
-from .errors import ModelLoadError, SettingsError
-from .memory import check_memory, memory_need
-from .runtimes.base import Runtime, RuntimeSettings
+from edgespec.defaults import DRAFT_MAX, N_CTX
+from edgespec.drafting import ModelDrafter
+from edgespec.engine import GenerationSettings, SpeculativeEngine
+from edgespec.errors import ModelLoadError, SettingsError
+from edgespec.load import models
+from edgespec.load.drafters import DraftSetup, make_drafter
+from edgespec.load.memory import check_memory, memory_need
+from edgespec.load.pair_check import check_compatible
+from edgespec.runtimes.base import Runtime, RuntimeSettings
 
 if TYPE_CHECKING:
-    from .hardware import Hardware
-    from .placement import Profile
-    from .runtimes.llama_cpp import LlamaCppRuntime
+    from edgespec.placement.hardware import Hardware
+    from edgespec.placement.profiles import Profile
+    from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
 DEFAULT = "default"
 logger = logging.getLogger("edgespec")
@@ -48,7 +48,7 @@ def no_gpu_warning(hw: Hardware, gpu_layers: int, draft_gpu_layers: int) -> str 
     """A one-line warning when layers are asked for on a GPU that this machine does not have
     (llama.cpp would run them on the CPU without a word); None when there is a usable GPU or no
     layers were asked for."""
-    from .placement import no_gpu_reason
+    from edgespec.placement.profiles import no_gpu_reason
 
     if not (gpu_layers or draft_gpu_layers) or hw.best_gpu() is not None:
         return None
@@ -68,7 +68,7 @@ def open_gguf(path: Path, settings: RuntimeSettings) -> LlamaCppRuntime:
         ModelLoadError: the file is missing, not GGUF, truncated, of an architecture llama.cpp
             does not know, or its tensor data is damaged into NaN or infinite scores.
     """
-    from .runtimes.llama_cpp import LlamaCppRuntime
+    from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
     with owned(LlamaCppRuntime(path, settings)) as (runtime, stack):
         check_numeric(runtime)
@@ -307,7 +307,7 @@ def load(
     draft_layers = draft_gpu_layers if has_model else 0
     gpu = False
     if settings.gpu_layers or draft_layers:
-        from .hardware import detect_hardware
+        from edgespec.placement.hardware import detect_hardware
 
         hw = detect_hardware()
         gpu = hw.best_gpu() is not None
@@ -362,7 +362,7 @@ def load_draft_model(
     draft_settings = replace(settings, gpu_layers=gpu_layers, kernels="fast")
     draft_rt: Runtime
     if is_onnx_model(draft_path):
-        from .runtimes.onnx import OnnxRuntime
+        from edgespec.runtimes.onnx import OnnxRuntime
 
         draft_rt = OnnxRuntime(draft_path, draft_settings, provider=provider)
     else:
@@ -398,7 +398,13 @@ def resolve_profile(
 ) -> tuple[Profile, list[str]]:
     """The profile `spec` names ("auto": the one detect_profile picks for this machine and pair),
     with the reasons for an automatic choice."""
-    from .placement import DEFAULT_N_LAYERS, detect_profile, gguf_block_count, load_profile, model_bytes
+    from edgespec.placement.profiles import (
+        DEFAULT_N_LAYERS,
+        detect_profile,
+        gguf_block_count,
+        load_profile,
+        model_bytes,
+    )
 
     if spec != "auto":
         return load_profile(spec), []
@@ -449,9 +455,9 @@ def load_with_profile(
     Raises:
         ModelLoadError: as for `load` (a missing or unusable model, not enough RAM).
     """
-    from .hardware import detect_hardware
-    from .placement import cpu_fallback
-    from .tuning import find_tuned, needs_costs
+    from edgespec.placement.hardware import detect_hardware
+    from edgespec.placement.profiles import cpu_fallback
+    from edgespec.placement.tuning import find_tuned, needs_costs
 
     note = on_note or (lambda line: None)
     warn = _warner(on_note)
@@ -540,7 +546,7 @@ def ensure_tuned(
         on_note: told in one line when tuning ran and where the result went.
         retune: measure again even when costs exist.
     """
-    from .tuning import find_tuned, needs_costs, save, steps, tune, tuned_profile
+    from edgespec.placement.tuning import find_tuned, needs_costs, save, steps, tune, tuned_profile
 
     spec = profile.speculation
     if retune and profile.costs is not None:

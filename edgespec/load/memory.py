@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelLoadError
-from .fileio import size_text
-from .placement import model_bytes
+from edgespec.errors import ModelLoadError
+from edgespec.fileio import size_text
+from edgespec.placement.profiles import model_bytes
 
 SKIP_MEMORY_CHECK_ENV = "EDGESPEC_SKIP_MEMORY_CHECK"
 KV_BYTES = 2  # per cached value: the K and V caches are F16/BF16 with either kernel choice
@@ -59,7 +59,7 @@ def memory_need(path: Path, n_ctx: int, gpu_layers: int = 0, gpu_usable: bool = 
         The estimate, or None when the file cannot be sized (missing, not GGUF, damaged header):
         loading it then fails with the reason.
     """
-    from .ggufcheck import check_gguf
+    from edgespec.formats.gguf import check_gguf
 
     if path.is_dir() or path.suffix == ".onnx":  # an ONNX drafter: its files, no GGUF metadata
         return MemoryNeed(path, model_bytes(path), 0, n_ctx) if path.exists() else None

@@ -11,12 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from .control import MODEL_PRIOR, NGRAM_PRIOR, ControlledDrafter, GoodputController
-from .drafting import Drafter, ModelDrafter, NgramDrafter
-from .errors import ProfileError, SettingsError
+from edgespec.control import MODEL_PRIOR, NGRAM_PRIOR, ControlledDrafter, GoodputController
+from edgespec.drafting import Drafter, ModelDrafter, NgramDrafter
+from edgespec.errors import ProfileError, SettingsError
 
 if TYPE_CHECKING:
-    from .placement import Profile
+    from edgespec.placement.profiles import Profile
 
 
 @dataclass(frozen=True)

@@ -51,13 +51,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
-from .errors import EdgespecError, PromptError, SettingsError
-from .openai_format import Reply, as_api_error, messages, params, prompt, sse
-from .serving import DEFAULT_MAX_QUEUE, APIError, Job, Scheduler, shutting_down
+from edgespec import __version__
+from edgespec.errors import EdgespecError, PromptError, SettingsError
+from edgespec.server.openai import Reply, as_api_error, messages, params, prompt, sse
+from edgespec.server.queue import DEFAULT_MAX_QUEUE, APIError, Job, Scheduler, shutting_down
 
 if TYPE_CHECKING:
-    from .api import Engine
+    from edgespec.api import Engine
 
 __all__ = ["DEFAULT_CLIENT_TIMEOUT", "DEFAULT_MAX_BODY_BYTES", "create_app", "make_server"]
 
@@ -456,7 +456,7 @@ def make_server(
     log_level: str = "warning",
 ) -> uvicorn.Server:
     """A uvicorn server for the API over `engine`: `server.run(sockets=[sock])` serves on a bound
-    socket (`edgespec.cli_serve.bind`) until Ctrl-C, or `server.should_exit = True` from another
+    socket (`edgespec.cli.serve.bind`) until Ctrl-C, or `server.should_exit = True` from another
     thread. Arguments as for `create_app`; `on_ready()` is called once it accepts connections."""
     app = create_app(
         engine,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import IncompatibleModelsError
+from edgespec.errors import IncompatibleModelsError
 
 if TYPE_CHECKING:
-    from .runtimes.base import Runtime
+    from edgespec.runtimes.base import Runtime
 
 # Vocabularies may differ by padding rows added for matrix alignment (llama.cpp tolerates 128).
 MAX_VOCAB_PADDING = 128

@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .cli_common import (
+from edgespec import __version__
+from edgespec.cli.common import (
     SAMPLING_KEYS,
     draft_label,
     engine_options,
@@ -29,8 +29,8 @@ from .cli_common import (
     sampling_settings,
     tune_progress,
 )
-from .defaults import DRAFT_MAX, K_LIMIT, N_CTX
-from .errors import EdgespecError, one_line
+from edgespec.defaults import DRAFT_MAX, K_LIMIT, N_CTX
+from edgespec.errors import EdgespecError, one_line
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -207,7 +207,7 @@ def run(
 )
 def models(as_json: bool, verify: bool) -> None:
     """List the default models: where they are cached and whether they are verified."""
-    from . import models as registry
+    from edgespec.load import models as registry
 
     rows = []
     for model in registry.DEFAULT_MODELS.values():
@@ -262,7 +262,7 @@ def _bench_runtimes(
     draft_gpu_layers: int = 0,
 ):
     """Load the pair through the same builder as `run` (compatibility check included)."""
-    from .loader import EngineSpec, build
+    from edgespec.load.builder import EngineSpec, build
 
     spec = EngineSpec(
         target,
@@ -281,8 +281,8 @@ def _bench_runtimes(
 def _bench_auto_profile(target_rt: Any, draft_rt: Any, draft: str) -> Any:
     """The tuned profile that `auto` configurations follow: the placement detected for this
     machine, tuned with the bench's loaded models on first use."""
-    from .hardware import detect_hardware
-    from .loader import ensure_tuned, resolve_model_path, resolve_profile
+    from edgespec.load.builder import ensure_tuned, resolve_model_path, resolve_profile
+    from edgespec.placement.hardware import detect_hardware
 
     hw = detect_hardware()
     draft_path = draft_rt.path if draft_rt is not None else resolve_model_path(draft, "draft", progress)
@@ -462,9 +462,8 @@ def bench(
     if ctx.invoked_subcommand is not None:
         return
     sampling = sampling_settings(sampling_flags)
-    from . import bench as harness
-    from . import costs as cost_model
-    from .datasets import first_per_category, read_prompts, spec_bench_path
+    from edgespec import costs as cost_model
+    from edgespec.bench import runner as harness
 
     configs = [harness.BenchConfig.parse(s) for s in config_specs]
     if config_file:
@@ -475,29 +474,8 @@ def bench(
             harness.BenchConfig.parse("draft:k=4"),
             harness.BenchConfig.parse("ngram"),
         ]
-    prompts = read_prompts(spec_bench_path() if dataset == "spec-bench" else dataset)
-    if categories:
-        known = sorted({p.category for p in prompts})
-        unknown = [c for c in categories if c not in known]
-        if unknown:
-            raise EdgespecError(f"no category {unknown[0]!r} in {dataset}; it has: {', '.join(known)}")
-        prompts = [p for p in prompts if p.category in categories]
-    if per_category:
-        prompts = first_per_category(prompts, per_category)
-    if limit:
-        prompts = prompts[:limit]
-    if not prompts:
-        raise EdgespecError(f"no prompts in {dataset}")
-    drafter_paths: dict[str, str] = {}
-    for value in named_drafters:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path or not name.replace("_", "").replace(".", "").isalnum():
-            raise click.BadParameter(
-                f"expected NAME=PATH with a word NAME, got {value!r}", param_hint="--drafter"
-            )
-        if name in drafter_paths:
-            raise click.BadParameter(f"drafter name {name!r} given twice", param_hint="--drafter")
-        drafter_paths[name] = path
+    prompts = _bench_prompts(dataset, categories, per_category, limit)
+    drafter_paths = _drafter_paths(named_drafters)
     harness.check_drafter_names(configs, drafter_paths)  # before the (slow) model loads
     need_draft = any(c.drafter in ("draft", "auto") and c.model is None for c in configs) or ceiling
     pair, target_rt, draft_rt = _bench_runtimes(
@@ -505,7 +483,7 @@ def bench(
     )
     extra_drafts: dict[str, Any] = {}
     try:
-        from .loader import load_draft_model
+        from edgespec.load.builder import load_draft_model
 
         auto_profile = None
         if any(c.drafter == "auto" for c in configs):
@@ -542,7 +520,7 @@ def bench(
             )
         result.costs = measured
         if peers and not sampling.greedy:
-            from .peers import all_skipped
+            from edgespec.bench.peers import all_skipped
 
             result.peers = all_skipped(peer_k, "peers run greedy only; not comparable when sampling")
         elif peers:
@@ -579,15 +557,52 @@ def bench(
         raise EdgespecError(f"{len(result.failures)} speculative outputs differ from target-only")
 
 
+def _bench_prompts(
+    dataset: str, categories: tuple[str, ...], per_category: int | None, limit: int | None
+) -> list[Any]:
+    """The prompts `edgespec bench` runs: the dataset, cut to the categories and counts asked for."""
+    from edgespec.bench.datasets import first_per_category, read_prompts, spec_bench_path
+
+    prompts = read_prompts(spec_bench_path() if dataset == "spec-bench" else dataset)
+    if categories:
+        known = sorted({p.category for p in prompts})
+        unknown = [c for c in categories if c not in known]
+        if unknown:
+            raise EdgespecError(f"no category {unknown[0]!r} in {dataset}; it has: {', '.join(known)}")
+        prompts = [p for p in prompts if p.category in categories]
+    if per_category:
+        prompts = first_per_category(prompts, per_category)
+    if limit:
+        prompts = prompts[:limit]
+    if not prompts:
+        raise EdgespecError(f"no prompts in {dataset}")
+    return prompts
+
+
+def _drafter_paths(named_drafters: tuple[str, ...]) -> dict[str, str]:
+    """`--drafter NAME=PATH` values as {name: path}, each name a word given once."""
+    drafter_paths: dict[str, str] = {}
+    for value in named_drafters:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path or not name.replace("_", "").replace(".", "").isalnum():
+            raise click.BadParameter(
+                f"expected NAME=PATH with a word NAME, got {value!r}", param_hint="--drafter"
+            )
+        if name in drafter_paths:
+            raise click.BadParameter(f"drafter name {name!r} given twice", param_hint="--drafter")
+        drafter_paths[name] = path
+    return drafter_paths
+
+
 def _write_bench_outputs(
     result: Any, out: Path, settings: dict[str, Any], machine: dict[str, Any] | None = None
 ) -> None:
-    from . import bench as harness
+    from edgespec.bench import runner as harness
 
     path = harness.write_results(result, out, settings, machine)
     click.echo(f"\nwrote {path}", err=True)
     try:
-        from .plots import write_plots
+        from edgespec.bench.plots import write_plots
 
         for png in write_plots(result, out):
             click.echo(f"wrote {png}", err=True)
@@ -610,7 +625,7 @@ def bench_report(results: tuple[str, ...], out: str | None) -> None:
     Example:
       edgespec bench report bench-out/part1 bench-out/part2 --out bench-out/all
     """
-    from . import bench as harness
+    from edgespec.bench import runner as harness
 
     result, settings = harness.merge_results([Path(r) for r in results])
     click.echo(harness.markdown(result))
@@ -623,9 +638,9 @@ def bench_report(results: tuple[str, ...], out: str | None) -> None:
 def _run_peers(
     target_rt: Any, draft_rt: Any, prompts: Any, result: Any, max_tokens: int, k: int, bin_dir: str | None
 ) -> list[dict[str, Any]]:
-    from . import peers
-    from .chat import render_chat
-    from .runtimes.llama_cpp import default_threads
+    from edgespec.bench import peers
+    from edgespec.chat import render_chat
+    from edgespec.runtimes.llama_cpp import default_threads
 
     template = target_rt.chat_template()
     peer_prompts = []
@@ -686,9 +701,9 @@ def bench_costs(
     repeats: int,
 ) -> None:
     """Measure draft and verification costs here and print the speed-up speculation could reach."""
-    from . import bench as harness
-    from . import costs as cost_model
-    from .datasets import read_prompts, spec_bench_path
+    from edgespec import costs as cost_model
+    from edgespec.bench import runner as harness
+    from edgespec.bench.datasets import read_prompts, spec_bench_path
 
     pair, target_rt, draft_rt = _bench_runtimes(
         target, draft, threads, ctx_size, kernels, True, draft_threads, draft_gpu_layers
@@ -702,21 +717,21 @@ def bench_costs(
     click.echo(harness.costs_markdown(measured))
 
 
-from .cli_export import export  # noqa: E402  (registers `edgespec export …`)
+from edgespec.cli.export import export  # noqa: E402  (registers `edgespec export …`)
 
 cli.add_command(export)
 
-from .cli_profile import profile  # noqa: E402  (registers `edgespec profile …`)
+from edgespec.cli.profile import profile  # noqa: E402  (registers `edgespec profile …`)
 
 cli.add_command(profile)
 
 
-from .cli_chat import chat  # noqa: E402  (registers `edgespec chat`)
+from edgespec.cli.chat import chat  # noqa: E402  (registers `edgespec chat`)
 
 cli.add_command(chat)
 
 
-from .cli_serve import serve  # noqa: E402  (registers `edgespec serve`)
+from edgespec.cli.serve import serve  # noqa: E402  (registers `edgespec serve`)
 
 cli.add_command(serve)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .fileio import atomic_path
+from edgespec.fileio import atomic_path
 
 if TYPE_CHECKING:
-    from .bench import BenchResult
+    from edgespec.bench.runner import BenchResult
 
 
 def _save(figure, path: Path) -> Path:  # type: ignore[no-untyped-def]
@@ -28,7 +28,7 @@ def write_plots(result: BenchResult, directory: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .bench import summarize
+    from edgespec.bench.runner import summarize
 
     directory.mkdir(parents=True, exist_ok=True)
     categories = sorted({r["category"] for r in result.records})

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EdgespecError
+from edgespec.errors import EdgespecError
 
 
 @dataclass(frozen=True)

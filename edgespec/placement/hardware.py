@@ -232,7 +232,7 @@ def probe_llama() -> tuple[tuple[str, ...], list[LlamaDevice], bool]:
     import llama_cpp
 
     # The project's quiet log sink: GPU backends log their initialisation to stderr otherwise.
-    from .runtimes.llama_cpp import backend
+    from edgespec.runtimes.llama_cpp import backend
 
     backend()
     ggml, base = _ggml_libs()

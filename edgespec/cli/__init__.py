@@ -1,0 +1,1 @@
+"""The `edgespec` command: one module per command group, shared options in `common`."""
