@@ -6,7 +6,7 @@ with the same sampling settings (greedy unless asked) and, per prompt, the same 
 formatted the same way; warm-up runs are not counted. With greedy decoding every speculative
 configuration's token ids are compared with target-only's for the same prompt and turn, and a
 difference is a failure. Sampled outputs differ from run to run by design; that they follow the
-target's distribution is what tests/test_sampling_stats.py checks.
+target's distribution is what tests/model/test_sampling_stats.py checks.
 """
 
 from __future__ import annotations
@@ -532,8 +532,9 @@ def markdown(result: BenchResult, by_category: bool = True) -> str:
     else:
         out += [
             "",
-            f"outputs not compared token by token: sampling at temperature {result.sampling.temperature:g} "
-            "(same seeds for every configuration; tests/test_sampling_stats.py checks the distribution)",
+            "outputs not compared token by token: sampling at temperature "
+            f"{result.sampling.temperature:g} (same seeds for every configuration; "
+            "tests/model/test_sampling_stats.py checks the distribution)",
         ]
     return "\n".join(out)
 

@@ -2,7 +2,7 @@
 
 llama.cpp's own reader (ggml's gguf.cpp) refuses a malformed header with an error, but its model
 and vocabulary loaders stop the whole process (GGML_ASSERT / GGML_ABORT) on some well-formed files
-with bad values. tests/test_gguf_fuzz.py found these, with llama-cpp-python 0.3.36:
+with bad values. tests/model/test_gguf_fuzz.py found these, with llama-cpp-python 0.3.36:
 
 - `{arch}.block_count` of 0 or more than 512 (llama-model.cpp: n_layer_all <= LLAMA_MAX_LAYERS);
 - two tokens with the same text in `tokenizer.ggml.tokens` (llama-vocab.cpp: id_to_token.size()
@@ -86,7 +86,7 @@ _DTYPES: dict[int, np.dtype[Any]] = {
 }  # fmt: skip
 
 # The ggml tensor types of the bundled llama.cpp (GGML_TYPE_COUNT = 43): id → (values per block,
-# bytes per block). Ids 4, 5, 31-33 and 36-38 were removed from ggml. tests/test_gguf_fuzz.py
+# bytes per block). Ids 4, 5, 31-33 and 36-38 were removed from ggml. tests/model/test_gguf_fuzz.py
 # checks this table against the ggml library llama-cpp-python ships.
 GGML_TYPES: dict[int, tuple[int, int]] = {
     0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),

@@ -3,7 +3,7 @@ import pytest
 from edgespec.chat import render_chat
 from edgespec.errors import PromptError
 
-from .tinymodels import DEFAULT_TEMPLATE
+from ..tinymodels import DEFAULT_TEMPLATE
 
 
 def test_renders_messages_and_generation_prompt():

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from edgespec import __version__
 from edgespec.cli.main import cli
 
-from .conftest import tiny_model_args
-from .helpers import assert_one_line_error
+from ..conftest import tiny_model_args
+from ..helpers import assert_one_line_error
 
 
 @pytest.fixture()

@@ -37,7 +37,7 @@ from edgespec.cli.main import cli
 from edgespec.cli.serve import bind, url_of
 from edgespec.server.app import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY_BYTES, make_server
 
-from .conftest import real_pair_paths, tiny_model_args
+from ..conftest import real_pair_paths, tiny_model_args
 
 N_CTX = 8192  # room for long generations, which the disconnect tests cut short
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat sat"}]

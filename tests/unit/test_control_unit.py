@@ -11,7 +11,7 @@ from edgespec.drafting import ModelDrafter, NgramDrafter
 from edgespec.engine import Generation, GenerationSettings, SpeculativeEngine
 from edgespec.sampling import SamplingSettings
 
-from .fakes import BOS, FakeRuntime, char_id, random_logits
+from ..fakes import BOS, FakeRuntime, char_id, random_logits
 
 T1 = 0.020  # seconds per target step
 CHEAP = [T1 * (1 + 0.05 * n) for n in range(9)]  # a pass over n + 1 tokens costs 5% more per token

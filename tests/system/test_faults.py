@@ -44,10 +44,10 @@ from edgespec.load import models
 from edgespec.load.memory import KV_BYTES, check_memory, memory_need
 from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
-from .conftest import tiny_model_args
-from .helpers import assert_one_line_error, machine
+from ..conftest import tiny_model_args
+from ..helpers import assert_one_line_error, machine
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAS_DEV_FULL = Path("/dev/full").exists()
 needs_dev_full = pytest.mark.skipif(not HAS_DEV_FULL, reason="needs /dev/full (Linux) to fill a disk")
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX signals and resource limits")
@@ -179,7 +179,7 @@ def test_bad_draft_file_api(api_env, broken, tiny_pair, fault):
 
 @pytest.mark.parametrize("fault", ["empty", "cut-header", "arch", "blocks", "width", "nan", "inf"])
 def test_bad_target_file_cli(runner, broken, fault):
-    """Rows as above, through `edgespec run` (missing, non-GGUF, truncated: tests/test_cli.py)."""
+    """Rows as above, through `edgespec run` (missing, non-GGUF, truncated: tests/system/test_cli.py)."""
     result = runner.invoke(cli, ["run", "--target", str(broken[fault]), "--draft", "none", "hi"])
     assert result.exit_code == 1
     assert_one_line_error(result, FILE_FAULTS[fault])
@@ -208,7 +208,7 @@ def test_damage_that_leaves_finite_scores_is_not_detectable(api_env, tiny_pair, 
 
 
 def test_incompatible_pair_api(api_env, tiny_pair, tiny_changed_vocab):
-    """Row: an incompatible draft/target pair (CLI: tests/test_cli.py::test_incompatible_pair)."""
+    """Row: an incompatible draft/target pair (CLI: tests/system/test_cli.py::test_incompatible_pair)."""
     with pytest.raises(IncompatibleModelsError) as info:
         engine(tiny_pair[0], tiny_changed_vocab)
     assert "token 300 differs" in one_line(info.value)
@@ -223,7 +223,7 @@ def trimmed(tiny_pair, tmp_path_factory) -> Path:
 
 
 def test_trimmed_drafter_for_another_target_api_and_cli(runner, tiny_changed_vocab, trimmed):
-    """Row: a trimmed drafter whose map does not fit the target (loader.load: tests/test_vocab_trim.py)."""
+    """Row: a trimmed drafter whose map does not fit the target (load: tests/model/test_vocab_trim.py)."""
     with pytest.raises(IncompatibleModelsError) as info:
         engine(tiny_changed_vocab, trimmed)
     assert "should be target token 300" in one_line(info.value)
@@ -242,7 +242,7 @@ def shared_engine(tiny_pair):
 
 @pytest.mark.parametrize("prompt", ["", "   \n", []])
 def test_empty_prompt_api(shared_engine, prompt):
-    """Row: an empty prompt (CLI: tests/test_cli.py::test_empty_prompt)."""
+    """Row: an empty prompt (CLI: tests/system/test_cli.py::test_empty_prompt)."""
     with pytest.raises(PromptError) as info:
         shared_engine.generate(prompt)
     assert "empty" in one_line(info.value)
@@ -250,8 +250,8 @@ def test_empty_prompt_api(shared_engine, prompt):
 
 
 def test_prompt_longer_than_the_context_api(shared_engine):
-    """Row: a prompt longer than the context (CLI: tests/test_cli.py::test_prompt_longer_than_context;
-    text prompts: tests/test_api.py::test_prompt_too_long_is_a_prompt_error)."""
+    """Row: a prompt longer than the context (CLI: tests/system/test_cli.py::test_prompt_longer_than_context;
+    text prompts: tests/model/test_api.py::test_prompt_too_long_is_a_prompt_error)."""
     with pytest.raises(PromptError) as info:
         shared_engine.generate([5] * 300)
     assert "context holds 256" in one_line(info.value)
@@ -452,7 +452,7 @@ def test_user_gpu_profile_without_a_gpu_keeps_its_drafting(api_env, tiny_pair, c
 def test_cpu_fallback_only_where_there_is_no_usable_gpu(api_env):
     from edgespec.placement.profiles import cpu_fallback, load_profile
 
-    from .helpers import cuda
+    from ..helpers import cuda
 
     gpu_all, cpu_only = load_profile("gpu-all"), load_profile("cpu-only")
     assert cpu_fallback(gpu_all, machine(cuda(8_000))) is None  # a GPU: run as it says
@@ -504,7 +504,7 @@ def tiny_default_target(tiny_pair, tmp_path, monkeypatch) -> models.DefaultModel
 
 def test_corrupted_model_cache_is_detected_and_rebuilt_cli(runner, tiny_default_target):
     """Row: a corrupted model cache: a changed file is hashed again and joined again from its parts
-    (API: tests/test_models.py::test_corrupt_cache_is_detected_and_rebuilt)."""
+    (API: tests/unit/test_models.py::test_corrupt_cache_is_detected_and_rebuilt)."""
     args = ["run", "--target", "default", "--draft", "none", "--threads", "1", "--ctx", "256"]
     args += ["--raw", "--max-tokens", "8", "--json", "the cat"]
     first = runner.invoke(cli, args)
@@ -831,7 +831,7 @@ def test_ctrl_c_during_generation_cli(runner, tiny_pair, monkeypatch):
 
 def test_ctrl_c_during_gguf_export_cli(runner, checkpoint, tmp_path, monkeypatch):
     """Row: Ctrl-C during `edgespec export gguf` (F16 and the quantizer's input): exit 130, nothing left
-    (API: tests/test_export_gguf.py::test_failure_midway_leaves_no_file_and_keeps_the_old_one)."""
+    (API: tests/model/test_export_gguf.py::test_failure_midway_leaves_no_file_and_keeps_the_old_one)."""
     import edgespec.exporters.gguf as exporter
 
     real = exporter._convert

@@ -25,7 +25,7 @@ from edgespec.placement.profiles import (
     read_profile,
 )
 
-from .helpers import cuda, machine
+from ..helpers import cuda, machine
 
 try:
     import tomllib

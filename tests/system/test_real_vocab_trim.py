@@ -15,7 +15,7 @@ from edgespec.exporters import vocab_trim as vt
 from edgespec.load.builder import load
 from edgespec.runtimes.base import RuntimeSettings
 
-from .conftest import BENCH_QUESTIONS, bench_prompts, real_pair_paths
+from ..conftest import BENCH_QUESTIONS, bench_prompts, real_pair_paths
 
 pytestmark = pytest.mark.real
 

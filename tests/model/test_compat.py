@@ -6,8 +6,8 @@ from edgespec.errors import IncompatibleModelsError
 from edgespec.load.pair_check import check_compatible
 from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
-from .conftest import TINY_SETTINGS
-from .tinymodels import build_tiny_model, default_vocab, vocab_with_padding
+from ..conftest import TINY_SETTINGS
+from ..tinymodels import build_tiny_model, default_vocab, vocab_with_padding
 
 
 def test_pair_sharing_a_vocabulary_is_compatible(tiny_runtimes):

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import tiny_model_args
+from ..conftest import tiny_model_args
 
-SOAK = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
+SOAK = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
 
 
 @pytest.fixture(scope="module")

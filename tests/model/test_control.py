@@ -21,7 +21,7 @@ from edgespec.drafting import ModelDrafter, NgramDrafter
 from edgespec.engine import GenerationSettings, SpeculativeEngine
 from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
-from .conftest import TINY_SETTINGS
+from ..conftest import TINY_SETTINGS
 
 T1 = 0.030  # seconds per target step
 LINEAR = [T1 * n for n in range(1, 18)]  # verifying n tokens costs n steps: speculation cannot pay

@@ -21,7 +21,7 @@ from edgespec.engine import GenerationSettings, SpeculativeEngine
 from edgespec.load.pair_check import check_compatible
 from edgespec.runtimes.base import RuntimeSettings
 
-from .conftest import bench_prompts, real_pair_paths
+from ..conftest import bench_prompts, real_pair_paths
 
 pytestmark = pytest.mark.real
 
@@ -31,7 +31,7 @@ PROMPTS = bench_prompts(per_category=1, categories=12)  # 12 prompts, 12 categor
 SETTINGS = RuntimeSettings(n_ctx=2048, kernels="exact")
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def readme_python_block(heading: str) -> str:

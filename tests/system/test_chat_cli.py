@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from edgespec.cli.chat import INTERRUPT_HINT, ctrl_c_cancels, history_path, line_editing
 from edgespec.cli.main import cli
 
-from .conftest import tiny_model_args
-from .tinymodels import build_tiny_model, default_vocab
+from ..conftest import tiny_model_args
+from ..tinymodels import build_tiny_model, default_vocab
 
 try:
     import pexpect

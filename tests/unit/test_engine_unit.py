@@ -20,7 +20,7 @@ from edgespec.engine import Generation, GenerationSettings, SpeculativeEngine
 from edgespec.errors import PromptError, SettingsError
 from edgespec.sampling import Dist, SamplingSettings
 
-from .fakes import (
+from ..fakes import (
     BOS,
     EOS,
     FakeRuntime,

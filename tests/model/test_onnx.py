@@ -27,8 +27,8 @@ from edgespec.formats.vocabmap import SIDECAR_NAME, VocabMap  # noqa: E402
 from edgespec.runtimes.base import Runtime, RuntimeSettings  # noqa: E402
 from edgespec.runtimes.onnx import OnnxRuntime  # noqa: E402
 
-from .conftest import ProgressRecorder  # noqa: E402
-from .hfmodels import build_tiny_hf, load_hf  # noqa: E402
+from ..conftest import ProgressRecorder  # noqa: E402
+from ..hfmodels import build_tiny_hf, load_hf  # noqa: E402
 
 # the exact guarantee, asked for: tests compare batched rows with single-token passes
 SETTINGS = RuntimeSettings(n_ctx=256, n_threads=1, kernels="exact")
@@ -383,7 +383,7 @@ def test_cli_mixed_pair_onnx_drafter_llama_cpp_target(hf_dirs, exported, tmp_pat
     from edgespec.cli.main import cli
     from edgespec.exporters.gguf import export_gguf
 
-    from .helpers import assert_one_line_error
+    from ..helpers import assert_one_line_error
 
     monkeypatch.setenv("EDGESPEC_CACHE_DIR", str(tmp_path / "cache"))
     target = export_gguf(hf_dirs["qwen2"], tmp_path / "target.gguf", "Q8_0").path

@@ -11,7 +11,7 @@ from edgespec.engine import GenerationSettings, SpeculativeEngine
 from edgespec.errors import PromptError, SettingsError
 from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
-from .conftest import TINY_SETTINGS
+from ..conftest import TINY_SETTINGS
 
 PROMPTS = ["the cat sat on the", "once upon a time there was", "a b c a b c a b", "hello world, the"]
 

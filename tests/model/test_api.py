@@ -17,7 +17,7 @@ from edgespec.errors import EdgespecError, PromptError, SettingsError
 from edgespec.load.builder import LoadedPair
 from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
-from .conftest import TINY_SETTINGS
+from ..conftest import TINY_SETTINGS
 
 SETTINGS_LONG = TINY_SETTINGS.__class__(n_ctx=2048, n_threads=1)
 

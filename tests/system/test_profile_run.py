@@ -14,7 +14,7 @@ from edgespec.placement.hardware import detect_hardware
 from edgespec.placement.profiles import load_profile, read_profile, user_profile_dir
 from edgespec.placement.tuning import tuned_name
 
-from .helpers import assert_one_line_error
+from ..helpers import assert_one_line_error
 
 
 @pytest.fixture()

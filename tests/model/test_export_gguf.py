@@ -15,8 +15,8 @@ from edgespec.exporters.gguf import export_gguf, quant_names
 from edgespec.runtimes.base import RuntimeSettings
 from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
-from .conftest import ProgressRecorder
-from .hfmodels import CHAT_TEMPLATE
+from ..conftest import ProgressRecorder
+from ..hfmodels import CHAT_TEMPLATE
 
 SETTINGS = RuntimeSettings(n_ctx=128, n_threads=1)
 
@@ -283,7 +283,7 @@ def test_cli_export_gguf(checkpoints, tmp_path: Path, monkeypatch) -> None:
 
     from edgespec.cli.main import cli
 
-    from .helpers import assert_one_line_error
+    from ..helpers import assert_one_line_error
 
     monkeypatch.setenv("EDGESPEC_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "q8.gguf"

@@ -12,7 +12,7 @@ from edgespec.errors import ModelLoadError, PromptError
 from edgespec.runtimes.base import Runtime
 from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
-from .conftest import TINY_SETTINGS
+from ..conftest import TINY_SETTINGS
 
 
 def greedy(rt: LlamaCppRuntime, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:

@@ -14,7 +14,7 @@ from edgespec.runtimes import invariance
 from edgespec.runtimes.base import RuntimeSettings
 from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
-from .tinymodels import build_tiny_model
+from ..tinymodels import build_tiny_model
 
 SETTINGS = RuntimeSettings(n_ctx=256, n_threads=1)
 

@@ -13,8 +13,8 @@ from edgespec.cli.main import cli
 from edgespec.costs import Costs
 from edgespec.errors import SettingsError
 
-from .conftest import tiny_model_args
-from .helpers import bench_args
+from ..conftest import tiny_model_args
+from ..helpers import bench_args
 
 
 @pytest.fixture()

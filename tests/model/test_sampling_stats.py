@@ -23,8 +23,8 @@ from edgespec.engine import GenerationSettings, SpeculativeEngine
 from edgespec.sampling import LogitsProcessor, SamplingSettings, residual
 from edgespec.verify import verify_rejection
 
-from .conftest import TINY_SETTINGS
-from .memoruntime import MemoRuntime
+from ..conftest import TINY_SETTINGS
+from ..memoruntime import MemoRuntime
 
 N_TOKENS = 3  # the joint distribution of the first three tokens
 N_SAMPLES = 40_000

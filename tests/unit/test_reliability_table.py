@@ -6,7 +6,7 @@ import ast
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEST_ID = re.compile(r"`(test_\w+\.py)::(test_\w+)(?:\[([^\]`]+)\])?`")
 
 
@@ -25,7 +25,8 @@ def test_every_test_named_in_reliability_md_exists():
     assert len(named) > 80  # the table is not empty or unparsed
     missing = []
     for file, name, case in named:
-        path = ROOT / "tests" / file
+        found = sorted((ROOT / "tests").rglob(file))  # tests/unit, tests/model or tests/system
+        path = found[0] if len(found) == 1 else ROOT / "tests" / file
         if not path.is_file() or name not in defined_tests(path):
             missing.append(f"{file}::{name}")
         elif case and case not in path.read_text(encoding="utf-8"):

@@ -36,7 +36,7 @@ import pytest
 from edgespec.errors import ModelLoadError
 from edgespec.formats.gguf import GGML_TYPES, check_gguf
 
-from .conftest import real_pair_paths
+from ..conftest import real_pair_paths
 
 # pipes in selectors, RLIMIT_AS and /proc are POSIX things
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the fuzz workers need POSIX pipes")

@@ -3,7 +3,7 @@ import pytest
 from edgespec.bench.datasets import first_per_category, read_prompts
 from edgespec.errors import EdgespecError
 
-from .conftest import BENCH_QUESTIONS
+from ..conftest import BENCH_QUESTIONS
 
 
 def test_spec_bench_file_reads_whole():

@@ -18,8 +18,8 @@ from edgespec.formats.vocabmap import VocabMap
 from edgespec.load.builder import load
 from edgespec.sampling import SamplingSettings
 
-from .conftest import TINY_SETTINGS
-from .helpers import assert_one_line_error
+from ..conftest import TINY_SETTINGS
+from ..helpers import assert_one_line_error
 
 CALIBRATION = ["the cat sat on the mat", "tell me a story", "a dog runs far", "one two three", "the sea"]
 N_KEEP = 400  # of 554: the 261 always-kept tokens (bytes, control) and 139 by frequency
@@ -252,7 +252,7 @@ def test_cli_vocab_trim_errors_are_one_line(runner, tiny_pair, tmp_path):
 
 
 def test_bench_compares_a_trimmed_drafter_with_the_untrimmed_one(tiny_pair, trimmed, tmp_path):
-    from .helpers import bench_args
+    from ..helpers import bench_args
 
     dataset = tmp_path / "prompts.jsonl"
     dataset.write_text("".join(json.dumps({"prompt": t, "category": "c"}) + "\n" for t in CALIBRATION[:3]))

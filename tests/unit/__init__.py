@@ -1,0 +1,1 @@
+"""Pure code on tests/fakes.py's FakeRuntime and fabricated data: no model files, milliseconds."""
