@@ -28,7 +28,6 @@ from edgespec.chat import chat_tokens, prompt_tokens
 from edgespec.defaults import DRAFT_MAX, N_CTX
 from edgespec.engine import FinishReason, Generation, GenerationSettings, Stats
 from edgespec.errors import EdgespecError, PromptError, SettingsError
-from edgespec.load.builder import EngineSpec, build
 from edgespec.sampling import LogitsProcessor, SamplingSettings
 
 if TYPE_CHECKING:
@@ -291,6 +290,10 @@ class Engine:
         tune_progress: Callable[[int], Any] | None = None,
         on_note: Callable[[str], None] | None = None,
     ) -> None:
+        # Loading (and its placement and memory modules) is imported when an engine is built, not
+        # with `from edgespec import Engine`: about 50 ms less for an app that imports and waits.
+        from edgespec.load.builder import EngineSpec
+
         spec = EngineSpec(
             target,
             draft,
@@ -332,6 +335,8 @@ class Engine:
         tune_progress: Callable[[int], Any] | None,
         on_note: Callable[[str], None] | None,
     ) -> None:
+        from edgespec.load.builder import build
+
         built = build(spec, progress=progress, tune_progress=tune_progress, on_note=on_note)
         self.profile = built.profile
         self._init(built.pair, built.draft_max, cache_prompt)
