@@ -47,7 +47,7 @@ def hf():
     pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
     pytest.importorskip("safetensors")
-    from . import hfmodels
+    from .. import hfmodels
 
     return hfmodels
 

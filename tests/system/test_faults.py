@@ -688,7 +688,7 @@ def checkpoint(tmp_path_factory) -> Path:
     """A tiny Hugging Face Qwen2 checkpoint (the export extra), or skip."""
     for module in ("torch", "transformers", "tokenizers", "safetensors"):
         pytest.importorskip(module)
-    from . import hfmodels
+    from .. import hfmodels
 
     return hfmodels.build_tiny_hf(tmp_path_factory.mktemp("hf") / "qwen2", "qwen2", seed=1)
 
