@@ -111,7 +111,7 @@ def _calibrate(options: dict[str, Any]) -> _Calibration:
     from edgespec.bench.datasets import held_out, last_per_category, read_prompts, spec_bench_path
     from edgespec.chat import prompt_tokens
     from edgespec.exporters import vocab_trim as vt
-    from edgespec.load.builder import load, resolve_model_path
+    from edgespec.load.builder import EngineSpec, build, resolve_model_path
 
     target_path = resolve_model_path(options["target"], "target", _model_progress)
     counts_in: Path | None = options["counts_in"]
@@ -126,14 +126,13 @@ def _calibrate(options: dict[str, Any]) -> _Calibration:
             raise ExportError(f"{counts_in} was measured on another target than {target_path}")
         return _Calibration(counts, source, target_path, sha)
 
-    from edgespec.runtimes.base import RuntimeSettings
-
     corpus: tuple[Path, ...] = options["corpus"]
     generate: int = options["generate"]
     calibration: str = options["calibration"]
     per_category: int = options["calibration_per_category"]
     holdout: int = options["holdout"]
-    pair = load(target_path, "none", RuntimeSettings(n_ctx=N_CTX, n_threads=options["threads"]))
+    spec = EngineSpec(target_path, "none", n_ctx=N_CTX, threads=options["threads"], flash_attn="off")
+    pair = build(spec).pair
     try:
         engine = pair.engine
         if corpus:

@@ -251,23 +251,16 @@ def tune(base: str, target: str, draft: str, ctx: int, threads: int | None, verb
       edgespec profile tune --profile dovetail --draft small.gguf
     """
     from edgespec.cli.common import progress, tune_progress
-    from edgespec.load.builder import ProfileOverrides, load_with_profile
+    from edgespec.load.builder import EngineSpec, build
 
-    pair, tuned = load_with_profile(
-        base,
-        target,
-        draft,
-        n_ctx=ctx,
-        overrides=ProfileOverrides(threads=threads),
-        verbose=verbose,
-        progress=progress,
-        tune_progress=tune_progress,
-        on_note=lambda line: click.echo(line, err=True),
-        retune=True,
+    spec = EngineSpec(target, draft, base, n_ctx=ctx, threads=threads, verbose=verbose, retune=True)
+    built = build(
+        spec, progress=progress, tune_progress=tune_progress, on_note=lambda line: click.echo(line, err=True)
     )
-    pair.close()
+    built.pair.close()
+    tuned = built.profile
+    assert tuned is not None and tuned.costs is not None  # a profile, retuned: always measured
     costs = tuned.costs
-    assert costs is not None  # load_with_profile(retune=True) always measures
     t1 = costs.t_verify_ms[0]
     click.echo(f"profile: {tuned.name} (saved as {tuned.source})")
     ratio = costs.t_draft_ms / t1

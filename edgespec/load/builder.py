@@ -154,6 +154,8 @@ class EngineSpec:
         flash_attn: llama.cpp's flash attention without a profile ("auto", "on", "off").
         draft_provider: ONNX Runtime execution provider for an ONNX drafter.
         verbose: let llama.cpp's log lines through.
+        retune: with a profile, measure this machine again even when a tuned profile exists
+            (`edgespec profile tune`).
     """
 
     target: str | os.PathLike[str] | None = None
@@ -169,6 +171,7 @@ class EngineSpec:
     flash_attn: str = "auto"
     draft_provider: str | None = None
     verbose: bool = False
+    retune: bool = False
 
     def resolved(self) -> EngineSpec:
         """With nothing saying how to draft (no draft, profile or draft_max), `--profile auto`:
@@ -228,6 +231,7 @@ def build(
             progress=progress,
             tune_progress=tune_progress,
             on_note=on_note,
+            retune=spec.retune,
         )
         k = profile.speculation
         draft_max = spec.draft_max
@@ -482,22 +486,7 @@ def load_with_profile(
     if o.kernels and o.kernels != profile.target.kernels:
         # Costs measured under the other kernels do not hold: tune (or find the tune) for these.
         profile = replace(profile, target=replace(profile.target, kernels=o.kernels), costs=None)
-    threads, threads_batch = profile.target.resolve_threads(hw)
-    target_settings = RuntimeSettings(
-        n_ctx=n_ctx,
-        n_threads=o.threads or threads,
-        n_threads_batch=o.threads or threads_batch,
-        gpu_layers=profile.target.gpu_layers if o.gpu_layers is None else o.gpu_layers,
-        kernels=profile.target.kernels,  # type: ignore[arg-type]
-        verbose=verbose,
-    )
-    d_threads, d_threads_batch = profile.draft.resolve_threads(hw)
-    draft_settings = replace(
-        target_settings,
-        n_threads=o.draft_threads or d_threads,
-        n_threads_batch=o.draft_threads or d_threads_batch,
-    )
-    draft_layers = profile.draft.gpu_layers if o.draft_gpu_layers is None else o.draft_gpu_layers
+    target_settings, draft_settings, draft_layers = placed_settings(profile, o, hw, n_ctx, verbose)
     if not retune and needs_costs(profile):
         # A saved tune may have dropped the model drafter: then the draft model is not loaded.
         wanted = probe_draft if "model" in profile.speculation.drafters else None
@@ -525,6 +514,30 @@ def load_with_profile(
         stack.pop_all()
     label = f"profile {profile.name}"
     return LoadedPair(SpeculativeEngine(target_rt, drafter), target_path, label), profile
+
+
+def placed_settings(
+    profile: Profile, o: ProfileOverrides, hw: Any, n_ctx: int, verbose: bool
+) -> tuple[RuntimeSettings, RuntimeSettings, int]:
+    """The target's and the draft model's runtime settings, and the draft model's GPU layers, as
+    the profile places them on this machine, command-line overrides winning."""
+    threads, threads_batch = profile.target.resolve_threads(hw)
+    target_settings = RuntimeSettings(
+        n_ctx=n_ctx,
+        n_threads=o.threads or threads,
+        n_threads_batch=o.threads or threads_batch,
+        gpu_layers=profile.target.gpu_layers if o.gpu_layers is None else o.gpu_layers,
+        kernels=profile.target.kernels,  # type: ignore[arg-type]
+        verbose=verbose,
+    )
+    d_threads, d_threads_batch = profile.draft.resolve_threads(hw)
+    draft_settings = replace(
+        target_settings,
+        n_threads=o.draft_threads or d_threads,
+        n_threads_batch=o.draft_threads or d_threads_batch,
+    )
+    draft_layers = profile.draft.gpu_layers if o.draft_gpu_layers is None else o.draft_gpu_layers
+    return target_settings, draft_settings, draft_layers
 
 
 def ensure_tuned(
