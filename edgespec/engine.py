@@ -29,7 +29,7 @@ import numpy as np
 
 from edgespec.defaults import DRAFT_MAX, K_LIMIT
 from edgespec.drafting import NO_DRAFT, reuse_prefix
-from edgespec.errors import PromptError, SettingsError
+from edgespec.errors import PromptError, PromptTooLongError, SettingsError
 from edgespec.sampling import GREEDY, Dist, LazyDists, LogitsProcessor, SamplingSettings, TokenSampler
 from edgespec.text import TextStream
 from edgespec.verify import verify_exact_match, verify_greedy, verify_rejection
@@ -381,7 +381,7 @@ class SpeculativeEngine:
         if not prompt:
             raise PromptError("the prompt is empty")
         if len(prompt) >= self.target.n_ctx:
-            raise PromptError(
+            raise PromptTooLongError(
                 f"the prompt has {len(prompt)} tokens but the context holds {self.target.n_ctx}; "
                 "shorten it or raise the context size (--ctx)"
             )

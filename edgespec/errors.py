@@ -30,7 +30,32 @@ class IncompatibleModelsError(EdgespecError):
 
 
 class PromptError(EdgespecError):
-    """The prompt is empty or does not fit the context."""
+    """The prompt is empty, is not valid Unicode text, or does not fit the context."""
+
+
+class PromptTooLongError(PromptError):
+    """The prompt (a conversation so far, in a chat) does not fit the context."""
+
+
+def encode_utf8(text: str, what: str = "the prompt") -> bytes:
+    """`text` as UTF-8, or a PromptError naming the first character that has no UTF-8 form.
+
+    Such characters are lone surrogates (U+D800 … U+DFFF). They reach edgespec as JSON escapes
+    ("\\udcff"), from Python strings, and from bytes that are not UTF-8 read through a stream
+    that decodes with surrogateescape (stdin here), where U+DC80 … U+DCFF stands for one raw byte.
+    The rule is the same everywhere: refuse, never guess what the text meant.
+    """
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        if 0xDC80 <= code <= 0xDCFF:
+            found = f"the byte 0x{code - 0xDC00:02X}, which is not UTF-8"
+        else:
+            found = f"a lone surrogate U+{code:04X}"
+        raise PromptError(
+            f"{what} is not valid Unicode: character {exc.start} is {found}; send UTF-8 text"
+        ) from None
 
 
 class SettingsError(EdgespecError):

@@ -26,6 +26,7 @@ import collections
 import contextlib
 import ctypes
 import os
+import signal
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,7 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from edgespec.errors import ModelLoadError, PromptError, RuntimeFailure, SettingsError
+from edgespec.errors import (
+    ModelLoadError,
+    PromptTooLongError,
+    RuntimeFailure,
+    SettingsError,
+    encode_utf8,
+)
 from edgespec.formats.gguf import check_gguf
 from edgespec.formats.vocabmap import KEY_TARGET_N_VOCAB, VocabMap
 from edgespec.runtimes.base import LogitRows, RuntimeBase, RuntimeSettings, VocabInfo
@@ -157,6 +164,33 @@ def vocab_only(path: str | os.PathLike[str]) -> Iterator[Any]:
         _ll.llama_model_free(model)
 
 
+@contextlib.contextmanager
+def interrupt_after_native_call() -> Iterator[threading.Event]:
+    """Hold Ctrl-C back while a native call that calls into Python (log lines, load progress)
+    runs, and raise it once the call has returned.
+
+    A KeyboardInterrupt raised inside a ctypes callback is printed as "Exception ignored" and
+    dropped, and the call goes on as if nothing was pressed; so SIGINT only sets the yielded
+    event (which a callback may poll to stop early) while the block runs. After the block, a
+    press becomes KeyboardInterrupt, replacing whatever the block raised. Outside the main thread,
+    or when SIGINT is not Python's default handler, nothing changes.
+    """
+    pressed = threading.Event()
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield pressed
+        return
+    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: pressed.set())
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pressed.is_set():
+            raise KeyboardInterrupt
+
+
 def vocab_info(v: Any) -> VocabInfo:
     """What the engine needs to know about a loaded vocabulary (a `llama_vocab` pointer)."""
     n_vocab = int(_ll.llama_vocab_n_tokens(v))
@@ -215,7 +249,15 @@ class LlamaCppRuntime(RuntimeBase):
         # Memory-mapped, as llama-cpp-python's `Llama` loads (llama.cpp's own default, "auto",
         # decoded 3-5% slower here).
         mparams.load_mode = _ll.LLAMA_LOAD_MODE_MMAP
-        self._model = _ll.llama_model_load_from_file(str(self.path).encode(), mparams)
+        try:
+            with interrupt_after_native_call() as pressed:
+                # Ctrl-C stops the load at its next progress report (returning false aborts it).
+                keep_loading = _ll.llama_progress_callback(lambda _progress, _user: not pressed.is_set())
+                mparams.progress_callback = keep_loading
+                self._model = _ll.llama_model_load_from_file(str(self.path).encode(), mparams)
+        except KeyboardInterrupt:
+            self.close()
+            raise
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {self.path}: {log.reason()}")
 
@@ -242,7 +284,12 @@ class LlamaCppRuntime(RuntimeBase):
         else:
             cparams.flash_attn_type = _FLASH_ATTN[self.settings.flash_attn]
         cparams.no_perf = True
-        self._ctx = _ll.llama_init_from_model(self._model, cparams)
+        try:
+            with interrupt_after_native_call():
+                self._ctx = _ll.llama_init_from_model(self._model, cparams)
+        except KeyboardInterrupt:
+            self.close()
+            raise
         if not self._ctx:
             self.close()
             raise ModelLoadError(f"llama.cpp could not create a context for {self.path}: {log.reason()}")
@@ -295,7 +342,7 @@ class LlamaCppRuntime(RuntimeBase):
     # ----------------------------------------------------------------------------------- vocab
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        data = text.encode("utf-8")
+        data = encode_utf8(text, "the text")
         capacity = len(data) + 8
         while True:
             buf = (_ll.llama_token * capacity)()
@@ -353,7 +400,9 @@ class LlamaCppRuntime(RuntimeBase):
         if n == 0:
             raise ValueError("eval needs at least one token")
         if self._n_past + n > self._n_ctx:
-            raise PromptError(f"{self._n_past + n} tokens do not fit the context of {self._n_ctx} tokens")
+            raise PromptTooLongError(
+                f"{self._n_past + n} tokens do not fit the context of {self._n_ctx} tokens"
+            )
         n_vocab = self.vocab.n_vocab
         for token in tokens:
             if not 0 <= token < n_vocab:

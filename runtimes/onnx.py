@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from edgespec.errors import ModelLoadError, PromptError, SettingsError
+from edgespec.errors import ModelLoadError, PromptTooLongError, SettingsError, encode_utf8
 from edgespec.formats.vocabmap import SIDECAR_NAME, VocabMap
 from edgespec.runtimes.base import LogitRows, RuntimeBase, RuntimeSettings, VocabInfo
 
@@ -373,6 +373,7 @@ class OnnxRuntime(RuntimeBase):
         Returns:
             The ids, in the tokenizer's (the target's) id space.
         """
+        encode_utf8(text, "the text")  # the llama.cpp runtime's rule: text without a UTF-8 form is refused
         tokenizer = self._tokenizer
         tokenizer.encode_special_tokens = not parse_special
         ids = tokenizer.encode(text, add_special_tokens=False).ids
@@ -457,7 +458,9 @@ class OnnxRuntime(RuntimeBase):
         if n == 0:
             raise ValueError("eval needs at least one token")
         if self._n_past + n > self._n_ctx:
-            raise PromptError(f"{self._n_past + n} tokens do not fit the context of {self._n_ctx} tokens")
+            raise PromptTooLongError(
+                f"{self._n_past + n} tokens do not fit the context of {self._n_ctx} tokens"
+            )
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.min() < 0 or ids.max() >= self._n_input_vocab:
             bad = int(ids[(ids < 0) | (ids >= self._n_input_vocab)][0])
