@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import math
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -27,6 +29,8 @@ from edgespec.errors import ProfileError
 from edgespec.fileio import user_config_dir
 from edgespec.placement.hardware import Hardware
 from edgespec.placement.tomldata import TomlReader, compact_arrays, loads, show_value
+
+logger = logging.getLogger("edgespec")
 
 SCHEMA = 1
 ALL_LAYERS = -1  # gpu_layers = "all"
@@ -392,11 +396,38 @@ def _ngram_priors(r: TomlReader, value: Any) -> tuple[float, ...]:
 # --- finding profiles -------------------------------------------------------------------------------
 
 
+#: the most a profile file may hold; the shipped ones are about 1 KB, tuned ones about 2 KB
+MAX_PROFILE_BYTES = 256 * 1024
+
+
+def _read_profile_text(path: Path) -> str:
+    """A profile file's text, read only from a regular file of at most MAX_PROFILE_BYTES: a FIFO,
+    a device such as /dev/zero or a huge file is refused at once instead of hanging or filling
+    memory. The checks are made on the open descriptor, so the file cannot be swapped between them."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ProfileError(f"cannot read profile file {path}: not a regular file")
+        if info.st_size > MAX_PROFILE_BYTES:
+            raise ProfileError(
+                f"cannot read profile file {path}: {info.st_size} bytes, more than a profile may hold "
+                f"({MAX_PROFILE_BYTES})"
+            )
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(MAX_PROFILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_PROFILE_BYTES:  # it grew after fstat
+        raise ProfileError(f"cannot read profile file {path}: more than {MAX_PROFILE_BYTES} bytes")
+    return data.decode("utf-8")
+
+
 def read_profile(path: str | os.PathLike[str]) -> Profile:
     """Read and validate one profile file; errors name the file as given."""
     path = Path(path).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_profile_text(path)
     except FileNotFoundError:
         raise ProfileError(f"no profile file {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -420,23 +451,65 @@ def user_profile_dir() -> Path:
     return user_config_dir() / "profiles"
 
 
-def user_profiles() -> list[Profile]:
-    """The *.toml profiles in user_profile_dir(), by file name; two with one name are an error."""
+@dataclass(frozen=True)
+class UserProfiles:
+    """What the user profile folder holds: the profiles that read cleanly, and the files that did
+    not (each with its one-line error), so that one stray file breaks only a run that asks for it."""
+
+    profiles: list[Profile]
+    broken: dict[Path, ProfileError]
+    duplicated: dict[str, ProfileError]  # a profile name that two or more files define
+
+    def warn(self) -> None:
+        for path, error in self.broken.items():
+            logger.warning("skipped profile file %s: %s", path, error)
+        for error in self.duplicated.values():
+            logger.warning("skipped user profile: %s", error)
+
+    def error_for(self, name: str) -> ProfileError | None:
+        """The error to raise when profile `name` is asked for and it may be a broken file: one
+        whose file name (without .toml) is `name`, or a name two files define."""
+        for path, error in self.broken.items():
+            if path.stem == name:
+                return error
+        return self.duplicated.get(name)
+
+
+def scan_user_profiles() -> UserProfiles:
+    """Read every *.toml in user_profile_dir(). A file that cannot be read or parsed is set aside
+    in `broken`, and a name that several files define in `duplicated`: neither is raised here."""
     folder = user_profile_dir()
     if not folder.is_dir():
-        return []
-    found: dict[str, Profile] = {}
+        return UserProfiles([], {}, {})
+    by_name: dict[str, list[Profile]] = {}
+    broken: dict[Path, ProfileError] = {}
     for path in sorted(folder.glob("*.toml")):
-        profile = read_profile(path)
-        if profile.name in found:
-            raise ProfileError(f"{found[profile.name].source} and {path} both define profile {profile.name}")
-        found[profile.name] = profile
-    return list(found.values())
+        try:
+            profile = read_profile(path)
+        except ProfileError as exc:
+            broken[path] = exc
+            continue
+        by_name.setdefault(profile.name, []).append(profile)
+    found = [same[0] for same in by_name.values() if len(same) == 1]
+    duplicated = {
+        name: ProfileError(" and ".join(str(p.source) for p in same) + f" both define profile {name}")
+        for name, same in by_name.items()
+        if len(same) > 1
+    }
+    return UserProfiles(found, broken, duplicated)
+
+
+def user_profiles() -> list[Profile]:
+    """The *.toml profiles in user_profile_dir() that read cleanly, by file name; each file that
+    does not is skipped with a warning on the "edgespec" logger."""
+    scan = scan_user_profiles()
+    scan.warn()
+    return scan.profiles
 
 
 def list_profiles() -> list[Profile]:
     """Built-in profiles, then user profiles; a user profile shadows a built-in of the same name
-    (see `shadowed`), which is still listed."""
+    (see `shadowed`), which is still listed. Broken user files are skipped with a warning."""
     return builtin_profiles() + user_profiles()
 
 
@@ -459,7 +532,12 @@ def load_profile(name_or_path: str) -> Profile:
     )
     if looks_like_path:
         return read_profile(name_or_path)
-    profiles = list_profiles()
+    scan = scan_user_profiles()
+    asked_for = scan.error_for(name_or_path)
+    if asked_for is not None:  # the profile asked for may be the broken file: say why it is not there
+        raise asked_for
+    scan.warn()
+    profiles = builtin_profiles() + scan.profiles
     for profile in reversed(profiles):  # user profiles come last and win
         if profile.name == name_or_path:
             return profile

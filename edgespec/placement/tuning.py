@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from edgespec.control import MODEL_PRIOR, NGRAM_PRIOR, Acceptance, best_k
 from edgespec.costs import Costs, measure
 from edgespec.drafting import ModelDrafter
 from edgespec.engine import GenerationSettings, SpeculativeEngine
+from edgespec.errors import ProfileError
 from edgespec.fileio import write_text_atomic
 
 if TYPE_CHECKING:
@@ -194,9 +196,13 @@ def find_tuned(base: Profile, hw: Hardware, target_path: Path, draft_path: Path 
     from edgespec.placement.profiles import read_profile, user_profile_dir
 
     path = user_profile_dir() / f"{tuned_name(base, hw, target_path, draft_path)}.toml"
-    if not path.is_file():
+    if not path.exists():
         return None
-    profile = read_profile(path)
+    try:
+        profile = read_profile(path)
+    except ProfileError as exc:  # damaged or replaced: measure again, and overwrite it
+        logging.getLogger("edgespec").warning("ignoring the saved tuned profile: %s", exc)
+        return None
     costs = profile.costs
     if costs is None or costs.machine != hw.fingerprint() or costs.target != model_id(target_path):
         return None

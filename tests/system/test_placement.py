@@ -272,7 +272,7 @@ def test_two_user_files_with_one_name_are_an_error(config_dir):
     (config_dir / "a.toml").write_text(MINIMAL, encoding="utf-8")
     (config_dir / "b.toml").write_text(MINIMAL, encoding="utf-8")
     with pytest.raises(ProfileError, match="both define profile mine"):
-        list_profiles()
+        load_profile("mine")  # the name asked for; the others still load (issue 17)
 
 
 def test_load_profile_by_path_and_unknown_name(config_dir, tmp_path):
