@@ -15,11 +15,12 @@ chat's next turn evaluates only what follows the longest common prefix with the 
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from edgespec.chat import chat_tokens, prompt_tokens
 from edgespec.defaults import DRAFT_MAX, N_CTX
 from edgespec.engine import FinishReason, Generation, GenerationSettings, Stats
-from edgespec.errors import EdgespecError, PromptError, SettingsError
+from edgespec.errors import EdgespecError, PromptError, SettingsError, encode_utf8
 from edgespec.sampling import LogitsProcessor, SamplingSettings
 
 if TYPE_CHECKING:
@@ -363,6 +364,10 @@ class Engine:
         self._lock = _FifoLock()
         self._current: Generation | None = None
         self._closed = False
+        # Calls that use the model outside the lock (tokenizing, which must not wait for a running
+        # generation); close() waits for them to leave before it frees the model.
+        self._users = 0
+        self._users_left = threading.Condition()
 
     # -- what it is ---------------------------------------------------------------------------
 
@@ -384,6 +389,11 @@ class Engine:
     def draft_name(self) -> str:
         """What drafts, as reports name it: "none", "ngram", "profile NAME" or a file name."""
         return self._pair.draft_name
+
+    @property
+    def draft_label(self) -> str:
+        """What drafts, as statistics lines name it: "none", "ngram", "profile NAME" or "draft FILE"."""
+        return self._pair.draft_label
 
     @property
     def n_ctx(self) -> int:
@@ -415,19 +425,22 @@ class Engine:
     def tokenize(self, prompt: str, *, raw: bool = False, system: str | None = None) -> list[int]:
         """Token ids for a prompt: through the model's chat template as one user message (with
         an optional system message), or as it is with `raw`."""
-        self._check_open()
-        return prompt_tokens(self._pair.engine.target, prompt, raw=raw, system=system)
+        encode_utf8(prompt, "the prompt")  # named here: the template's text would move the position
+        if system is not None:
+            encode_utf8(system, "the system message")
+        with self._model_in_use():
+            return prompt_tokens(self._pair.engine.target, prompt, raw=raw, system=system)
 
     def chat_tokens(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids for a conversation, rendered with the model's chat template, ending with the
         header of the assistant's answer."""
-        self._check_open()
         check_messages(messages)
-        target = self._pair.engine.target
-        template = target.chat_template()
-        if not template:
-            raise PromptError(f"{target.path.name} has no chat template (tokenizer.chat_template)")
-        return chat_tokens(target, template, messages)
+        with self._model_in_use():
+            target = self._pair.engine.target
+            template = target.chat_template()
+            if not template:
+                raise PromptError(f"{target.path.name} has no chat template (tokenizer.chat_template)")
+            return chat_tokens(target, template, messages)
 
     # -- generating ---------------------------------------------------------------------------
 
@@ -466,8 +479,32 @@ class Engine:
         `generate`.
         """
         settings = self.check_options(**options)
-        tokens = self.tokenize(prompt, raw=raw, system=system) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            tokens = self.tokenize(prompt, raw=raw, system=system)
+        else:
+            tokens = self._checked_ids(prompt)
         return self._start(tokens, settings, timeout)
+
+    def _checked_ids(self, prompt: object) -> list[int]:
+        """A prompt given as token ids, checked: a PromptError for bytes (which would read as a
+        list of byte values) or for anything that is not an id of this model's vocabulary."""
+        if isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise PromptError(
+                "the prompt is bytes: give text (a str, e.g. data.decode('utf-8')) or a list of token ids"
+            )
+        if not isinstance(prompt, Iterable):
+            raise PromptError(f"the prompt must be text or a list of token ids, got {type(prompt).__name__}")
+        n_vocab = self._pair.engine.target.vocab.n_vocab
+        tokens = []
+        for i, token in enumerate(prompt):
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+                raise PromptError(f"token {i} of the prompt is not an integer id: {token!r}")
+            if not 0 <= int(token) < n_vocab:
+                raise PromptError(
+                    f"token {i} of the prompt, {int(token)}, is not in the vocabulary (0 to {n_vocab - 1})"
+                )
+            tokens.append(int(token))
+        return tokens
 
     def chat(
         self,
@@ -514,9 +551,12 @@ class Engine:
             raise EngineBusy("close the open stream before closing its engine")
         self._lock.acquire(None)
         try:
-            if not self._closed:
-                self._closed = True
-                self._pair.close()
+            with self._users_left:
+                if self._closed:
+                    return
+                self._closed = True  # no new tokenizing starts; wait for any running to end
+                self._users_left.wait_for(lambda: self._users == 0)
+            self._pair.close()
         finally:
             self._lock.release()
 
@@ -531,6 +571,19 @@ class Engine:
     def _check_open(self) -> None:
         if self._closed:
             raise EdgespecError("the engine is closed")
+
+    @contextlib.contextmanager
+    def _model_in_use(self) -> Iterator[None]:
+        """Hold the model open (against `close`) without taking the generation lock."""
+        with self._users_left:
+            self._check_open()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._users_left:
+                self._users -= 1
+                self._users_left.notify_all()
 
     def check_options(self, **options: Any) -> GenerationSettings:
         """Check per-call options (see `GenerateOptions`) without generating: the settings they
@@ -623,3 +676,4 @@ def check_messages(messages: Any) -> None:
             raise PromptError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise PromptError(f"messages[{i}].content must be a string")
+        encode_utf8(content, f"messages[{i}].content")

@@ -116,9 +116,20 @@ class LoadedPair:
     @property
     def draft_name(self) -> str:
         """What drafts, as reports name it: "none", "ngram", "profile NAME" or a file name."""
-        if self.draft in ("none", "ngram") or self.draft.startswith("profile "):
+        return self.draft if self.draft_is_source else Path(self.draft).name
+
+    @property
+    def draft_is_source(self) -> bool:
+        """True when `draft` names a source ("none", "ngram", "profile NAME"), not a model file."""
+        return self.draft in ("none", "ngram") or self.draft.startswith("profile ")
+
+    @property
+    def draft_label(self) -> str:
+        """How statistics lines name what drafts: "none", "ngram", "profile NAME" or "draft FILE".
+        Decided on `draft` itself, so a draft model whose file is called "ngram" reads "draft ngram"."""
+        if self.draft_is_source:
             return self.draft
-        return Path(self.draft).name
+        return f"draft {self.draft_name}"
 
     @property
     def draft_runtime(self) -> Runtime | None:
@@ -210,7 +221,7 @@ def build(
         EdgespecError: a model is missing or unusable, the pair is incompatible, or a setting is
             out of range.
     """
-    spec = spec.resolved()
+    spec = checked_threads(spec.resolved(), _warner(on_note))
     if spec.draft_max is not None:
         GenerationSettings(draft_max=spec.draft_max)  # its range, before anything loads
     draft = DEFAULT if spec.draft is None else spec.draft
@@ -257,6 +268,30 @@ def build(
         on_note=on_note,
     )
     return Built(pair, None, DRAFT_MAX if spec.draft_max is None else spec.draft_max)
+
+
+def checked_threads(spec: EngineSpec, warn: Callable[[str], None]) -> EngineSpec:
+    """`spec` with its thread counts checked: below 1 is a SettingsError; above this machine's
+    logical cores is capped to them, with a warning. llama.cpp's threads spin while they wait for
+    each other, so more threads than cores makes decoding many times slower (1,000 threads on 2
+    cores: 0.21 tokens/s against 30), and no count above the cores is ever faster."""
+    cores = os.cpu_count() or 1
+
+    def checked(name: str, n: int | None) -> int | None:
+        if n is None:
+            return None
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise SettingsError(f"{name} must be a whole number of at least 1, got {n!r}")
+        if n > cores:
+            warn(f"{name} {n} is more than this machine's {cores} logical cores: using {cores}")
+            return cores
+        return n
+
+    threads = checked("threads", spec.threads)
+    draft_threads = checked("draft_threads", spec.draft_threads)
+    if (threads, draft_threads) == (spec.threads, spec.draft_threads):
+        return spec
+    return replace(spec, threads=threads, draft_threads=draft_threads)
 
 
 def resolve_model_path(
@@ -559,6 +594,7 @@ def ensure_tuned(
         on_note: told in one line when tuning ran and where the result went.
         retune: measure again even when costs exist.
     """
+    from edgespec.placement.profiles import user_profile_dir
     from edgespec.placement.tuning import find_tuned, needs_costs, save, steps, tune, tuned_profile
 
     spec = profile.speculation
@@ -580,8 +616,19 @@ def ensure_tuned(
             on_step=(lambda label: b.update(1)) if b is not None else None,
         )
     tuned = tuned_profile(profile, result, hw, target.path, draft_path)
-    path = save(tuned)
+    why = "; ".join(result.notes) or "all drafters kept"
+    try:
+        path = save(tuned)
+    except OSError as exc:
+        # A read-only config folder (a container, a locked-down home) must not make the default
+        # unusable: the measured profile serves this run from memory, and the user is told once.
+        _warner(on_note)(
+            f"tuned {profile.name} on this machine ({why}) but could not save it: "
+            f"cannot write {exc.filename or user_profile_dir()} ({exc.strerror or exc}); "
+            "using it for this run only "
+            "(set EDGESPEC_CONFIG_DIR to a writable folder to keep it)"
+        )
+        return tuned
     if on_note is not None:
-        why = "; ".join(result.notes) or "all drafters kept"
         on_note(f"tuned {profile.name} on this machine ({why}); saved {path}")
     return replace(tuned, source=path)
