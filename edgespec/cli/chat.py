@@ -25,15 +25,16 @@ import click
 
 from edgespec.cli.common import (
     SAMPLING_KEYS,
-    draft_label,
+    SEED,
     engine_options,
+    escape_undecodable_stdin,
     format_sources,
     format_stats,
     open_engine,
     sampling_options,
     sampling_settings,
 )
-from edgespec.errors import EdgespecError, PromptError
+from edgespec.errors import EdgespecError, PromptTooLongError
 
 if TYPE_CHECKING:
     from edgespec.api import Engine, Result
@@ -243,7 +244,7 @@ class ChatSession:
             click.echo("no answers yet", err=True)
             return
         click.echo(self.totals.line(), err=True)
-        click.echo("last answer: " + format_stats(self.last.stats, draft_label(self.engine)), err=True)
+        click.echo("last answer: " + format_stats(self.last.stats, self.engine.draft_label), err=True)
         if self.last.sources is not None:
             click.echo(format_sources(self.last.sources), err=True)
 
@@ -251,7 +252,7 @@ class ChatSession:
         """Stream the answer to `text`; on an error, say so and forget the message."""
         try:
             result = self.generate(self.messages(text))
-        except PromptError as exc:
+        except PromptTooLongError as exc:
             click.echo(f"error: {exc}; /reset starts a new conversation", err=True)
             return
         except EdgespecError as exc:
@@ -305,7 +306,7 @@ class ChatSession:
 @sampling_options
 @click.option(
     "--seed",
-    type=int,
+    type=SEED,
     default=None,
     help="Sampling seed for every answer (default: a fresh one each time).",
 )
@@ -336,6 +337,7 @@ def chat(
         **{key: getattr(sampling, key) for key in SAMPLING_KEYS},
     }
     interactive = sys.stdin is not None and sys.stdin.isatty()
+    escape_undecodable_stdin()  # a line that is not UTF-8 is refused by itself; the chat goes on
     with open_engine(click_ctx, flags) as engine:
         session = ChatSession(engine, options, system or None)
         engine.chat_tokens(session.messages("Hi!"))  # no chat template, or one refusing --system: fail now
@@ -344,7 +346,7 @@ def chat(
             return
         with line_editing():
             click.echo(
-                f"chatting with {engine.model} ({draft_label(engine)}); /help lists the commands, "
+                f"chatting with {engine.model} ({engine.draft_label}); /help lists the commands, "
                 "/exit or Ctrl-D leaves",
                 err=True,
             )

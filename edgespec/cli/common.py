@@ -3,6 +3,7 @@ sampling flags, the flags that load an engine, and the one-line statistics."""
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -20,17 +21,47 @@ def progress(model: Any) -> Any:
     )
 
 
-def logit_bias(values: tuple[str, ...]) -> dict[int, float]:
-    bias: dict[int, float] = {}
-    for value in values:
-        token, sep, amount = value.partition("=")
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses nan and infinities (click's FloatRange lets nan through every
+    bound, since every comparison with nan is false), with an optional range."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+class TokenBias(click.ParamType):
+    """TOKEN_ID=BIAS → (id, bias): an id of 0 or more, and a finite bias or -inf (which bans)."""
+
+    name = "TOKEN_ID=BIAS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        token, sep, amount = str(value).partition("=")
         try:
             if not sep:
                 raise ValueError
-            bias[int(token)] = float(amount)
+            pair = (int(token), float(amount))
         except ValueError:
-            raise click.BadParameter(f"expected TOKEN_ID=BIAS (e.g. 13=-inf), got {value!r}") from None
-    return bias
+            self.fail(f"expected TOKEN_ID=BIAS (e.g. 13=-inf), got {value!r}", param, ctx)
+        if pair[0] < 0:
+            self.fail(f"the token id must be 0 or more, got {value!r}", param, ctx)
+        if math.isnan(pair[1]) or pair[1] == math.inf:
+            self.fail(f"the bias must be a finite number or -inf (bans the token), got {value!r}", param, ctx)
+        return pair
+
+
+#: seeds are 64-bit (GenerationSettings)
+SEED = click.IntRange(0, 2**64 - 1)
+
+
+def logit_bias(values: tuple[tuple[int, float], ...]) -> dict[int, float]:
+    return dict(values)
 
 
 def sampling_options(func: Any) -> Any:
@@ -39,17 +70,23 @@ def sampling_options(func: Any) -> Any:
         click.option(
             "--temperature",
             "-t",
-            type=click.FloatRange(0, 100),
+            type=FiniteFloat(0, 100),
             default=0.0,
             show_default=True,
             help="0 is greedy decoding; above 0, tokens are sampled.",
         ),
         click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, help="1 = off."),
-        click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0, help="0 = off."),
-        click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="1 = off."),
-        click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
-        click.option("--presence-penalty", type=float, default=0.0, show_default=True),
+        click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=1.0, help="1 = off."),
+        click.option("--min-p", type=FiniteFloat(0, 1, max_open=True), default=0.0, help="0 = off."),
+        click.option(
+            "--repeat-penalty",
+            type=FiniteFloat(0, min_open=True),
+            default=1.0,
+            show_default=True,
+            help="1 = off.",
+        ),
+        click.option("--frequency-penalty", type=FiniteFloat(-10, 10), default=0.0, show_default=True),
+        click.option("--presence-penalty", type=FiniteFloat(-10, 10), default=0.0, show_default=True),
         click.option(
             "--penalty-last-n",
             type=click.IntRange(min=0),
@@ -60,6 +97,7 @@ def sampling_options(func: Any) -> Any:
         click.option(
             "--logit-bias",
             multiple=True,
+            type=TokenBias(),
             metavar="TOKEN_ID=BIAS",
             help="Add BIAS to a token's logit (repeatable; -inf bans it).",
         ),
@@ -125,13 +163,17 @@ def read_prompt(prompt: str | None) -> str:
         return prompt
     if sys.stdin is None or (prompt is None and sys.stdin.isatty()):
         raise click.UsageError("no prompt: give it as an argument or on standard input")
+    escape_undecodable_stdin()
     return sys.stdin.read()
 
 
-def draft_label(engine: Engine) -> str:
-    """How statistics lines name what drafted: "none", "ngram", "profile NAME" or "draft FILE"."""
-    name = engine.draft_name
-    return name if name in ("none", "ngram") or name.startswith("profile ") else f"draft {name}"
+def escape_undecodable_stdin() -> None:
+    """Read standard input so that bytes which are not UTF-8 arrive as surrogate escapes
+    (whatever the locale), instead of a UnicodeDecodeError somewhere in a read. Tokenizing then
+    refuses such text with one line naming the byte (`errors.encode_utf8`)."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)  # absent on a replaced, non-text stdin
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
 
 
 def format_stats(stats: Any, drafter: str) -> str:

@@ -18,7 +18,7 @@ import click
 from edgespec import __version__
 from edgespec.cli.common import (
     SAMPLING_KEYS,
-    draft_label,
+    SEED,
     engine_options,
     format_sources,
     format_stats,
@@ -115,7 +115,7 @@ def cli() -> None:
 @sampling_options
 @click.option(
     "--seed",
-    type=int,
+    type=SEED,
     default=None,
     help="Sampling seed: the same seed and settings give the same output (default: a fresh one, "
     "shown by --json).",
@@ -193,7 +193,7 @@ def run(
         elif not result.text.endswith("\n"):
             out.write("\n")
         if stats:
-            click.echo(format_stats(result.stats, draft_label(engine)), err=True)
+            click.echo(format_stats(result.stats, engine.draft_label), err=True)
             if result.sources is not None:
                 click.echo(format_sources(result.sources), err=True)
 
@@ -410,7 +410,7 @@ def _model_options(func: Any) -> Any:
 @sampling_options
 @click.option(
     "--seed",
-    type=int,
+    type=SEED,
     default=0,
     show_default=True,
     help="Base sampling seed; every configuration gets the same seed for the same prompt.",

@@ -60,7 +60,8 @@ def _loopback(sock: socket.socket) -> bool:
     "--host",
     default="127.0.0.1",
     show_default=True,
-    help="Address to listen on; 0.0.0.0 opens the server to other machines (then set --api-key).",
+    help="Address to listen on; 0.0.0.0 opens the server to other machines (then set --api-key). On a "
+    "loopback address, requests must name a local host (against DNS rebinding).",
 )
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port."
@@ -154,6 +155,9 @@ def serve(
 
     if api_key is not None and not api_key.strip():
         raise click.BadParameter("the API key is empty", param_hint="--api-key")
+    if api_key is not None and api_key != api_key.strip():
+        # Clients' keys are read without surrounding white space, so this one could never match.
+        raise click.BadParameter("the API key starts or ends with white space", param_hint="--api-key")
     log_level = "info" if flags["verbose"] else "warning"
     sock = bind(host, port)
     try:
@@ -172,6 +176,7 @@ def serve(
                 max_queue=max_queue,
                 max_body_bytes=max_body_bytes,
                 client_timeout=client_timeout,
+                local_only=_loopback(sock),
                 on_ready=lambda: click.echo(ready, err=True),
                 log_level=log_level,
             )
