@@ -53,6 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgespec import __version__
 from edgespec.errors import EdgespecError, PromptError, SettingsError
+from edgespec.server.guard import RequestGuard
 from edgespec.server.openai import Reply, as_api_error, messages, params, prompt, sse
 from edgespec.server.queue import DEFAULT_MAX_QUEUE, APIError, Job, Scheduler, shutting_down
 
@@ -78,7 +79,8 @@ class _ClientStalled(Exception):
 
 def _error_response(error: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
-    if error.status in (408, 413):  # the rest of the body may still be on its way: do not read it
+    if error.status in (408, 413) or error.code == "shutting_down":  # the rest of the body may still be
+        # on its way: do not read it
         headers["Connection"] = "close"
     return JSONResponse(error.body(), status_code=error.status, headers=headers or None)
 
@@ -93,10 +95,25 @@ def _too_large(max_bytes: int) -> APIError:
 
 async def _receive(request: Request, timeout: float) -> tuple[bytes, bool]:
     """The next piece of the request body and whether more follows; a 408 APIError when nothing
-    arrives for `timeout` seconds, `_ClientGone` when the client leaves."""
+    arrives for `timeout` seconds, `_ClientGone` when the client leaves, and a 503 once the server
+    starts shutting down (so a body still arriving is answered before the shutdown's grace period
+    ends, instead of being cancelled into a plain-text 500)."""
+    stopping: asyncio.Event = request.app.state.stopping
+    if stopping.is_set():
+        raise shutting_down()
+    receiver = asyncio.ensure_future(request.receive())
+    stopper = asyncio.ensure_future(stopping.wait())
     try:
-        message = await asyncio.wait_for(request.receive(), timeout)
-    except asyncio.TimeoutError:
+        await asyncio.wait({receiver, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not receiver.done():
+            receiver.cancel()
+    if receiver.done() and not receiver.cancelled():
+        message = receiver.result()
+    elif stopping.is_set():
+        raise shutting_down()
+    else:
         raise APIError(
             408,
             f"the request body stopped arriving: nothing came for {timeout:g} s "
@@ -127,8 +144,8 @@ async def _read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
     while more and size <= most:
         try:
             chunk, more = await _receive(request, timeout)
-        except APIError:
-            if max(size, announced) > max_bytes:
+        except APIError as exc:
+            if exc.status == 408 and max(size, announced) > max_bytes:
                 break  # too large anyway: say so
             raise
         size += len(chunk)
@@ -239,6 +256,7 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
+    local_only: bool = False,
 ) -> FastAPI:
     """The OpenAI-compatible API over `engine` (which the caller keeps and closes).
 
@@ -249,7 +267,13 @@ def create_app(
         max_body_bytes: the largest request body accepted; larger ones get 413.
         client_timeout: seconds a client may send nothing of its request body (then 408), or read
             nothing of a stream (then it is dropped).
+        local_only: the server listens on a loopback address only: requests must name a local
+            host (`guard.RequestGuard`, against DNS rebinding).
     """
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        raise SettingsError(
+            "the API key is empty or starts or ends with white space: no request could match it"
+        )
     if max_body_bytes < 1:
         raise SettingsError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     if not client_timeout > 0:
@@ -274,6 +298,7 @@ def create_app(
         openapi_url=None,
     )
     app.state.scheduler = scheduler
+    app.state.stopping = asyncio.Event()  # set by make_server's server when it starts shutting down
     app.state.drop_connection = None  # set by make_server: closes a stalled client's connection
 
     def drop(scope: Any) -> bool:
@@ -287,6 +312,7 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
         )
+    app.add_middleware(RequestGuard, cors_origins=list(cors_origins), local_only=local_only)  # outermost
     _add_error_handlers(app)
     model = {"id": engine.model, "object": "model", "created": int(time.time()), "owned_by": "edgespec"}
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(api_key))])
@@ -417,11 +443,16 @@ class _Server(uvicorn.Server):
     (else it would wait for every open stream to end)."""
 
     def __init__(
-        self, config: uvicorn.Config, scheduler: Scheduler, on_ready: Callable[[], None] | None
+        self,
+        config: uvicorn.Config,
+        scheduler: Scheduler,
+        on_ready: Callable[[], None] | None,
+        stopping: asyncio.Event,
     ) -> None:
         super().__init__(config)
         self._scheduler = scheduler
         self._on_ready = on_ready
+        self._stopping = stopping
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -429,6 +460,7 @@ class _Server(uvicorn.Server):
             self._on_ready()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._stopping.set()  # bodies still being read are answered 503 at once
         self._scheduler.close()
         await super().shutdown(sockets)
 
@@ -452,6 +484,7 @@ def make_server(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
+    local_only: bool = False,
     on_ready: Callable[[], None] | None = None,
     log_level: str = "warning",
 ) -> uvicorn.Server:
@@ -465,6 +498,7 @@ def make_server(
         max_queue=max_queue,
         max_body_bytes=max_body_bytes,
         client_timeout=client_timeout,
+        local_only=local_only,
     )
     config = uvicorn.Config(
         app,
@@ -474,6 +508,6 @@ def make_server(
         access_log=log_level in ("info", "debug"),
         timeout_graceful_shutdown=5,
     )
-    server = _Server(config, app.state.scheduler, on_ready)
+    server = _Server(config, app.state.scheduler, on_ready, app.state.stopping)
     app.state.drop_connection = server.drop_connection
     return server

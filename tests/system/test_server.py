@@ -31,6 +31,8 @@ from typing import Any
 import openai
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from edgespec.api import Engine
 from edgespec.cli.main import cli
@@ -582,7 +584,7 @@ def parse_reply(raw: bytes) -> tuple[int, dict[str, str], Any]:
 
 def head(path: str, **headers: str) -> bytes:
     """A POST request's line and headers; Content_Length=... gives Content-Length: ..."""
-    lines = [f"POST {path} HTTP/1.1", "Host: test", "Content-Type: application/json"]
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
     lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
@@ -747,7 +749,7 @@ def test_slow_senders_hold_up_nobody_and_silent_ones_get_408(engine):
     with live_server(engine, client_timeout=timeout) as url, server_log() as records:
         # slowloris: a head that never ends, and a body that stops half way
         half_head = connect(url)
-        half_head.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Ty")
+        half_head.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
         half_body = connect(url)
         half_body.sendall(head(COMPLETIONS, Content_Length="100") + b'{"prompt": "the')
         status, body, _ = request(url, "POST", COMPLETIONS, {"prompt": PROMPT, "max_tokens": 8})
@@ -942,6 +944,12 @@ def test_hostile_clients_leave_the_served_process_quiet(tiny_pair, tmp_path):
         raw("body that stops half way", head(COMPLETIONS, Content_Length="50", **key) + b'{"pro')
         raw("not HTTP", b"GARBAGE\r\n\r\n")
         raw("head over 16 KiB", head(COMPLETIONS, X_Padding="p" * 20_000, **key))
+        raw(
+            "DNS rebinding",
+            head(COMPLETIONS, Content_Length="2", **key).replace(b"127.0.0.1", b"evil.example") + b"{}",
+        )
+        post("cross-site text/plain", {"prompt": PROMPT}, headers={**key, "Content-Type": "text/plain"})
+        post("cross-site origin", {"prompt": PROMPT}, headers={**key, "Origin": "http://evil.example"})
         gone = connect(url)  # a client that leaves half way through its body
         gone.sendall(head(COMPLETIONS, Content_Length="50", **key) + b'{"pro')
         gone.close()
@@ -959,6 +967,8 @@ def test_hostile_clients_leave_the_served_process_quiet(tiny_pair, tmp_path):
             lambda: (h := health(url))["queued"] == 0 and not h["busy"] and h, "the server to idle"
         )
         assert now["failed"] == 0
+    # h11's plain-text 400 when the head arrived in pieces, edgespec's 431 when it came in one read
+    assert statuses.pop("head over 16 KiB") in (400, 431)
     assert statuses == {
         "wrong API key": 401,
         "malformed JSON": 400,
@@ -973,7 +983,9 @@ def test_hostile_clients_leave_the_served_process_quiet(tiny_pair, tmp_path):
         "body announced far over the limit": 413,
         "body that stops half way": 408,
         "not HTTP": 400,  # uvicorn's own answer, in plain text, and a one-line warning
-        "head over 16 KiB": 400,  # the same
+        "DNS rebinding": 403,
+        "cross-site text/plain": 415,
+        "cross-site origin": 403,
     }
     assert set(burst) <= {200, 503} and 200 in burst
     text = "".join(stderr)
@@ -1023,3 +1035,177 @@ def test_real_pair_streams_what_it_answers():
         chunks = client.chat.completions.create(model="qwen", messages=messages, max_tokens=24, stream=True)
         assert stream_text(chunks, chat=True) == whole.choices[0].message.content
         assert whole.usage.completion_tokens == 24 and whole.model_extra["edgespec"]["n_drafted"] > 0
+
+
+# -- issue 17: text without a UTF-8 form, cross-site requests, shutdown while bodies arrive ------
+
+
+def test_text_without_a_utf8_form_is_a_400_naming_where(url):
+    """A JSON escape of a lone surrogate ("\\udcff") decodes to text with no UTF-8 form: before the
+    fix, a 500 with a traceback in the log."""
+    status, body, _ = request(url, "POST", CHAT, {"messages": [{"role": "user", "content": "hi \udcff"}]})
+    assert status == 400
+    assert body["error"]["message"] == (
+        "messages[0].content is not valid Unicode: character 3 is the byte 0xFF, which is not UTF-8; "
+        "send UTF-8 text"
+    )
+    status, body, _ = request(url, "POST", COMPLETIONS, {"prompt": "\ud800 once", "max_tokens": 2})
+    assert status == 400 and "the prompt is not valid Unicode: character 0 is a lone surrogate U+D800" in str(
+        body
+    )
+    assert request(url, "POST", COMPLETIONS, {"prompt": PROMPT, "max_tokens": 2})[0] == 200
+
+
+@pytest.fixture(scope="module")
+def guarded(engine):
+    """A server that listens on loopback only, as `edgespec serve` does by default, allowing one
+    web origin."""
+    with live_server(engine, local_only=True, cors_origins=["http://localhost:3000"]) as url:
+        yield url
+
+
+def error_code(reply: tuple[int, Any, Any]) -> tuple[int, str | None]:
+    status, body, _ = reply
+    return status, body["error"]["code"] if isinstance(body, dict) and "error" in body else None
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"Content-Type": "text/plain"}, (415, "unsupported_media_type")),  # no CORS preflight for this
+        ({"Content-Type": "application/x-www-form-urlencoded"}, (415, "unsupported_media_type")),
+        ({"Content-Type": ""}, (415, "unsupported_media_type")),
+        ({"Origin": "http://evil.example"}, (403, "origin_not_allowed")),
+        ({"Origin": "null"}, (403, "origin_not_allowed")),  # a sandboxed page or a file
+        ({"Host": "evil.example"}, (403, "host_not_allowed")),  # DNS rebinding
+        ({"Host": "evil.example:8080"}, (403, "host_not_allowed")),
+        ({"Host": "127.0.0.1.evil.example"}, (403, "host_not_allowed")),
+        ({"Content-Type": "application/json; charset=utf-8"}, (200, None)),
+        ({"Host": "localhost:8080"}, (200, None)),
+        ({"Host": "[::1]:8080"}, (200, None)),
+        ({"Origin": "http://localhost:3000"}, (200, None)),  # the allowed one
+    ],
+)
+def test_a_local_server_refuses_what_a_web_page_could_send(guarded, engine, headers, expected):
+    before = health(guarded)["completed"]
+    reply = request(guarded, "POST", COMPLETIONS, {"prompt": PROMPT, "max_tokens": 1}, headers)
+    assert error_code(reply) == expected, reply
+    assert health(guarded)["completed"] == before + (expected[0] == 200)  # refused: nothing ran
+    if expected[0] != 200:
+        assert reply[2]["connection"] == "close"  # the unread body is not waited for
+
+
+def test_cross_site_reads_are_refused_too_and_the_allowed_origin_gets_cors(guarded):
+    assert error_code(request(guarded, "GET", "/v1/models", headers={"Origin": "http://evil.example"})) == (
+        403,
+        "origin_not_allowed",
+    )
+    status, _, headers = request(guarded, "GET", "/v1/models", headers={"Origin": "http://localhost:3000"})
+    assert status == 200 and headers["access-control-allow-origin"] == "http://localhost:3000"
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
+    status, _, headers = request(guarded, "OPTIONS", COMPLETIONS, headers=preflight)
+    assert status == 200 and "POST" in headers["access-control-allow-methods"]
+    assert request(guarded, "GET", "/health", headers={"Host": "evil.example"})[0] == 403
+
+
+def test_a_server_opened_with_host_answers_any_host_name(engine):
+    with live_server(engine, local_only=False) as url:
+        assert request(url, "GET", "/v1/models", headers={"Host": "my-box.lan:8080"})[0] == 200
+
+
+def test_an_api_key_with_white_space_is_refused_by_the_library(engine):
+    from edgespec.errors import SettingsError
+    from edgespec.server.app import create_app
+
+    with pytest.raises(SettingsError, match="starts or ends with white space"):
+        create_app(engine, api_key=" k3y ")
+
+
+def test_shutdown_while_large_bodies_arrive_answers_503_or_closes(tiny_pair, tmp_path):
+    """Six clients each announce an 8 MB body and send part of it; then the server gets Ctrl-C.
+    Before the fix, uvicorn's graceful shutdown (5 s) ran out, cancelled the readers, and one
+    client got a plain-text 500 while the log showed a CancelledError traceback."""
+    env = {**os.environ, "EDGESPEC_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgespec", "serve", "--port", "0", *tiny_model_args(tiny_pair)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stderr is not None
+    try:
+        found = re.fullmatch(
+            r"serving target on (http://127\.0\.0\.1:\d+)/v1 \(.*\)\n", proc.stderr.readline()
+        )
+        assert found
+        url = found.group(1)
+        clients = []
+        for _ in range(6):
+            sock = connect(url)
+            sock.sendall(
+                head(COMPLETIONS, Content_Length=str(8_000_000)) + b'{"prompt": "' + b"a" * 1_000_000
+            )
+            clients.append(sock)
+        time.sleep(0.5)  # every body is being read
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        answers = [read_until_closed(sock) for sock in clients]
+        took = time.monotonic() - started
+        code = proc.wait(timeout=30)
+        stderr = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 130, stderr
+    for raw_answer in answers:
+        if raw_answer:  # an answer, or the connection closed without one
+            status, _headers, body = parse_reply(raw_answer)
+            assert (status, body["error"]["code"]) == (503, "shutting_down"), raw_answer[:300]
+    assert any(answers)
+    assert took < 5, took  # answered before the grace period ran out
+    assert "Traceback" not in stderr and "CancelledError" not in stderr and "ERROR" not in stderr, stderr
+
+
+@pytest.mark.parametrize("size", [15_000, 17_000, 20_000, 60_000, 200_000])
+def test_request_heads_over_16_kib_are_refused_however_they_arrive(url, size):
+    """RELIABILITY.md said heads over 16 KiB got a 400, but h11 checks only incomplete heads: a 20
+    or 60 KB head sent in one write was answered 200. Now every head over 16 KiB is refused."""
+    with connect(url) as sock:
+        sock.sendall(head("/v1/models", X_Padding="p" * size).replace(b"POST", b"GET"))
+        status = int(sock.recv(65536).split()[1])
+    assert status == 200 if size < 16 * 1024 - 200 else status in (400, 431)
+
+
+def has_utf8_form(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def hostile_text():
+    """Strings of any code points, lone surrogates and control characters drawn often."""
+    char = st.one_of(
+        st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()),
+        st.integers(0xD800, 0xDFFF).map(chr),
+        st.sampled_from("\x00\x07\x1b\r\t\x7f\u2028\u202e\ufeff"),
+    )
+    return st.text(char, max_size=40)
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(text=hostile_text(), chat=st.booleans())
+@example(text="hi \udcff", chat=True)
+def test_both_server_endpoints_answer_any_string_with_200_or_a_400(url, text, chat):
+    body = (
+        {"messages": [{"role": "user", "content": text}], "max_tokens": 2}
+        if chat
+        else {"prompt": text, "max_tokens": 2}
+    )
+    status, reply, _ = request(url, "POST", CHAT if chat else COMPLETIONS, body)
+    assert status in (200, 400), (status, reply)
+    if status == 400:
+        message = reply["error"]["message"]
+        assert "\n" not in message
+        assert not has_utf8_form(text) or not text or "empty" in message or "context" in message, message
