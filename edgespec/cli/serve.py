@@ -153,11 +153,9 @@ def serve(
         ) from None
     from edgespec.server import app as server
 
-    if api_key is not None and not api_key.strip():
-        raise click.BadParameter("the API key is empty", param_hint="--api-key")
-    if api_key is not None and api_key != api_key.strip():
-        # Clients' keys are read without surrounding white space, so this one could never match.
-        raise click.BadParameter("the API key starts or ends with white space", param_hint="--api-key")
+    problem = server.api_key_problem(api_key)  # before the models load: exit 2
+    if problem is not None:
+        raise click.BadParameter(problem, param_hint="--api-key")
     log_level = "info" if flags["verbose"] else "warning"
     sock = bind(host, port)
     try:

@@ -287,11 +287,11 @@ def checked_threads(spec: EngineSpec, warn: Callable[[str], None]) -> EngineSpec
             return cores
         return n
 
-    threads = checked("threads", spec.threads)
-    draft_threads = checked("draft_threads", spec.draft_threads)
-    if (threads, draft_threads) == (spec.threads, spec.draft_threads):
-        return spec
-    return replace(spec, threads=threads, draft_threads=draft_threads)
+    return replace(
+        spec,
+        threads=checked("threads", spec.threads),
+        draft_threads=checked("draft_threads", spec.draft_threads),
+    )
 
 
 def resolve_model_path(

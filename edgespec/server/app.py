@@ -270,10 +270,9 @@ def create_app(
         local_only: the server listens on a loopback address only: requests must name a local
             host (`guard.RequestGuard`, against DNS rebinding).
     """
-    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
-        raise SettingsError(
-            "the API key is empty or starts or ends with white space: no request could match it"
-        )
+    problem = api_key_problem(api_key)
+    if problem is not None:
+        raise SettingsError(problem)
     if max_body_bytes < 1:
         raise SettingsError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     if not client_timeout > 0:
@@ -385,6 +384,18 @@ def create_app(
 
     app.include_router(v1)
     return app
+
+
+def api_key_problem(api_key: str | None) -> str | None:
+    """Why no request could ever match `api_key` (None: it can). A sent key is read without the
+    white space around it (`_authorizer`), so a stored key with some would never match."""
+    if api_key is None:
+        return None
+    if not api_key.strip():
+        return "the API key is empty"
+    if api_key != api_key.strip():
+        return "the API key starts or ends with white space, so no request could match it"
+    return None
 
 
 def _authorizer(api_key: str | None) -> Callable[[Request], Any]:
