@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hypothesis import strategies as st
+
 from edgespec.placement.hardware import GpuDevice, Hardware
 
 from .conftest import tiny_model_args
@@ -52,3 +54,38 @@ def bench_args(tiny_pair: tuple[Path, Path], dataset: Path, out: Path, *extra: s
         str(out),
         *extra,
     ]
+
+
+def fast_model_args(tiny_pair: tuple[Path, Path], *, draft: str = "none") -> list[str]:
+    """CLI options for the tiny target on one thread with fast kernels (no invariance probe): the
+    quickest run, for tests about input handling rather than output."""
+    return [
+        "--target",
+        str(tiny_pair[0]),
+        "--draft",
+        draft,
+        "--threads",
+        "1",
+        "--ctx",
+        "256",
+        "--kernels",
+        "fast",
+    ]
+
+
+#: any code point (controls, private use, unassigned, astral planes), with lone surrogates and
+#: control characters drawn often
+ANY_CHAR = st.one_of(
+    st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()),
+    st.integers(0xD800, 0xDFFF).map(chr),
+    st.sampled_from("\x00\x07\x1b\r\t\x7f\u2028\u202e\ufeff"),
+)
+HOSTILE_TEXT = st.text(ANY_CHAR, max_size=40)
+
+
+def has_utf8_form(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -25,30 +25,15 @@ from edgespec.cli.main import cli
 from edgespec.errors import ProfileError, PromptError
 from edgespec.placement.profiles import read_profile
 
-FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+from ..helpers import ANY_CHAR, HOSTILE_TEXT, fast_model_args, has_utf8_form
 
-#: any code point (controls, private use, unassigned, astral planes), with lone surrogates and
-#: control characters drawn often
-ANY_CHAR = st.one_of(
-    st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()),
-    st.integers(0xD800, 0xDFFF).map(chr),
-    st.sampled_from("\x00\x07\x1b\r\t\x7f\u2028\u202e\ufeff"),
-)
-HOSTILE_TEXT = st.text(ANY_CHAR, min_size=0, max_size=40)
+FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_pair):
     with Engine(tiny_pair[0], "none", n_ctx=256, threads=1, kernels="fast") as engine:
         yield engine
-
-
-def has_utf8_form(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 @FUZZ
@@ -67,27 +52,12 @@ def test_the_api_answers_any_string_or_refuses_it_in_one_line(engine, text, raw)
         assert has_utf8_form(text) and result.stats.n_generated <= 2
 
 
-def tiny_run_args(tiny_pair) -> list[str]:
-    return [
-        "--target",
-        str(tiny_pair[0]),
-        "--draft",
-        "none",
-        "--threads",
-        "1",
-        "--ctx",
-        "256",
-        "--kernels",
-        "fast",
-    ]
-
-
 @settings(FUZZ, max_examples=25)
 @given(data=st.binary(min_size=1, max_size=60))
 @example(data=b"hi \xff\xfe")
 @example(data=b"\xed\xa0\x80")  # a surrogate encoded in UTF-8: not valid UTF-8
 def test_the_cli_answers_any_bytes_on_stdin_or_refuses_them_in_one_line(tiny_pair, data):
-    result = CliRunner().invoke(cli, ["run", *tiny_run_args(tiny_pair), "--max-tokens", "2"], input=data)
+    result = CliRunner().invoke(cli, ["run", *fast_model_args(tiny_pair), "--max-tokens", "2"], input=data)
     if result.exit_code == 0:
         return
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
@@ -109,7 +79,7 @@ def test_the_cli_answers_any_bytes_on_stdin_or_refuses_them_in_one_line(tiny_pai
 )
 def test_a_chat_on_any_bytes_keeps_going(tiny_pair, lines):
     data = b"\n".join(lines) + b"\n"
-    result = CliRunner().invoke(cli, ["chat", *tiny_run_args(tiny_pair), "--max-tokens", "2"], input=data)
+    result = CliRunner().invoke(cli, ["chat", *fast_model_args(tiny_pair), "--max-tokens", "2"], input=data)
     assert result.exit_code == 0, (result.output, result.exception)
     assert "Traceback" not in result.output
 

@@ -22,24 +22,21 @@ from edgespec.placement import profiles as profiles_module
 from edgespec.placement.profiles import MAX_PROFILE_BYTES, list_profiles, load_profile
 
 from ..conftest import real_pair_paths
-from ..helpers import assert_one_line_error
+from ..helpers import assert_one_line_error, fast_model_args
 
 MINIMAL = 'schema = 1\nname = "{name}"\ndescription = "Mine."\n[speculation]\nk = 2\n'
 
 
-def fast_args(tiny_pair, *, draft: str = "none") -> list[str]:
-    """The tiny target on one thread with fast kernels (no invariance probe): the quickest run."""
+def tuned_run_args(tiny_pair, max_tokens: int) -> list[str]:
+    """`run` on the tiny pair under the built-in cpu-only profile, which tunes on first use."""
+    draft = str(tiny_pair[1])
     return [
-        "--target",
-        str(tiny_pair[0]),
-        "--draft",
-        draft,
-        "--threads",
-        "1",
-        "--ctx",
-        "256",
-        "--kernels",
-        "fast",
+        "run",
+        *fast_model_args(tiny_pair, draft=draft),
+        "--profile",
+        "cpu-only",
+        "--max-tokens",
+        str(max_tokens),
     ]
 
 
@@ -74,14 +71,7 @@ def test_an_unwritable_profile_folder_tunes_in_memory_and_says_so_once(config_di
         raise OSError(errno.EROFS, "Read-only file system", str(path.parent))
 
     monkeypatch.setattr("edgespec.placement.tuning.write_text_atomic", read_only)
-    args = [
-        "run",
-        *fast_args(tiny_pair, draft=str(tiny_pair[1])),
-        "--profile",
-        "cpu-only",
-        "--max-tokens",
-        "8",
-    ]
+    args = tuned_run_args(tiny_pair, 8)
     for _ in range(2):
         result = CliRunner().invoke(cli, [*args, "hi"])
         assert result.exit_code == 0, result.output
@@ -97,14 +87,7 @@ def test_a_config_folder_that_is_a_file_still_runs(tiny_pair, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     env = {"EDGESPEC_CONFIG_DIR": str(blocker / "config"), "EDGESPEC_CACHE_DIR": str(tmp_path / "cache")}
-    args = [
-        "run",
-        *fast_args(tiny_pair, draft=str(tiny_pair[1])),
-        "--profile",
-        "cpu-only",
-        "--max-tokens",
-        "4",
-    ]
+    args = tuned_run_args(tiny_pair, 4)
     done = edgespec([*args, "hi"], env=env)
     stderr = done.stderr.decode()
     assert done.returncode == 0, stderr
@@ -115,7 +98,7 @@ def test_a_config_folder_that_is_a_file_still_runs(tiny_pair, tmp_path):
 
 
 def test_stdin_that_is_not_utf8_is_one_line_naming_the_byte(tiny_pair):
-    done = edgespec(["run", *fast_args(tiny_pair), "--max-tokens", "4"], stdin=b"hi \xff\xfe")
+    done = edgespec(["run", *fast_model_args(tiny_pair), "--max-tokens", "4"], stdin=b"hi \xff\xfe")
     stderr = done.stderr.decode()
     assert done.returncode == 1, stderr
     assert stderr.strip().splitlines() == [
@@ -126,7 +109,7 @@ def test_stdin_that_is_not_utf8_is_one_line_naming_the_byte(tiny_pair):
 
 def test_a_chat_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(tiny_pair):
     lines = b"hello\nbad \xff line\nagain\n"
-    done = edgespec(["chat", *fast_args(tiny_pair), "--max-tokens", "4"], stdin=lines)
+    done = edgespec(["chat", *fast_model_args(tiny_pair), "--max-tokens", "4"], stdin=lines)
     stderr = done.stderr.decode()
     assert done.returncode == 0, stderr
     assert stderr.count("is not valid Unicode: character 4 is the byte 0xFF") == 1, stderr
@@ -169,7 +152,7 @@ def test_ctrl_c_while_the_real_target_loads_exits_130_without_a_traceback(tmp_pa
 
 def test_more_threads_than_cores_is_capped_with_a_warning(tiny_pair):
     cores = os.cpu_count() or 1
-    args = fast_args(tiny_pair)
+    args = fast_model_args(tiny_pair)
     args[args.index("--threads") + 1] = "1000"
     result = CliRunner().invoke(cli, ["run", *args, "--max-tokens", "4", "hi"])
     assert result.exit_code == 0, result.output
@@ -227,14 +210,7 @@ def test_two_user_files_with_one_name_break_only_that_name(config_dir):
 
 def test_a_broken_user_profile_does_not_stop_a_builtin_run(config_dir, tiny_pair):
     (config_dir / "notes.toml").write_text("[[[\n", encoding="utf-8")
-    args = [
-        "run",
-        *fast_args(tiny_pair, draft=str(tiny_pair[1])),
-        "--profile",
-        "cpu-only",
-        "--max-tokens",
-        "4",
-    ]
+    args = tuned_run_args(tiny_pair, 4)
     result = CliRunner().invoke(cli, [*args, "hi"])
     assert result.exit_code == 0, result.output
     assert "skipped profile file" in result.stderr and "notes.toml" in result.stderr

@@ -40,6 +40,7 @@ from edgespec.cli.serve import bind, url_of
 from edgespec.server.app import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_BODY_BYTES, make_server
 
 from ..conftest import real_pair_paths, tiny_model_args
+from ..helpers import HOSTILE_TEXT, has_utf8_form
 
 N_CTX = 8192  # room for long generations, which the disconnect tests cut short
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat sat"}]
@@ -1176,26 +1177,8 @@ def test_request_heads_over_16_kib_are_refused_however_they_arrive(url, size):
     assert status == 200 if size < 16 * 1024 - 200 else status in (400, 431)
 
 
-def has_utf8_form(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def hostile_text():
-    """Strings of any code points, lone surrogates and control characters drawn often."""
-    char = st.one_of(
-        st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()),
-        st.integers(0xD800, 0xDFFF).map(chr),
-        st.sampled_from("\x00\x07\x1b\r\t\x7f\u2028\u202e\ufeff"),
-    )
-    return st.text(char, max_size=40)
-
-
 @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(text=hostile_text(), chat=st.booleans())
+@given(text=HOSTILE_TEXT, chat=st.booleans())
 @example(text="hi \udcff", chat=True)
 def test_both_server_endpoints_answer_any_string_with_200_or_a_400(url, text, chat):
     body = (
