@@ -27,10 +27,19 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from edgespec.constrain import Constraint, Grammar, RowMasks
 from edgespec.defaults import DRAFT_MAX, K_LIMIT
-from edgespec.drafting import NO_DRAFT, reuse_prefix
+from edgespec.drafting import NO_DRAFT, Draft, reuse_prefix
 from edgespec.errors import PromptError, PromptTooLongError, SettingsError
-from edgespec.sampling import GREEDY, Dist, LazyDists, LogitsProcessor, SamplingSettings, TokenSampler
+from edgespec.sampling import (
+    GREEDY,
+    Dist,
+    LazyDists,
+    LogitsProcessor,
+    Masks,
+    SamplingSettings,
+    TokenSampler,
+)
 from edgespec.text import TextStream
 from edgespec.verify import verify_exact_match, verify_greedy, verify_rejection
 
@@ -58,6 +67,9 @@ class GenerationSettings:
             otherwise than in a fresh pass. False (the default here) evaluates the whole prompt,
             giving the output a fresh process gives.
         sampling: temperature, truncation, penalties, logit bias and the acceptance rule.
+        grammar: what the output must match (a JSON schema, a regular expression or a grammar),
+            or None. The tokens it forces are drafted for free, and every draft is cut at the
+            first token it forbids (see `constrain`).
     """
 
     max_tokens: int = 256
@@ -66,6 +78,7 @@ class GenerationSettings:
     seed: int | None = None
     sampling: SamplingSettings = GREEDY
     cache_prompt: bool = False
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -87,6 +100,8 @@ class Stats:
     after the prompt; tokens_per_step (τ) counts the accepted draft tokens plus the target's own.
     n_prompt_cached of the n_prompt prompt tokens were already in the target's KV cache (the
     longest common prefix with what the previous generation left there) and were not evaluated.
+    Under a grammar, n_forced of the drafted tokens were tokens it forced (free drafts), and
+    n_forced_accepted of those were kept.
     `guarantee` is what the output promises: "exact" (token-identical to target-only decoding under
     the same kernels) or "distribution" (the target's in distribution; see `Runtime.guarantee`).
     """
@@ -96,6 +111,8 @@ class Stats:
     n_prompt_cached: int = 0
     n_generated: int = 0
     n_drafted: int = 0
+    n_forced: int = 0
+    n_forced_accepted: int = 0
     t_prompt: float = 0.0
     t_draft: float = 0.0
     t_verify: float = 0.0
@@ -199,9 +216,11 @@ class Generation:
         sampling = settings.sampling
         self._rng = np.random.default_rng(self.seed)
         self._processor = LogitsProcessor(sampling, engine.target.vocab.n_vocab)  # p's pipeline
+        #: the grammar's matcher, in step with the output (None: unconstrained)
+        self._constraint = Constraint(settings.grammar, engine.target) if settings.grammar else None
         # The drafter gets a sampler whenever it must not take the raw argmax.
-        adjusts = self._processor.adjusts or not sampling.greedy
-        self._draft_sampler = TokenSampler(sampling, self._rng) if adjusts else None
+        adjusts = self._processor.adjusts or not sampling.greedy or self._constraint is not None
+        self._draft_sampler = TokenSampler(sampling, self._rng, self._constraint) if adjusts else None
         self._verify = make_verifier(sampling, self._processor, self._rng)
 
     def cancel(self) -> None:
@@ -259,6 +278,8 @@ class Generation:
                 if token in eog:
                     self.finish_reason = "stop"
                     return
+                if self._constraint is not None:
+                    self._constraint.consume([token])
                 context.append(token)
                 self.tokens.append(token)
                 self.stats.n_generated += 1
@@ -282,7 +303,8 @@ class Generation:
         self.stats.n_prompt_cached = keep
         if drafter is not None:
             drafter.begin(context)
-        first, _ = self._processor.choose(p_logits[0], self._recents([])[0], self._rng)
+        mask = None if self._constraint is None else self._constraint.allowed()
+        first, _ = self._processor.choose(p_logits[0], self._recents([])[0], self._rng, mask)
         return [(first, False)]
 
     def _step(self) -> list[tuple[int, bool]]:
@@ -293,22 +315,51 @@ class Generation:
         target, drafter, clock = engine.target, engine.drafter, time.perf_counter
         # At most k tokens, no more than the output and the context still allow.
         k = min(settings.draft_max, settings.max_tokens - len(self.tokens) - 1, target.n_ctx - len(context))
-        proposal = NO_DRAFT
-        if drafter is not None and k > 0:
-            t0 = clock()
-            proposal = drafter.propose(context, k, self._draft_sampler)
-            stats.t_draft += clock() - t0
-        draft = proposal.tokens[:k]
+        n_forced, proposal = self._draft(k)
+        draft = proposal.tokens
         t0 = clock()
         p_logits = target.eval([context[-1], *draft], logits="all")
-        n_accepted, next_token = self._verify(draft, proposal.q, p_logits, self._recents(draft))
+        masks = None if self._constraint is None else RowMasks(self._constraint, draft)
+        n_accepted, next_token = self._verify(draft, proposal.q, p_logits, self._recents(draft), masks)
+        if masks is not None:
+            masks.release()
         # Keep the newest token and the accepted drafts; the next token is evaluated next step.
         target.truncate(len(context) + n_accepted)
         stats.t_verify += clock() - t0
         stats.record(len(draft), n_accepted)
-        if drafter is not None and draft:
-            drafter.accepted(len(draft), n_accepted)
+        stats.n_forced += n_forced
+        stats.n_forced_accepted += min(n_accepted, n_forced)
+        if drafter is not None and len(draft) > n_forced:
+            drafter.accepted(len(draft) - n_forced, max(n_accepted - n_forced, 0))
         return [(t, True) for t in draft[:n_accepted]] + [(next_token, False)]
+
+    def _draft(self, k: int) -> tuple[int, Draft]:
+        """This step's draft of at most k tokens: the tokens a grammar forces (free), then the
+        drafter's after them, cut at the first token the grammar forbids. Returns how many of the
+        draft's tokens were forced, and the draft."""
+        drafter, constraint, sampler = self._engine.drafter, self._constraint, self._draft_sampler
+        forced = constraint.forced(k) if constraint is not None else []
+        if constraint is not None:
+            constraint.consume(forced)
+        proposal = NO_DRAFT
+        if sampler is not None:
+            sampler.reset()
+        if drafter is not None and k > len(forced):
+            t0 = time.perf_counter()
+            proposal = drafter.propose([*self._context, *forced], k - len(forced), sampler)
+            self.stats.t_draft += time.perf_counter() - t0
+        tokens = proposal.tokens[: k - len(forced)]
+        if constraint is not None:
+            # A model drafter sampled under the mask (its picks advanced the matcher); an n-gram
+            # copy did not, and is cut where the grammar stops allowing it.
+            constraint.rollback(sampler.picked if sampler is not None else 0)
+            tokens = tokens[: constraint.valid_prefix(tokens)]
+            constraint.rollback(len(forced))
+        if not forced:
+            return 0, Draft(tokens, proposal.q)
+        # A forced token is a point proposal: its q is one-hot.
+        q = None if proposal.q is None else [Dist.one_hot(t) for t in forced] + list(proposal.q)
+        return len(forced), Draft(forced + tokens, None if q is None else q[: len(forced) + len(tokens)])
 
     def _recents(self, draft: Sequence[int]) -> list[list[int]]:
         """The tokens before each verified position, for the penalties."""
@@ -319,29 +370,48 @@ class Generation:
         return [tail + list(draft[:i]) for i in range(len(draft) + 1)]
 
 
-Verifier = Callable[[Sequence[int], Sequence[Dist] | None, np.ndarray, list[list[int]]], tuple[int, int]]
+Verifier = Callable[
+    [Sequence[int], Sequence[Dist] | None, np.ndarray, list[list[int]], Masks], tuple[int, int]
+]
 
 
 def make_verifier(
     sampling: SamplingSettings, processor: LogitsProcessor, rng: np.random.Generator
 ) -> Verifier:
-    """The acceptance rule for these settings, as one function (draft, q, p_logits, recents) →
-    (n_accepted, next_token): greedy, speculative sampling, or exact-match acceptance."""
+    """The acceptance rule for these settings, as one function (draft, q, p_logits, recents,
+    masks) → (n_accepted, next_token): greedy, speculative sampling, or exact-match acceptance.
+    masks (None: no grammar) holds, per row, what the grammar allows there."""
     if sampling.greedy:
 
         def greedy(
-            draft: Sequence[int], q: Sequence[Dist] | None, p_logits: np.ndarray, recents: list[list[int]]
+            draft: Sequence[int],
+            q: Sequence[Dist] | None,
+            p_logits: np.ndarray,
+            recents: list[list[int]],
+            masks: Masks,
         ) -> tuple[int, int]:
-            # bias and penalties move the argmax (adjusted is a view when there are none)
-            return verify_greedy(draft, processor.adjusted(p_logits, recents))
+            if masks is None:
+                # bias and penalties move the argmax (adjusted is a view when there are none)
+                return verify_greedy(draft, processor.adjusted(p_logits, recents))
+            # row by row: a row's mask is computed only once verification reaches it
+            n = 0
+            while True:
+                token = int(processor.argmax(p_logits[n : n + 1], recents[n : n + 1], [masks[n]])[0])
+                if n == len(draft) or draft[n] != token:
+                    return n, token
+                n += 1
 
         return greedy
 
     def sample(
-        draft: Sequence[int], q: Sequence[Dist] | None, p_logits: np.ndarray, recents: list[list[int]]
+        draft: Sequence[int],
+        q: Sequence[Dist] | None,
+        p_logits: np.ndarray,
+        recents: list[list[int]],
+        masks: Masks,
     ) -> tuple[int, int]:
         # p: the target's distributions for every draft position and the one after
-        p = LazyDists(processor, p_logits, recents)
+        p = LazyDists(processor, p_logits, recents, masks)
         uniforms = rng.random(len(draft) + 1)
         if sampling.accept == "exact":
             return verify_exact_match(draft, p, uniforms)

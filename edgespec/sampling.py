@@ -4,6 +4,7 @@ logits, and the distributions it produces.
 The pipeline, in order (temperature first, as in Hugging Face transformers and vLLM; llama.cpp
 applies it last, so top-p / min-p figures are not interchangeable with llama.cpp's):
 
+0. a grammar's mask (`constrain`): tokens it forbids after this position become -inf;
 1. logit bias: add a fixed amount to chosen tokens (-inf bans a token);
 2. penalties over the last `penalty_last_n` context tokens: repetition (CTRL-style: divide a
    positive logit by the penalty, multiply a negative one), frequency (minus penalty × count) and
@@ -25,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -134,6 +135,18 @@ class SamplingSettings:
 
 
 GREEDY = SamplingSettings()
+
+#: per logits row, the tokens a grammar allows (bool arrays), or None for no grammar
+Masks = Sequence[np.ndarray] | None
+
+
+class Guide(Protocol):
+    """What sampling needs of a grammar (`constrain.Constraint`): the mask for the next token, and
+    to advance over the chosen one."""
+
+    def allowed(self) -> np.ndarray: ...
+
+    def consume(self, tokens: Sequence[int]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -279,21 +292,30 @@ class LogitsProcessor:
         """Whether steps 1-2 (bias, penalties) change anything."""
         return bool(len(self._bias_ids)) or self.window > 0
 
-    def adjusted(self, rows: np.ndarray, recents: Sequence[Sequence[int]] = ()) -> np.ndarray:
-        """Apply logit bias and penalties (steps 1-2).
+    def adjusted(
+        self, rows: np.ndarray, recents: Sequence[Sequence[int]] = (), masks: Masks = None
+    ) -> np.ndarray:
+        """Apply a grammar's masks, logit bias and penalties (steps 0-2).
 
         Args:
             rows: float32 logits, shape (r, ≥ n_vocab); not modified.
             recents: per row, the tokens before its position (only the last `window` are used);
                 needed when penalties are on.
+            masks: per row, which tokens a grammar allows (bool, ≥ n_vocab wide); the others
+                become -inf. None: no grammar.
 
         Returns:
             float32 array (r, n_vocab): a view of `rows` when nothing applies, else a copy.
         """
         rows = rows[:, : self.n_vocab]
-        if not self.adjusts:
+        if not self.adjusts and masks is None:
             return rows
         out = np.array(rows, dtype=np.float32, copy=True)
+        if masks is not None:
+            if len(masks) != len(out):
+                raise ValueError(f"need {len(out)} masks, got {len(masks)}")
+            for row, mask in zip(out, masks, strict=True):
+                np.copyto(row, -np.inf, where=~mask[: self.n_vocab])
         if len(self._bias_ids):
             out[:, self._bias_ids] += self._bias_values
         if self.window:
@@ -312,27 +334,37 @@ class LogitsProcessor:
                 row[ids] = values - (counts * s.frequency_penalty + s.presence_penalty)
         return out
 
-    def argmax(self, rows: np.ndarray, recents: Sequence[Sequence[int]] = ()) -> np.ndarray:
-        """Greedy choice per row after bias and penalties: shape (r,) int64."""
-        return self.adjusted(rows, recents).argmax(axis=1)
+    def argmax(
+        self, rows: np.ndarray, recents: Sequence[Sequence[int]] = (), masks: Masks = None
+    ) -> np.ndarray:
+        """Greedy choice per row after the masks, bias and penalties: shape (r,) int64."""
+        x = self.adjusted(rows, recents, masks)
+        best = x.argmax(axis=1)
+        if masks is not None and not np.all(np.isfinite(x[np.arange(len(x)), best])):
+            raise SettingsError("logit_bias bans every token the grammar allows: nothing is left to choose")
+        return best
 
     def choose(
-        self, row: np.ndarray, recent: Sequence[int], rng: np.random.Generator
+        self, row: np.ndarray, recent: Sequence[int], rng: np.random.Generator, mask: np.ndarray | None = None
     ) -> tuple[int, Dist | None]:
-        """The next token from one logits row (shape (n,)): the argmax after bias and penalties
-        when temperature is 0, else a sample from the row's distribution, which is returned too."""
+        """The next token from one logits row (shape (n,)): the argmax after the mask, bias and
+        penalties when temperature is 0, else a sample from the row's distribution, which is
+        returned too."""
         rows = row.reshape(1, -1)
+        masks = None if mask is None else [mask]
         if self.settings.greedy:
-            return int(self.argmax(rows, [recent])[0]), None
-        dist = self.distributions(rows, [recent])[0]
+            return int(self.argmax(rows, [recent], masks)[0]), None
+        dist = self.distributions(rows, [recent], masks)[0]
         return dist.sample(float(rng.random())), dist
 
-    def distributions(self, rows: np.ndarray, recents: Sequence[Sequence[int]] = ()) -> list[Dist]:
+    def distributions(
+        self, rows: np.ndarray, recents: Sequence[Sequence[int]] = (), masks: Masks = None
+    ) -> list[Dist]:
         """The full pipeline for each row (temperature must be > 0).
 
         Args:
             rows: float32 logits, shape (r, ≥ n_vocab).
-            recents: as for `adjusted`.
+            recents, masks: as for `adjusted`.
 
         Returns:
             r distributions.
@@ -340,12 +372,16 @@ class LogitsProcessor:
         s = self.settings
         if s.greedy:
             raise ValueError("distributions need temperature > 0; use argmax for greedy decoding")
-        x = self.adjusted(rows, recents)
+        x = self.adjusted(rows, recents, masks)
         t = s.temperature
         top = x.max(axis=1)
         if not np.all(np.isfinite(top)):
             if np.isnan(x).any() or np.isposinf(top).any():
                 raise RuntimeFailure("the model gave NaN or infinite scores: its weights may be damaged")
+            if masks is not None:
+                raise SettingsError(
+                    "logit_bias bans every token the grammar allows: nothing is left to sample"
+                )
             raise SettingsError("logit_bias bans every token: nothing is left to sample")
         return [self._one(row, float(m), t) for row, m in zip(x, top, strict=True)]
 
@@ -398,6 +434,8 @@ def _top_k_cut(x: np.ndarray, k: int, m: float) -> tuple[float, np.ndarray | Non
         near = np.flatnonzero(x >= m - delta)
         if len(near) >= k or not math.isfinite(delta):
             break
+        if delta == 8.0 and np.count_nonzero(x > -np.inf) < k:
+            return -math.inf, None  # a grammar or bias left fewer than k tokens: keep them all
         # grow slowly: logits are dense a few units below the top, and a window holding most of
         # the vocabulary would make the partition below cost as much as a full sort
         delta = delta * 1.5 if delta < 1e6 else math.inf
@@ -446,14 +484,20 @@ class LazyDists(Sequence[Dist]):
         processor: the target's pipeline.
         rows: logits, shape (k + 1, ≥ n_vocab); must stay valid while this is read.
         recents: per row, the tokens before its position (for penalties).
+        masks: per row, what a grammar allows (read lazily too), or None.
     """
 
     def __init__(
-        self, processor: LogitsProcessor, rows: np.ndarray, recents: Sequence[Sequence[int]]
+        self,
+        processor: LogitsProcessor,
+        rows: np.ndarray,
+        recents: Sequence[Sequence[int]],
+        masks: Masks = None,
     ) -> None:
         self._processor = processor
         self._rows = rows
         self._recents = recents
+        self._masks = masks
         self._cache: dict[int, Dist] = {}
 
     def __len__(self) -> int:
@@ -466,7 +510,8 @@ class LazyDists(Sequence[Dist]):
         dist = self._cache.get(i)
         if dist is None:
             recent = [self._recents[i]] if self._processor.window else ()
-            dist = self._cache[i] = self._processor.distributions(self._rows[i : i + 1], recent)[0]
+            masks = None if self._masks is None else [self._masks[i]]
+            dist = self._cache[i] = self._processor.distributions(self._rows[i : i + 1], recent, masks)[0]
         return dist
 
     @property
@@ -484,25 +529,41 @@ class TokenSampler:
         rng: the generation's random generator.
     """
 
-    def __init__(self, settings: SamplingSettings, rng: np.random.Generator) -> None:
+    def __init__(
+        self, settings: SamplingSettings, rng: np.random.Generator, constraint: Guide | None = None
+    ) -> None:
         self.settings = settings
         self.rng = rng
         self.dists: list[Dist] = []
         self._processors: dict[int, LogitsProcessor] = {}
         #: how many of the latest tokens `pick` needs in `recent`
         self.window = settings.penalty_window
+        #: the generation's grammar, if any: each row is masked by it, and each pick advances it
+        self.constraint = constraint
+        #: tokens picked since `reset`, each of which advanced the constraint
+        self.picked = 0
 
     def reset(self) -> None:
         """Forget the distributions of the previous draft."""
         self.dists = []
+        self.picked = 0
 
     def pick(self, row: np.ndarray, recent: Sequence[int]) -> int:
         """Choose the next token from one logits row (shape (n,), cut by the caller to the ids it
-        may propose): the argmax after bias and penalties when temperature is 0, else a sample."""
+        may propose): the argmax after the grammar's mask, bias and penalties when temperature is
+        0, else a sample. -1 when the grammar allows none of the row's tokens."""
         processor = self._processors.get(len(row))
         if processor is None:
             processor = self._processors[len(row)] = LogitsProcessor(self.settings, len(row), check_ids=False)
-        token, dist = processor.choose(row, recent, self.rng)
+        mask = None
+        if self.constraint is not None:
+            mask = self.constraint.allowed()[: len(row)]
+            if not np.isfinite(row[mask]).any():
+                return -1
+        token, dist = processor.choose(row, recent, self.rng, mask)
         if dist is not None:
             self.dists.append(dist)
+        if self.constraint is not None:
+            self.constraint.consume([token])
+            self.picked += 1
         return token

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import edgespec.engine as engine_module
+from edgespec.constrain import Constraint, Grammar
 from edgespec.drafting import ModelDrafter, NgramDrafter
 from edgespec.engine import GenerationSettings, SpeculativeEngine
 from edgespec.sampling import LogitsProcessor, SamplingSettings, residual
@@ -52,18 +53,28 @@ def prompt(memo_pair):
     return seed + greedy.tokens + seed[1:]
 
 
-def exact_joint(target: MemoRuntime, settings: SamplingSettings, prompt: list[int]) -> dict[tuple, float]:
-    """P(first N_TOKENS generated tokens) by enumeration; a sequence ends early at end-of-generation."""
+def exact_joint(
+    target: MemoRuntime, settings: SamplingSettings, prompt: list[int], grammar: Grammar | None = None
+) -> dict[tuple, float]:
+    """P(first N_TOKENS generated tokens) by enumeration; a sequence ends early at end-of-generation.
+    With a grammar, each step's distribution is the target's masked to what the grammar allows
+    after the tokens before it."""
     processor = LogitsProcessor(settings, target.vocab.n_vocab)
     eog = target.vocab.eog
     joint: dict[tuple, float] = Counter()
+    constraint = None if grammar is None else Constraint(grammar, target)
 
     def walk(prefix: list[int], prob: float) -> None:
         if len(prefix) == N_TOKENS:
             joint[tuple(prefix)] += prob
             return
         context = prompt + prefix
-        (dist,) = processor.distributions(target.logits_after(context)[None], [context])
+        masks = None
+        if constraint is not None:
+            constraint.consume(prefix)
+            masks = [constraint.allowed()]
+            constraint.rollback(len(prefix))
+        (dist,) = processor.distributions(target.logits_after(context)[None], [context], masks)
         for token in dist.support():
             p = dist.prob(int(token)) * prob
             if int(token) in eog:
@@ -75,13 +86,22 @@ def exact_joint(target: MemoRuntime, settings: SamplingSettings, prompt: list[in
     return dict(joint)
 
 
-def sample_joint(engine: SpeculativeEngine, settings: SamplingSettings, prompt: list[int], n: int):
+def sample_joint(
+    engine: SpeculativeEngine,
+    settings: SamplingSettings,
+    prompt: list[int],
+    n: int,
+    grammar: Grammar | None = None,
+):
     """Counts of the first N_TOKENS tokens over n seeded generations, and the drafting totals."""
     counts: Counter = Counter()
     drafted = accepted = 0
     for seed in range(n):
         gen = engine.generate(
-            prompt, GenerationSettings(max_tokens=N_TOKENS + 2, draft_max=3, seed=seed, sampling=settings)
+            prompt,
+            GenerationSettings(
+                max_tokens=N_TOKENS + 2, draft_max=3, seed=seed, sampling=settings, grammar=grammar
+            ),
         )
         gen.run()
         counts[tuple(gen.tokens[:N_TOKENS])] += 1
@@ -126,11 +146,11 @@ def shifted(probs: dict[tuple, float], tv: float) -> dict[tuple, float]:
     return {o: p * (1 + tv / mass) if o in upper else p * (1 - tv / (1 - mass)) for o, p in probs.items()}
 
 
-def check(memo_pair, prompt, drafter, settings, n=N_SAMPLES) -> None:
+def check(memo_pair, prompt, drafter, settings, n=N_SAMPLES, grammar=None) -> None:
     target, _ = memo_pair
-    exact = exact_joint(target, settings, prompt)
+    exact = exact_joint(target, settings, prompt, grammar)
     assert math.isclose(sum(exact.values()), 1.0, rel_tol=1e-9)
-    counts, drafted, accepted = sample_joint(SpeculativeEngine(target, drafter), settings, prompt, n)
+    counts, drafted, accepted = sample_joint(SpeculativeEngine(target, drafter), settings, prompt, n, grammar)
     # Both branches ran: drafts were kept, and drafts were rejected.
     assert 0 < accepted < drafted, (accepted, drafted)
     stat, critical = chi_square(counts, exact)
@@ -166,3 +186,21 @@ def test_a_broken_verifier_fails_the_test(memo_pair, prompt, monkeypatch):
     monkeypatch.setattr(engine_module, "verify_rejection", broken)
     with pytest.raises(AssertionError, match="not the target's distribution"):
         check(memo_pair, prompt, ModelDrafter(memo_pair[1]), SamplingSettings(**TRUNCATED))
+
+
+#: a small grammar: free choices, then "=" (forced once the key has 3 characters), then more
+SMALL_GRAMMAR = Grammar.lark('start: /[a-z ]{1,3}/ "=" /[a-z ]{2,12}/\n')
+#: hot enough that the masked distributions have many outcomes (about 200 over three tokens)
+HOT = dict(temperature=2.5, top_k=12)
+
+
+def test_constrained_rejection_sampling_is_the_constrained_target(memo_pair, prompt):
+    """Under a grammar, q is masked like p and forced tokens are one-hot drafts: the first
+    tokens are still distributed as the constrained target's."""
+    _, draft = memo_pair
+    check(memo_pair, prompt, ModelDrafter(draft), SamplingSettings(**HOT), n=20_000, grammar=SMALL_GRAMMAR)
+
+
+def test_constrained_ngram_drafts_cut_at_the_grammar_keep_the_distribution(memo_pair, prompt):
+    drafter = NgramDrafter(n_min=1, n_max=3)
+    check(memo_pair, prompt, drafter, SamplingSettings(**HOT), n=20_000, grammar=SMALL_GRAMMAR)
