@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from edgespec.chat import chat_tokens, prompt_tokens
+from edgespec.constrain import Grammar, grammar_from_options
 from edgespec.defaults import DRAFT_MAX, N_CTX
 from edgespec.engine import FinishReason, Generation, GenerationSettings, Stats
 from edgespec.errors import EdgespecError, PromptError, SettingsError, encode_utf8
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from edgespec.load.builder import EngineSpec, LoadedPair
     from edgespec.placement.profiles import Profile
 
-__all__ = ["Chunk", "Engine", "EngineBusy", "GenerateOptions", "Result", "Stream"]
+__all__ = ["Chunk", "Engine", "EngineBusy", "GenerateOptions", "Grammar", "Result", "Stream"]
 
 ROLES = ("system", "user", "assistant")
 
@@ -55,6 +56,11 @@ class GenerateOptions(TypedDict, total=False):
     sampling settings of `edgespec.sampling.SamplingSettings`: temperature (0: greedy), top_k,
     top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty, penalty_last_n, logit_bias,
     accept.
+
+    At most one constraint on the output: json_schema (a JSON schema, as an object or its JSON
+    text), regex (a regular expression the whole output matches), grammar (a context-free grammar
+    in Lark or GBNF syntax, or an `edgespec.Grammar`), or response_format (OpenAI's, e.g.
+    {"type": "json_object"}). A bad one is a SettingsError before generation starts.
     """
 
     max_tokens: int
@@ -72,9 +78,14 @@ class GenerateOptions(TypedDict, total=False):
     penalty_last_n: int
     logit_bias: Mapping[int, float]
     accept: str
+    json_schema: Mapping[str, Any] | str
+    regex: str
+    grammar: str | Grammar
+    response_format: Mapping[str, Any]
 
 
 _GENERATION_KEYS = ("max_tokens", "draft_max", "stop", "seed", "cache_prompt")
+_CONSTRAINT_KEYS = ("json_schema", "regex", "grammar", "response_format")
 _OPTION_KEYS = frozenset(GenerateOptions.__annotations__)
 
 
@@ -596,12 +607,13 @@ class Engine:
         for key, value in options.items():
             _check_type(key, value)
         values = dict(options)
+        grammar = grammar_from_options(**{key: values.pop(key) for key in _CONSTRAINT_KEYS if key in values})
         general = {key: values.pop(key) for key in _GENERATION_KEYS if key in values}
         stop = general.get("stop", ())
         general["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
         general.setdefault("draft_max", self.draft_max)
         general.setdefault("cache_prompt", self.cache_prompt)
-        settings = GenerationSettings(**general, sampling=SamplingSettings(**values))
+        settings = GenerationSettings(**general, sampling=SamplingSettings(**values), grammar=grammar)
         LogitsProcessor(settings.sampling, self._pair.engine.target.vocab.n_vocab)  # logit_bias ids
         return settings
 
@@ -641,7 +653,7 @@ _NUMBERS = frozenset(
 def _check_type(key: str, value: Any) -> None:
     """SettingsError naming the option when a value has the wrong type (ranges are checked by
     the settings themselves)."""
-    if key == "seed" and value is None:
+    if (key == "seed" and value is None) or key in _CONSTRAINT_KEYS:  # constraints: checked by type
         return
     if key == "cache_prompt":
         if not isinstance(value, bool):

@@ -56,6 +56,84 @@ class TokenBias(click.ParamType):
         return pair
 
 
+class GrammarOption(click.ParamType):
+    """A constraint on the output, checked before any model loads: --json-schema takes a JSON
+    schema inline or a file holding one, --regex a regular expression, --grammar a Lark or GBNF
+    grammar file. Converts to an `edgespec.Grammar`."""
+
+    #: a schema or grammar file larger than this is surely a mistake
+    MAX_BYTES = 1 << 20
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.name = {"json_schema": "FILE|JSON", "regex": "PATTERN", "grammar": "FILE"}[kind]
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from edgespec.constrain import Grammar
+        from edgespec.errors import SettingsError
+
+        if isinstance(value, Grammar):
+            return value
+        text = str(value)
+        try:
+            if self.kind == "regex":
+                return Grammar.regex(text)
+            if self.kind == "json_schema":
+                inline = text.lstrip().startswith("{")
+                return Grammar.json_schema(text if inline else self._read(text, param, ctx))
+            return Grammar.from_text(self._read(text, param, ctx))
+        except SettingsError as e:
+            self.fail(str(e), param, ctx)
+
+    def _read(self, path: str, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(self.MAX_BYTES + 1)
+        except OSError as e:
+            self.fail(f"cannot read {path}: {e.strerror or e}", param, ctx)
+        if len(data) > self.MAX_BYTES:
+            self.fail(f"{path} is over {self.MAX_BYTES >> 20} MiB: not a schema or grammar", param, ctx)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"{path} is not UTF-8 text", param, ctx)
+
+
+def constraint_options(func: Any) -> Any:
+    """--json-schema, --regex and --grammar: what the output must match (at most one)."""
+    options = [
+        click.option(
+            "--json-schema",
+            type=GrammarOption("json_schema"),
+            default=None,
+            help="Answer with JSON valid against this schema (inline JSON or a file).",
+        ),
+        click.option(
+            "--regex",
+            type=GrammarOption("regex"),
+            default=None,
+            help="Answer with text that matches this regular expression whole.",
+        ),
+        click.option(
+            "--grammar",
+            type=GrammarOption("grammar"),
+            default=None,
+            help="Answer with text derived from this grammar file (Lark, or llama.cpp's GBNF).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def one_constraint(json_schema: Any, regex: Any, grammar: Any) -> Any:
+    """The one constraint given, or None; a usage error when several are."""
+    given = [g for g in (json_schema, regex, grammar) if g is not None]
+    if len(given) > 1:
+        raise click.UsageError("give at most one of --json-schema, --regex and --grammar")
+    return given[0] if given else None
+
+
 #: seeds are 64-bit (GenerationSettings)
 SEED = click.IntRange(0, 2**64 - 1)
 

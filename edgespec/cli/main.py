@@ -19,9 +19,11 @@ from edgespec import __version__
 from edgespec.cli.common import (
     SAMPLING_KEYS,
     SEED,
+    constraint_options,
     engine_options,
     format_sources,
     format_stats,
+    one_constraint,
     open_engine,
     progress,
     read_prompt,
@@ -121,6 +123,7 @@ def cli() -> None:
     "shown by --json).",
 )
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
+@constraint_options
 @click.option("--system", default=None, help="System message for the chat template.")
 @click.option("--raw", is_flag=True, help="Send the prompt as it is, without the chat template.")
 @click.option("--stats", is_flag=True, help="Print speed and drafting statistics to stderr.")
@@ -137,6 +140,9 @@ def run(
     max_tokens: int,
     seed: int | None,
     stop: tuple[str, ...],
+    json_schema: Any,
+    regex: Any,
+    grammar: Any,
     system: str | None,
     raw: bool,
     stats: bool,
@@ -155,7 +161,9 @@ def run(
       edgespec run --target my.gguf --draft ngram --raw "def quicksort(xs):"
       edgespec run --temperature 0.8 --top-p 0.95 --seed 7 "Write a haiku about caches"
       edgespec run --profile auto --stats "Add type hints: ..."   # measured placement and drafting
+      edgespec run --json-schema person.json "Extract the person: Ada Lovelace, born 1815"
     """
+    constraint = one_constraint(json_schema, regex, grammar)
     text = read_prompt(prompt)
     if not text.strip():  # before loading gigabytes of models (tokenizing checks it too)
         raise EdgespecError("the prompt is empty")
@@ -168,6 +176,7 @@ def run(
             max_tokens=max_tokens,
             stop=stop,
             seed=seed,
+            grammar=constraint,
             **{key: getattr(sampling, key) for key in SAMPLING_KEYS},
         ) as stream:
             for chunk in stream:

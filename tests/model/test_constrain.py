@@ -166,3 +166,62 @@ def test_bad_grammars_are_one_line_errors(make, message):
 def test_gbnf_and_lark_files_are_told_apart():
     assert Grammar.from_text('root ::= "yes" | "no"').kind == "gbnf"
     assert Grammar.from_text('start: "yes" | "no"').kind == "lark"
+
+
+# -- the Python API ---------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def engine(tiny_pair):
+    from edgespec import Engine
+
+    with Engine(tiny_pair[0], tiny_pair[1], n_ctx=256, threads=1, cache_prompt=False) as engine:
+        yield engine
+
+
+def test_engine_takes_each_way_of_asking_for_json(engine):
+    results = [
+        engine.generate("the cat", raw=True, max_tokens=80, json_schema=SCHEMA),
+        engine.generate("the cat", raw=True, max_tokens=80, json_schema=json.dumps(SCHEMA)),
+        engine.generate(
+            "the cat",
+            raw=True,
+            max_tokens=80,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}},
+        ),
+        engine.generate("the cat", raw=True, max_tokens=80, grammar=Grammar.json_schema(SCHEMA)),
+    ]
+    assert len({tuple(r.tokens) for r in results}) == 1
+    assert results[0].stats.n_forced > 0
+    assert_matches("schema", results[0].text, results[0].finish_reason)
+    anything = engine.generate("the cat", raw=True, max_tokens=60, response_format={"type": "json_object"})
+    if anything.finish_reason == "stop":
+        assert isinstance(json.loads(anything.text), dict)
+    text = engine.generate("the cat", raw=True, max_tokens=20, response_format={"type": "text"})
+    assert text.tokens == engine.generate("the cat", raw=True, max_tokens=20).tokens
+
+
+def test_engine_regex_and_grammar(engine):
+    result = engine.generate("the cat", raw=True, max_tokens=30, regex=r"(yes|no), [a-z ]{3,10}\.")
+    assert re.fullmatch(r"(yes|no), [a-z ]{3,10}\.", result.text) or result.finish_reason == "length"
+    result = engine.chat(
+        [{"role": "user", "content": "pick"}], max_tokens=10, grammar='root ::= "red" | "green" | "blue"'
+    )
+    assert result.text in ("red", "green", "blue") and result.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"json_schema": SCHEMA, "regex": "a"}, "give one constraint, not several: got json_schema, regex"),
+        ({"response_format": {"type": "xml"}}, "response_format.type must be"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema must be an object"),
+        ({"response_format": "json"}, "response_format must be an object"),
+        ({"json_schema": {"type": "integer", "minimum": "a"}}, "the JSON schema is not valid"),
+        ({"regex": "(("}, "the regular expression is not valid"),
+    ],
+)
+def test_bad_constraints_fail_before_generating(engine, options, message):
+    with pytest.raises(SettingsError, match=re.escape(message) if "(" not in message else message):
+        engine.generate("the cat", raw=True, **options)
+    assert not engine.busy
