@@ -12,7 +12,10 @@ Where it differs from OpenAI's API, on purpose:
   tokens came. llama.cpp's server does the same; OpenAI answers 400 instead. Clients often send a
   fixed max_tokens chosen for a large hosted model, and a laptop's context is small: refusing
   would break them for nothing. A prompt that does not fit the context at all is a 400.
-- `n` must be 1; logprobs, tools and response formats other than text are refused (400).
+- `n` must be 1; logprobs and tools are refused (400).
+- `response_format` {"type": "json_object"} or {"type": "json_schema", ...} constrains the answer
+  to JSON (valid against the schema) whether or not `strict` is set: the constraint is the same
+  grammar either way. The answer is whole only with finish_reason "stop"; with "length" it was cut.
 - edgespec's own settings are accepted too: top_k, min_p, repeat_penalty, penalty_last_n, draft_max,
   and cache_prompt (default true: reuse the cached prefix of the previous request; false evaluates
   the whole prompt, so greedy output is what a fresh `edgespec run` gives; see
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edgespec.api import check_messages
+from edgespec.constrain import from_response_format
 from edgespec.errors import EdgespecError, PromptError, SettingsError
 from edgespec.server.queue import APIError
 
@@ -48,12 +52,14 @@ _IGNORED = ("model", "user", "metadata", "store", "service_tier", "prompt_cache_
 _UNSUPPORTED = frozenset(
     {
         *("logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "functions"),
-        *("function_call", "response_format", "modalities", "audio", "prediction", "reasoning_effort"),
+        *("function_call", "modalities", "audio", "prediction", "reasoning_effort"),
         *("verbosity", "web_search_options", "echo", "best_of", "suffix"),
     }
 )
 _NO_OP: tuple[object, ...] = (None, False, "", "none", [], ["text"], {"type": "text"})
-_COMMON = frozenset({"stream", "stream_options", "n", "max_tokens", *_OPTIONS, *_EXTENSIONS, *_IGNORED})
+_COMMON = frozenset(
+    {"stream", "stream_options", "n", "max_tokens", "response_format", *_OPTIONS, *_EXTENSIONS, *_IGNORED}
+)
 _FIELDS = {
     True: _COMMON | {"messages", "max_completion_tokens"} | _UNSUPPORTED,
     False: _COMMON | {"prompt"} | _UNSUPPORTED,
@@ -116,6 +122,13 @@ def params(body: dict[str, Any], chat: bool) -> Params:
         raise APIError(400, f"seed must be an integer of 0 or more, got {body['seed']}", param="seed")
     if "logit_bias" in options:
         options["logit_bias"] = logit_bias(options["logit_bias"])
+    if body.get("response_format") is not None:
+        try:
+            grammar = from_response_format(body["response_format"])
+        except SettingsError as e:
+            raise APIError(400, str(e), param="response_format") from None
+        if grammar is not None:
+            options["grammar"] = grammar
     return Params(stream, include_usage, options)
 
 

@@ -26,9 +26,10 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import openai
+import pydantic
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
@@ -272,6 +273,55 @@ def test_content_parts_and_developer_role(client):
     b = client.chat.completions.create(model="m", messages=plain, max_tokens=8)
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.usage.prompt_tokens == b.usage.prompt_tokens
+
+
+class Pet(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=10)
+    age: int = pydantic.Field(ge=0, le=30)
+    kind: Literal["cat", "dog"]
+
+
+def test_structured_output_parses_with_the_official_client(client):
+    """client.chat.completions.parse with a Pydantic model: the answer is that model, streamed
+    or not, and the same answer as the JSON-schema response_format it sends."""
+    messages = [{"role": "user", "content": "the cat sat"}]
+    parsed = client.chat.completions.parse(model="m", messages=messages, response_format=Pet, max_tokens=60)
+    choice = parsed.choices[0]
+    assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Pet)
+    assert parsed.model_extra["edgespec"]["n_forced"] > 0
+    with client.chat.completions.stream(
+        model="m", messages=messages, response_format=Pet, max_tokens=60
+    ) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.parsed == choice.message.parsed
+    anything = client.chat.completions.create(
+        model="m", messages=messages, response_format={"type": "json_object"}, max_tokens=60
+    )
+    if anything.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+def test_structured_output_cut_by_max_tokens_says_length(client):
+    with pytest.raises(openai.LengthFinishReasonError):
+        client.chat.completions.parse(
+            model="m", messages=[{"role": "user", "content": "hi"}], response_format=Pet, max_tokens=3
+        )
+
+
+@pytest.mark.parametrize(
+    ("response_format", "message"),
+    [
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, "not valid"),
+        ({"type": "xml"}, "response_format.type must be"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": []}}, "must be an object"),
+    ],
+)
+def test_bad_response_formats_are_400(url, response_format, message):
+    body = {"messages": MESSAGES, "response_format": response_format}
+    status, answer_body, _ = request(url, "POST", CHAT, json.dumps(body).encode())
+    assert status == 400, answer_body
+    error = answer_body["error"]
+    assert error["param"] == "response_format" and message in error["message"]
 
 
 def test_concurrent_clients_get_what_they_would_get_alone(client, url):
