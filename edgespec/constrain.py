@@ -16,6 +16,7 @@ llguidance is imported only here, and only when a grammar is used.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -120,7 +121,7 @@ def _text(value: object, what: str) -> str:
 
 
 #: JSON as Python's json.dumps writes it; a schema's own "x-guidance" options override this
-_JSON_STYLE: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_STYLE: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 _COMPILED: dict[tuple[str, str], str] = {}
 _COMPILED_MAX = 64
@@ -138,7 +139,7 @@ def _compiled(kind: GrammarKind, source: str) -> str:
         if kind == "json_schema":
             # One line, no free whitespace: every separator and brace is then forced, and
             # forced tokens are free drafts.
-            text = llguidance.LLMatcher.grammar_from_json_schema(source, defaults=_JSON_STYLE)
+            text = llguidance.LLMatcher.grammar_from_json_schema(source, defaults=JSON_STYLE)
         elif kind == "regex":
             text = llguidance.LLMatcher.grammar_from_regex(source)
         elif kind == "gbnf":
@@ -165,6 +166,22 @@ def _first_line(message: str) -> str:
     return f"{lines[0].rstrip(':')}: {reason[6:].strip()}" if reason else lines[0]
 
 
+#: a user-defined token written like a control token: <tool_call>, [TOOL_CALLS]
+_LOOKS_SPECIAL = re.compile(rb"<[^<>\s]+>|\[[A-Z_]+\]")
+
+
+def grammar_special(runtime: Runtime, token: int, piece: bytes | None = None) -> bool:
+    """Whether grammars treat `token` apart from text: a control token (no text in the output),
+    or a user-defined one written like one (Qwen's <tool_call>). Text never spells such a token;
+    a grammar names it by id (`<[id]>` in Lark)."""
+    piece = runtime.token_bytes(token) if piece is None else piece
+    return (
+        (not piece or _LOOKS_SPECIAL.fullmatch(piece) is not None)
+        and runtime.is_special(token)
+        and bool(runtime.token_text(token))
+    )
+
+
 class _VocabTokens:
     """A runtime's vocabulary as llguidance's TokenizerWrapper reads it: every token's bytes
     (control tokens marked with a leading 0xFF, as llguidance expects) and a tokenize function."""
@@ -177,11 +194,9 @@ class _VocabTokens:
         special: list[int] = []
         for token in range(vocab.n_vocab):
             piece = runtime.token_bytes(token)
-            if not piece:
-                text = runtime.token_text(token)
-                if text:  # a control token: no text in the output, but the grammar may name it
-                    piece = b"\xff" + text
-                    special.append(token)
+            if grammar_special(runtime, token, piece):
+                piece = b"\xff" + runtime.token_text(token)
+                special.append(token)
             tokens.append(piece)
         self.tokens = tokens
         self.special_token_ids = special

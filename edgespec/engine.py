@@ -47,7 +47,8 @@ if TYPE_CHECKING:
     from edgespec.drafting import Drafter
     from edgespec.runtimes.base import Runtime
 
-FinishReason = Literal["stop", "length", "cancelled"]
+#: "tool_calls" only from the API, for an answer that called tools (see `edgespec.tools`)
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
 @dataclass(frozen=True)
@@ -340,6 +341,7 @@ class Generation:
         drafter, constraint, sampler = self._engine.drafter, self._constraint, self._draft_sampler
         forced = constraint.forced(k) if constraint is not None else []
         if constraint is not None:
+            forced = forced[: constraint.valid_prefix(forced)]  # the canonical spelling may not be allowed
             constraint.consume(forced)
         proposal = NO_DRAFT
         if sampler is not None:

@@ -137,6 +137,12 @@ class Runtime(Protocol):
         """The token's raw text as stored in the vocabulary (for compatibility checks)."""
         ...
 
+    def is_special(self, token: int) -> bool:
+        """Whether the token was added to the vocabulary whole (a control token such as
+        <|im_end|>, or a user-defined one such as Qwen's <tool_call>) rather than learned by the
+        tokenizer: grammars treat such tokens apart from text."""
+        ...
+
     def metadata(self, key: str) -> str | None: ...
 
     @property
@@ -168,3 +174,13 @@ class RuntimeBase:
 
     def chat_template(self) -> str | None:
         return None
+
+    def is_special(self, token: int) -> bool:
+        # without token attributes: a token with text in the vocabulary but none in the output
+        return not self.token_bytes(token) and bool(self.token_text(token))
+
+    def token_bytes(self, token: int) -> bytes:  # pragma: no cover - every backend defines it
+        raise NotImplementedError
+
+    def token_text(self, token: int) -> bytes:  # pragma: no cover - every backend defines it
+        raise NotImplementedError

@@ -366,6 +366,10 @@ class LlamaCppRuntime(RuntimeBase):
     def token_text(self, token: int) -> bytes:
         return _ll.llama_vocab_get_text(self._vocab_p, token) or b""
 
+    def is_special(self, token: int) -> bool:
+        attr = _ll.llama_vocab_get_attr(self._vocab_p, token)
+        return bool(attr & (_ll.LLAMA_TOKEN_ATTR_CONTROL | _ll.LLAMA_TOKEN_ATTR_USER_DEFINED))
+
     def metadata(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(4096)
         n = _ll.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))

@@ -78,3 +78,6 @@ class MemoRuntime(RuntimeBase):
 
     def close(self) -> None:
         self.inner.close()
+
+    def is_special(self, token: int) -> bool:
+        return self.inner.is_special(token)
