@@ -16,6 +16,7 @@ chat's next turn evaluates only what follows the longest common prefix with the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import numbers
 import os
 import threading
@@ -31,6 +32,7 @@ from edgespec.defaults import DRAFT_MAX, N_CTX
 from edgespec.engine import FinishReason, Generation, GenerationSettings, Stats
 from edgespec.errors import EdgespecError, PromptError, SettingsError, encode_utf8
 from edgespec.sampling import LogitsProcessor, SamplingSettings
+from edgespec.tools import ToolCall, ToolPlan, plan_tools, read_tool_choice, read_tools, template_messages
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Chunk", "Engine", "EngineBusy", "GenerateOptions", "Grammar", "Result", "Stream"]
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class EngineBusy(EdgespecError):
@@ -118,6 +120,8 @@ class Result:
         seed: the sampling seed used (given, or drawn fresh).
         stats: timings and drafting statistics.
         sources: with a goodput controller, how often each draft source was chosen; else None.
+        tool_calls: the calls the answer made, when tools were offered (finish_reason is then
+            "tool_calls"); `content` is the text before them (None when there is none).
     """
 
     text: str
@@ -127,6 +131,8 @@ class Result:
     seed: int
     stats: Stats
     sources: Mapping[str, SourceStats] | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    content: str | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -172,9 +178,10 @@ class Stream:
     thread); `close()` stops it at once.
     """
 
-    def __init__(self, engine: Engine, generation: Generation) -> None:
+    def __init__(self, engine: Engine, generation: Generation, tools: ToolPlan | None = None) -> None:
         self._engine = engine
         self._generation = generation
+        self._tools = tools
         self._tokens = iter(generation)
         self._shown = 0  # characters of text given out in chunks
         self.result: Result | None = None
@@ -200,6 +207,11 @@ class Stream:
             raise
         self._shown += len(token.text)
         return Chunk(token.text, token.id, token.from_draft)
+
+    def visible(self, text: str) -> int:
+        """How much of the text streamed so far is answer text to show: all of it, or with tools,
+        what comes before anything that may start a call (calls come parsed in the result)."""
+        return len(text) if self._tools is None else self._tools.visible(text)
 
     def run(self) -> Result:
         """Consume the rest of the stream and return its result (the engine is released even if
@@ -228,14 +240,22 @@ class Stream:
             self._tokens.close()  # type: ignore[attr-defined]  # a generator: runs its cleanup
         finally:
             drafter = self._engine.drafter
+            finish: FinishReason = generation.finish_reason or "cancelled"
+            content: str | None = generation.text
+            calls: list[ToolCall] = []
+            if self._tools is not None and finish == "stop":
+                content, calls = self._tools.parse(generation.text)
+                finish = "tool_calls" if calls else finish
             self.result = Result(
                 text=generation.text,
                 tokens=list(generation.tokens),
-                finish_reason=generation.finish_reason or "cancelled",
+                finish_reason=finish,
                 prompt_tokens=generation.stats.n_prompt,
                 seed=generation.seed,
                 stats=generation.stats,
                 sources=drafter.summary() if drafter is not None else None,
+                tool_calls=tuple(calls),
+                content=content,
             )
             self._engine._release(self._generation)
 
@@ -442,16 +462,32 @@ class Engine:
         with self._model_in_use():
             return prompt_tokens(self._pair.engine.target, prompt, raw=raw, system=system)
 
-    def chat_tokens(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    def chat_tokens(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None
+    ) -> list[int]:
         """Token ids for a conversation, rendered with the model's chat template, ending with the
-        header of the assistant's answer."""
+        header of the assistant's answer. `tools` (OpenAI's format, or `Tool`s) are rendered by
+        the template, or described in a system message when the template has no place for them."""
         check_messages(messages)
+        offered = read_tools(tools) if tools is not None else None
         with self._model_in_use():
             target = self._pair.engine.target
             template = target.chat_template()
             if not template:
                 raise PromptError(f"{target.path.name} has no chat template (tokenizer.chat_template)")
-            return chat_tokens(target, template, messages)
+            rendered, specs = template_messages(messages, offered, template)
+            return chat_tokens(target, template, rendered, specs)
+
+    def plan_tools(
+        self, tools: Sequence[Any], tool_choice: Any = None, parallel_tool_calls: Any = None
+    ) -> ToolPlan:
+        """How an answer offered `tools` is generated and read (see `edgespec.tools`); a
+        SettingsError naming the field when the tools or the choice are malformed."""
+        offered = read_tools(tools)
+        choice = read_tool_choice(tool_choice, offered, parallel_tool_calls)
+        with self._model_in_use():
+            target = self._pair.engine.target
+            return plan_tools(target, target.chat_template(), offered, choice)
 
     # -- generating ---------------------------------------------------------------------------
 
@@ -519,20 +555,38 @@ class Engine:
 
     def chat(
         self,
-        messages: Sequence[Mapping[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         *,
         stream: bool = False,
         timeout: float | None = None,
+        tools: Sequence[Any] | None = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool | None = None,
         **options: Unpack[GenerateOptions],
     ) -> Any:
-        """Answer a conversation: [{"role": "system" | "user" | "assistant", "content": str}, ...].
+        """Answer a conversation: [{"role": "system" | "user" | "assistant" | "tool", "content":
+        str}, ...], where an assistant message may carry OpenAI-style `tool_calls` and a tool
+        message answers one (`tool_call_id`).
+
+        With `tools` (OpenAI's format), the answer may call them: `tool_choice` is "auto" (the
+        default), "none", "required" or {"type": "function", "function": {"name": ...}}; the
+        calls are generated under a grammar, so their arguments match the tools' schemas, and come
+        back parsed in `Result.tool_calls` (finish_reason "tool_calls").
 
         Returns a `Result`, or with `stream=True` a `Stream`. Only the tokens after the longest
         common prefix with the previous call's are evaluated, so sending the whole conversation
         again each turn is cheap.
         """
         settings = self.check_options(**options)
-        started = self._start(self.chat_tokens(messages), settings, timeout)
+        plan = None
+        if tools is not None:
+            plan = self.plan_tools(tools, tool_choice, parallel_tool_calls)
+            if plan.grammar is not None and settings.grammar is not None:
+                raise SettingsError("tools that may be called cannot be combined with another constraint")
+            settings = dataclasses.replace(settings, grammar=settings.grammar or plan.grammar)
+        elif tool_choice is not None or parallel_tool_calls is not None:
+            raise SettingsError("tool_choice and parallel_tool_calls need tools")
+        started = self._start(self.chat_tokens(messages, tools), settings, timeout, plan)
         return started if stream else started.run()
 
     def cancel(self) -> bool:
@@ -628,7 +682,13 @@ class Engine:
             raise EdgespecError("the engine is closed")
         return True
 
-    def _start(self, tokens: list[int], settings: GenerationSettings, timeout: float | None) -> Stream:
+    def _start(
+        self,
+        tokens: list[int],
+        settings: GenerationSettings,
+        timeout: float | None,
+        tools: ToolPlan | None = None,
+    ) -> Stream:
         self._acquire(timeout)
         try:
             generation = self._pair.engine.generate(tokens, settings)
@@ -636,7 +696,7 @@ class Engine:
             self._lock.release()
             raise
         self._current = generation
-        return Stream(self, generation)
+        return Stream(self, generation, tools)
 
     def _release(self, generation: Generation) -> None:
         if self._current is generation:
@@ -686,6 +746,28 @@ def check_messages(messages: Any) -> None:
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise PromptError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if role != "assistant":
+                raise PromptError(f"messages[{i}].tool_calls belong to an assistant message")
+            _check_calls(i, calls)
+            if content is None:
+                continue
         if not isinstance(content, str):
             raise PromptError(f"messages[{i}].content must be a string")
         encode_utf8(content, f"messages[{i}].content")
+
+
+def _check_calls(i: int, calls: Any) -> None:
+    """An assistant message's tool_calls: [{"id", "type": "function", "function": {"name",
+    "arguments" (JSON text or an object)}}]."""
+    if not isinstance(calls, Sequence) or isinstance(calls, (str, bytes)):
+        raise PromptError(f"messages[{i}].tool_calls must be a list")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise PromptError(
+                f"messages[{i}].tool_calls[{j}] must be {{'type': 'function', 'function': {{...}}}}"
+            )
+        if not isinstance(function.get("arguments", {}), (str, Mapping)):
+            raise PromptError(f"messages[{i}].tool_calls[{j}].function.arguments must be JSON text")

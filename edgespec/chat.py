@@ -45,6 +45,7 @@ def render_chat(
     bos_token: str = "",
     eos_token: str = "",
     add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     """Render a conversation with a chat template.
 
@@ -53,6 +54,7 @@ def render_chat(
         messages: [{"role": "system" | "user" | "assistant", "content": str}, ...].
         bos_token, eos_token: the model's special token texts, which templates may insert.
         add_generation_prompt: end with the header that starts the assistant's answer.
+        tools: OpenAI-style tool definitions, for a template that renders them.
 
     Returns:
         The prompt text (to be tokenized with special tokens parsed).
@@ -66,7 +68,7 @@ def render_chat(
                 add_generation_prompt=add_generation_prompt,
                 bos_token=bos_token,
                 eos_token=eos_token,
-                tools=None,
+                tools=list(tools) if tools else None,
             )
         )
     except TemplateError as exc:
@@ -96,11 +98,16 @@ def prompt_tokens(target: Runtime, text: str, *, raw: bool = False, system: str 
     return chat_tokens(target, template, messages)
 
 
-def chat_tokens(target: Runtime, template: str, messages: Sequence[Mapping[str, str]]) -> list[int]:
+def chat_tokens(
+    target: Runtime,
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> list[int]:
     vocab = target.vocab
     bos = target.token_text(vocab.bos).decode("utf-8", "replace") if vocab.bos is not None else ""
     eos = target.token_text(vocab.eos).decode("utf-8", "replace") if vocab.eos is not None else ""
-    rendered = render_chat(template, messages, bos_token=bos, eos_token=eos)
+    rendered = render_chat(template, messages, bos_token=bos, eos_token=eos, tools=tools)
     add_bos = vocab.add_bos and not (bos and rendered.startswith(bos))
     tokens = target.tokenize(rendered, add_special=False, parse_special=True)
     if add_bos and vocab.bos is not None:

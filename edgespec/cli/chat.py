@@ -11,6 +11,7 @@ never interrupted midway); the part of the answer already shown stays in the con
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -191,11 +192,14 @@ class ChatSession:
     engine: Engine
     options: dict[str, Any]
     system: str | None = None
-    turns: list[dict[str, str]] = field(default_factory=list)
+    turns: list[dict[str, Any]] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
     last: Result | None = None
+    #: tools the model may call (OpenAI's format); their results are asked of the user
+    tools: list[dict[str, Any]] | None = None
+    prompt: str = ""
 
-    def messages(self, user: str | None = None) -> list[dict[str, str]]:
+    def messages(self, user: str | None = None) -> list[dict[str, Any]]:
         """The conversation to send: system message, turns, and the new user message."""
         head = [{"role": "system", "content": self.system}] if self.system else []
         tail = [{"role": "user", "content": user}] if user is not None else []
@@ -203,6 +207,7 @@ class ChatSession:
 
     def run(self, prompt: str) -> None:
         """Read lines until end of input or /exit."""
+        self.prompt = prompt
         while True:
             line = read_line(prompt)
             if line is None or not self.handle(line):
@@ -249,16 +254,30 @@ class ChatSession:
             click.echo(format_sources(self.last.sources), err=True)
 
     def answer(self, text: str) -> None:
-        """Stream the answer to `text`; on an error, say so and forget the message."""
-        try:
-            result = self.generate(self.messages(text))
-        except PromptTooLongError as exc:
-            click.echo(f"error: {exc}; /reset starts a new conversation", err=True)
-            return
-        except EdgespecError as exc:
-            click.echo(f"error: {exc}", err=True)
-            return
-        self.turns += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
+        """Stream the answer to `text`; on an error, say so and forget the message. An answer
+        that calls tools shows the calls, asks for each one's result, and goes on from them."""
+        pending: list[dict[str, Any]] = [{"role": "user", "content": text}]
+        while True:
+            try:
+                result = self.generate(self.messages() + pending)
+            except PromptTooLongError as exc:
+                click.echo(f"error: {exc}; /reset starts a new conversation", err=True)
+                return
+            except EdgespecError as exc:
+                click.echo(f"error: {exc}", err=True)
+                return
+            if not result.tool_calls:
+                break
+            calls = [call.to_openai() for call in result.tool_calls]
+            pending.append({"role": "assistant", "content": result.content, "tool_calls": calls})
+            for call in result.tool_calls:
+                shown = json.dumps(dict(call.arguments), ensure_ascii=False)
+                click.echo(click.style(f"→ {call.name}({shown})", fg="cyan"), err=True)
+                output = read_line(f"result of {call.name}> " if self.prompt else "")
+                if output is None:  # end of input: the call stays unanswered, the turn is dropped
+                    return
+                pending.append({"role": "tool", "tool_call_id": call.id, "content": output})
+        self.turns += [*pending, {"role": "assistant", "content": result.text}]
         self.totals.add(result.stats)
         self.last = result
         click.echo(click.style(summary(result), dim=True), err=True)
@@ -275,19 +294,27 @@ class ChatSession:
         what was shown."""
         out = sys.stdout
         shown = ""
+        text = ""
         with (
             ctrl_c_cancels(self.engine) as pressed,
-            self.engine.chat(messages, stream=True, **self.options) as stream,
+            self.engine.chat(messages, stream=True, tools=self.tools, **self.options) as stream,
         ):
             if pressed.is_set():  # Ctrl-C came before the generation existed
                 stream.cancel()
             for chunk in stream:
-                if chunk.text:
-                    out.write(chunk.text)
+                text += chunk.text
+                # with tools, a call's text is held back: it is shown once parsed
+                visible = text[: stream.visible(text)]
+                if len(visible) > len(shown):
+                    out.write(visible[len(shown) :])
                     out.flush()
-                    shown += chunk.text
+                    shown = visible
         result = stream.result
         assert result is not None
+        rest = (result.content or "") if result.tool_calls else result.text
+        if len(rest) > len(shown):
+            out.write(rest[len(shown) :])
+            shown = rest
         if not shown.endswith("\n"):
             out.write("\n")
         out.flush()
@@ -311,9 +338,21 @@ class ChatSession:
     help="Sampling seed for every answer (default: a fresh one each time).",
 )
 @click.option("--system", default=None, help="Initial system message (/system changes it).")
+@click.option(
+    "--tools",
+    "tools_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A JSON file of tools (OpenAI's format) the model may call; you give each call's result.",
+)
 @click.pass_context
 def chat(
-    click_ctx: click.Context, max_tokens: int, seed: int | None, system: str | None, **flags: Any
+    click_ctx: click.Context,
+    max_tokens: int,
+    seed: int | None,
+    system: str | None,
+    tools_file: str | None,
+    **flags: Any,
 ) -> None:
     """Chat with the model in the terminal; answers stream as tokens are accepted.
 
@@ -329,7 +368,9 @@ def chat(
       edgespec chat --system "You are a terse senior Python reviewer." --max-tokens 512
       edgespec chat --draft ngram --temperature 0.7 --seed 1
       printf 'Hi!\\nName three sorting algorithms.\\n' | edgespec chat --max-tokens 64
+      edgespec chat --tools tools.json       # calls are shown; you type each result
     """
+    tools = read_tools_file(tools_file) if tools_file else None
     sampling = sampling_settings(flags)
     options = {
         "max_tokens": max_tokens,
@@ -339,7 +380,7 @@ def chat(
     interactive = sys.stdin is not None and sys.stdin.isatty()
     escape_undecodable_stdin()  # a line that is not UTF-8 is refused by itself; the chat goes on
     with open_engine(click_ctx, flags) as engine:
-        session = ChatSession(engine, options, system or None)
+        session = ChatSession(engine, options, system or None, tools=tools)
         engine.chat_tokens(session.messages("Hi!"))  # no chat template, or one refusing --system: fail now
         if not interactive:
             session.run("")
@@ -351,3 +392,21 @@ def chat(
                 err=True,
             )
             session.run(PROMPT)
+
+
+def read_tools_file(path: str) -> list[dict[str, Any]]:
+    """The tools in a JSON file: a list in OpenAI's format (checked before any model loads)."""
+    from edgespec.tools import read_tools
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            tools = json.load(f)
+    except OSError as e:
+        raise click.BadParameter(f"cannot read {path}: {e.strerror or e}", param_hint="--tools") from None
+    except ValueError as e:
+        raise click.BadParameter(f"{path} is not JSON: {e}", param_hint="--tools") from None
+    try:
+        read_tools(tools)
+    except EdgespecError as e:
+        raise click.BadParameter(str(e), param_hint="--tools") from None
+    return list(tools)
