@@ -54,11 +54,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edgespec import __version__
 from edgespec.errors import EdgespecError, PromptError, SettingsError
 from edgespec.server.guard import RequestGuard
-from edgespec.server.openai import Reply, as_api_error, messages, params, prompt, sse
+from edgespec.server.openai import Params, Reply, as_api_error, messages, params, prompt, sse
 from edgespec.server.queue import DEFAULT_MAX_QUEUE, APIError, Job, Scheduler, shutting_down
 
 if TYPE_CHECKING:
     from edgespec.api import Engine
+    from edgespec.tools import ToolPlan
 
 __all__ = ["DEFAULT_CLIENT_TIMEOUT", "DEFAULT_MAX_BODY_BYTES", "create_app", "make_server"]
 
@@ -171,18 +172,37 @@ async def _json_body(request: Request, max_bytes: int, timeout: float) -> dict[s
     return body
 
 
+def _tool_plan(engine: Engine, request_params: Params) -> ToolPlan:
+    """The request's tools as a plan (a 400 naming the field when they are malformed, or when
+    they come with a response_format)."""
+    tools = request_params.tools or {}
+    try:
+        plan = engine.plan_tools(tools["tools"], tools.get("tool_choice"), tools.get("parallel_tool_calls"))
+    except SettingsError as e:
+        name = str(e).split(" ", 1)[0]
+        field = next((f for f in ("tool_choice", "parallel_tool_calls") if name.startswith(f)), "tools")
+        raise APIError(400, str(e), param=field) from None
+    if plan.grammar is not None and "grammar" in request_params.options:
+        raise APIError(400, "tools cannot be combined with a response_format", param="response_format")
+    return plan
+
+
 async def _stream_events(first: tuple[str, Any], job: Job, reply: Reply) -> AsyncIterator[str]:
     if reply.chat:
         yield sse(reply.chunk(role=True))
     kind, value = first
+    text, shown = "", 0  # the answer so far, and how much of it was sent
     while kind == "chunk":
-        if value.text:  # a stream's chunks add up to its result's text (api.Stream)
-            yield sse(reply.chunk(value.text))
+        text += value.text  # a stream's chunks add up to its result's text (api.Stream)
+        safe = reply.safe_text(text)  # with tools, a call's text is held back
+        if safe > shown:
+            yield sse(reply.chunk(text[shown:safe]))
+            shown = safe
         kind, value = await job.events.get()
     if kind == "error" or value.finish_reason == "cancelled":
         yield sse(as_api_error(value if kind == "error" else shutting_down()).body())
         return
-    for chunk in reply.last_chunks(value):
+    for chunk in reply.last_chunks(value, shown):
         yield sse(chunk)
     yield "data: [DONE]\n\n"
 
@@ -319,8 +339,12 @@ def create_app(
     async def complete(request: Request, chat: bool) -> Response:
         body = await _json_body(request, max_body_bytes, client_timeout)
         request_params = params(body, chat)
+        plan = None
+        if request_params.tools is not None:
+            plan = await asyncio.to_thread(_tool_plan, engine, request_params)
         if chat:
-            tokens = await asyncio.to_thread(engine.chat_tokens, messages(body))
+            tools = None if request_params.tools is None else request_params.tools["tools"]
+            tokens = await asyncio.to_thread(engine.chat_tokens, messages(body), tools)
         else:
             tokens = await asyncio.to_thread(engine.tokenize, prompt(body), raw=True)
         if len(tokens) >= engine.n_ctx:
@@ -334,10 +358,12 @@ def create_app(
             **request_params.options,
             "max_tokens": min(request_params.options.get("max_tokens", room), room),
         }
+        if plan is not None and plan.grammar is not None:
+            options["grammar"] = plan.grammar
         engine.check_options(**options)  # types and ranges, before the request waits in the queue
         draft_max = options.get("draft_max", engine.draft_max)
         draft = engine.draft_name  # a file name, "ngram", ...
-        reply = Reply(chat, engine.model, request_params.include_usage, draft, draft_max)
+        reply = Reply(chat, engine.model, request_params.include_usage, draft, draft_max, plan)
         job = Job(tokens, options, request_params.stream)
         scheduler.submit(job)
         try:

@@ -12,7 +12,12 @@ Where it differs from OpenAI's API, on purpose:
   tokens came. llama.cpp's server does the same; OpenAI answers 400 instead. Clients often send a
   fixed max_tokens chosen for a large hosted model, and a laptop's context is small: refusing
   would break them for nothing. A prompt that does not fit the context at all is a 400.
-- `n` must be 1; logprobs and tools are refused (400).
+- `n` must be 1; logprobs are refused (400).
+- `tools` (chat only) are rendered through the model's chat template, and calls are generated under
+  a grammar (see `edgespec.tools`), so `message.tool_calls[].function.arguments` always parses and
+  matches the tool's schema when the answer ends with finish_reason "tool_calls". Streamed, the
+  text of a call is held back and sent as `delta.tool_calls` once it is whole: one chunk per call
+  with its id, name and complete arguments.
 - `response_format` {"type": "json_object"} or {"type": "json_schema", ...} constrains the answer
   to JSON (valid against the schema) whether or not `strict` is set: the constraint is the same
   grammar either way. The answer is whole only with finish_reason "stop"; with "length" it was cut.
@@ -42,12 +47,14 @@ from edgespec.server.queue import APIError
 
 if TYPE_CHECKING:
     from edgespec.api import Result
+    from edgespec.tools import ToolCall, ToolPlan
 
 # Request fields, beyond each endpoint's own (messages / prompt, max tokens, stream, n).
 _OPTIONS = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "stop", "logit_bias")
 # edgespec's own (cache_prompt as llama.cpp's server names it)
 _EXTENSIONS = ("top_k", "min_p", "repeat_penalty", "penalty_last_n", "draft_max", "cache_prompt")
 _IGNORED = ("model", "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
+_TOOLS = ("tools", "tool_choice", "parallel_tool_calls")
 # Features edgespec does not have: accepted only when null or set to a do-nothing value.
 _UNSUPPORTED = frozenset(
     {
@@ -84,6 +91,8 @@ class Params:
     stream: bool
     include_usage: bool
     options: dict[str, Any]
+    #: tools, tool_choice and parallel_tool_calls as sent (chat), or None without tools
+    tools: dict[str, Any] | None = None
 
 
 def typed(body: dict[str, Any], key: str, kind: type, what: str, param: str = "") -> Any:
@@ -99,6 +108,8 @@ def params(body: dict[str, Any], chat: bool) -> Params:
     for key, value in body.items():
         if key not in _FIELDS[chat]:
             raise APIError(400, f"unrecognized request argument supplied: {key}", param=key)
+        if key in _TOOLS and chat:
+            continue
         if key in _UNSUPPORTED and value not in _NO_OP and (key != "best_of" or value != 1):
             raise APIError(400, f"{key} is not supported by edgespec serve", param=key)
     if typed(body, "n", int, "an integer") not in (None, 1):
@@ -129,7 +140,12 @@ def params(body: dict[str, Any], chat: bool) -> Params:
             raise APIError(400, str(e), param="response_format") from None
         if grammar is not None:
             options["grammar"] = grammar
-    return Params(stream, include_usage, options)
+    tools = None
+    if chat and body.get("tools") not in (None, []):
+        tools = {key: body.get(key) for key in _TOOLS}
+    elif chat and (body.get("tool_choice") not in (None, "none", "auto")):
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    return Params(stream, include_usage, options, tools)
 
 
 def logit_bias(value: Any) -> dict[int, float]:
@@ -164,6 +180,9 @@ def messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
     role, content = message.get("role"), message.get("content")
+    extra = {
+        key: message[key] for key in ("tool_calls", "tool_call_id", "name") if message.get(key) is not None
+    }
     if isinstance(content, list):
         texts = [p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None for p in content]
         strings = [t for t in texts if isinstance(t, str)]
@@ -172,7 +191,7 @@ def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
                 f"messages[{i}].content parts must be {{'type': 'text', 'text': ...}} (text only)"
             )
         content = "\n".join(strings)
-    return {"role": "system" if role == "developer" else role, "content": content}
+    return {"role": "system" if role == "developer" else role, "content": content, **extra}
 
 
 def prompt(body: dict[str, Any]) -> str:
@@ -195,8 +214,15 @@ class Reply:
     include_usage: bool
     draft: str
     draft_max: int
+    tools: ToolPlan | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+
+    def calls(self, result: Result) -> tuple[str | None, list[ToolCall]]:
+        """(the answer's text, or what came before its calls; the calls), when tools were offered."""
+        if self.tools is None or result.finish_reason != "stop":
+            return result.text, []
+        return self.tools.parse(result.text)
 
     def _head(self, obj: str) -> dict[str, Any]:
         prefix = "chatcmpl-" if self.chat else "cmpl-"
@@ -220,22 +246,37 @@ class Reply:
 
     def response(self, result: Result) -> dict[str, Any]:
         """The non-streamed answer."""
+        finish: str = result.finish_reason
         if self.chat:
             head = self._head("chat.completion")
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}}
+            content, calls = self.calls(result)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = [call.to_openai() for call in calls]
+                finish = "tool_calls"
+            choice: dict[str, Any] = {"index": 0, "message": message}
         else:
             head = self._head("text_completion")
             choice = {"index": 0, "text": result.text}
-        choice.update(logprobs=None, finish_reason=result.finish_reason)
+        choice.update(logprobs=None, finish_reason=finish)
         return {**head, "choices": [choice], "usage": self.usage(result), "edgespec": self.extra(result)}
 
-    def chunk(self, text: str | None = None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
-        """One streamed chunk: text, a finish reason, or (chat) the first one with the role."""
+    def chunk(
+        self,
+        text: str | None = None,
+        finish: str | None = None,
+        role: bool = False,
+        calls: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """One streamed chunk: text, a finish reason, (chat) the first one with the role, or
+        tool calls."""
         if self.chat:
             head = self._head("chat.completion.chunk")
-            delta = (
+            delta: dict[str, Any] = (
                 {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
             )
+            if calls:
+                delta["tool_calls"] = calls
             choice: dict[str, Any] = {"index": 0, "delta": delta}
         else:
             head = self._head("text_completion")
@@ -243,14 +284,30 @@ class Reply:
         choice.update(logprobs=None, finish_reason=finish)
         return {**head, "choices": [choice], **({"usage": None} if self.include_usage else {})}
 
-    def last_chunks(self, result: Result) -> list[dict[str, Any]]:
-        """The chunks that end a stream: the finish reason, then the usage if asked for; the last
+    def last_chunks(self, result: Result, shown: int = 0) -> list[dict[str, Any]]:
+        """The chunks that end a stream: text held back (of `result.text`, whose first `shown`
+        characters were sent), the calls, the finish reason, then the usage if asked for; the last
         one carries `edgespec`."""
-        chunks = [self.chunk(finish=result.finish_reason)]
+        chunks = []
+        finish: str = result.finish_reason
+        content, calls = self.calls(result)
+        rest = (content or "")[shown:] if calls else result.text[shown:]
+        if rest:
+            chunks.append(self.chunk(rest))
+        for i, call in enumerate(calls):
+            chunks.append(self.chunk(calls=[{"index": i, **call.to_openai()}]))
+        if calls:
+            finish = "tool_calls"
+        chunks.append(self.chunk(finish=finish))
         if self.include_usage:
             chunks.append({**self.chunk(), "choices": [], "usage": self.usage(result)})
         chunks[-1]["edgespec"] = self.extra(result)
         return chunks
+
+    def safe_text(self, text: str) -> int:
+        """How much of the answer so far can be streamed as content: all of it without tools;
+        with tools, what comes before anything that may start a call."""
+        return len(text) if self.tools is None else self.tools.visible(text)
 
 
 def sse(data: dict[str, Any]) -> str:

@@ -324,6 +324,91 @@ def test_bad_response_formats_are_400(url, response_format, message):
     assert error["param"] == "response_format" and message in error["message"]
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather forecast for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_tool_calls_streamed_and_not_with_the_official_client(client):
+    """tool_choice "required": message.tool_calls parse against the tool's schema, and the
+    streamed delta.tool_calls add up to the same calls."""
+    messages = [{"role": "user", "content": "the cat sat"}]
+    options = dict(
+        model="m",
+        messages=messages,
+        tools=[WEATHER_TOOL],
+        tool_choice="required",
+        parallel_tool_calls=False,  # the tiny model would go on calling until max_tokens
+        max_tokens=120,
+    )
+    whole = client.chat.completions.create(**options)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    for call in choice.message.tool_calls:
+        assert call.function.name == "get_weather" and call.id.startswith("call_")
+        arguments = json.loads(call.function.arguments)
+        assert set(arguments) == {"city"} and len(arguments["city"]) <= 12
+    with client.chat.completions.stream(**options) as stream:
+        final = stream.get_final_completion()
+    streamed = final.choices[0]
+    assert streamed.finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed.message.tool_calls] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls
+    ]
+    # The call goes back with the tool's answer; "none" then gets a text answer.
+    call = choice.message.tool_calls[0]
+    history = [
+        *messages,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
+    ]
+    answer = client.chat.completions.create(
+        model="m", messages=history, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=8
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length") and not answer.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "message"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools", "function.name must be"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": "maybe"}, "tool_choice", "tool_choice must be"),
+        ({"tool_choice": "required"}, "tool_choice", "tool_choice needs tools"),
+        (
+            {"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format",
+            "cannot be combined",
+        ),
+        (
+            {"tools": [WEATHER_TOOL], "parallel_tool_calls": "yes"},
+            "parallel_tool_calls",
+            "must be true or false",
+        ),
+    ],
+)
+def test_bad_tool_requests_are_400(url, extra, param, message):
+    body = {"messages": MESSAGES, "max_tokens": 4, **extra}
+    status, answer_body, _ = request(url, "POST", CHAT, json.dumps(body).encode())
+    assert status == 400, answer_body
+    assert answer_body["error"]["param"] == param and message in answer_body["error"]["message"]
+
+
+def test_tools_on_completions_are_refused(url):
+    body = {"prompt": PROMPT, "max_tokens": 4, "tools": [WEATHER_TOOL]}
+    status, answer_body, _ = request(url, "POST", COMPLETIONS, json.dumps(body).encode())
+    assert status == 400 and answer_body["error"]["param"] == "tools"
+
+
 def test_concurrent_clients_get_what_they_would_get_alone(client, url):
     prompts = ["the cat sat on", "a dog was in the", "hello world and", "one little word"]
 
@@ -530,7 +615,8 @@ BAD_REQUESTS = [
         "frobnicate",
         "unrecognized request argument",
     ),
-    ("tools", CHAT, {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools", "not supported"),
+    ("tools", CHAT, {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools", "function must be"),
+    ("logprobs", CHAT, {"messages": MESSAGES, "logprobs": True}, "logprobs", "not supported"),
     ("logit_bias key", COMPLETIONS, {"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
     # found by the engine as the generation starts, still before a stream's first byte
     (
@@ -1086,6 +1172,44 @@ def test_real_pair_streams_what_it_answers():
         chunks = client.chat.completions.create(model="qwen", messages=messages, max_tokens=24, stream=True)
         assert stream_text(chunks, chat=True) == whole.choices[0].message.content
         assert whole.usage.completion_tokens == 24 and whole.model_extra["edgespec"]["n_drafted"] > 0
+
+
+@pytest.mark.real
+def test_real_pair_tool_round_trip_streamed_and_not():
+    """Qwen2.5-Coder calls a tool on its own (tool_choice auto), through its chat template's
+    <tool_call> format, then answers from the tool's result."""
+    target, draft = real_pair_paths()
+    messages = [{"role": "user", "content": "What is the weather in Paris right now? Use the tool."}]
+    with (
+        Engine(target, draft, draft_max=4, n_ctx=2048, cache_prompt=False) as engine,
+        live_server(engine) as url,
+    ):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="anything", max_retries=0)
+        whole = client.chat.completions.create(
+            model="qwen", messages=messages, tools=[WEATHER_TOOL], max_tokens=60
+        )
+        choice = whole.choices[0]
+        assert choice.finish_reason == "tool_calls", choice.message.content
+        (call,) = choice.message.tool_calls
+        assert (
+            call.function.name == "get_weather"
+            and "paris" in json.loads(call.function.arguments)["city"].lower()
+        )
+        with client.chat.completions.stream(
+            model="qwen", messages=messages, tools=[WEATHER_TOOL], max_tokens=60
+        ) as stream:
+            final = stream.get_final_completion()
+        assert final.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
+        history = [
+            *messages,
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 21, "sky": "sunny"}'},
+        ]
+        answer = client.chat.completions.create(
+            model="qwen", messages=history, tools=[WEATHER_TOOL], max_tokens=40
+        )
+        assert answer.choices[0].finish_reason in ("stop", "length")
+        assert "21" in answer.choices[0].message.content and not answer.choices[0].message.tool_calls
 
 
 # -- issue 17: text without a UTF-8 form, cross-site requests, shutdown while bodies arrive ------
