@@ -74,12 +74,22 @@ class LlamaCppPlain:
             model_path=str(self.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
         )
 
-    def complete(self, prompt: Sequence[int] | str, max_tokens: int, *, reuse: bool = False) -> PlainResult:
+    def complete(
+        self,
+        prompt: Sequence[int] | str,
+        max_tokens: int,
+        *,
+        reuse: bool = False,
+        json_schema: str | None = None,
+    ) -> PlainResult:
         """Greedy `create_completion` of `prompt` (token ids, or text as llama-cpp-python takes it).
 
         Args:
             reuse: keep llama-cpp-python's own prefix cache from the previous call (as its
                 chat use does); False evaluates the whole prompt.
+            json_schema: constrain the answer with llama-cpp-python's own grammar for this JSON
+                schema (`LlamaGrammar.from_json_schema`, llama.cpp's GBNF sampler), as its users
+                do; built before the clock starts.
         """
         from llama_cpp import StoppingCriteriaList
 
@@ -89,6 +99,11 @@ class LlamaCppPlain:
             stamps.append(time.perf_counter())
             return False
 
+        grammar = None
+        if json_schema is not None:
+            from llama_cpp import LlamaGrammar
+
+            grammar = LlamaGrammar.from_json_schema(json_schema, verbose=False)
         if not reuse:
             self.llm.reset()
         prompt_arg: Any = list(prompt) if not isinstance(prompt, str) else prompt
@@ -98,6 +113,7 @@ class LlamaCppPlain:
             max_tokens=max_tokens,
             temperature=0.0,
             stopping_criteria=StoppingCriteriaList([stamp]),
+            grammar=grammar,
         )
         end = time.perf_counter()
         if not isinstance(out, dict):  # an iterator only when streaming, which is not asked for

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,41 @@ def test_speculative_equals_target_only(real_runtimes, question):
         assert spec.finish_reason == base.finish_reason
         if name == "draft":
             assert spec.stats.n_accepted > 0
+
+
+def test_constrained_speculation_equals_constrained_target_only(real_runtimes):
+    """Under a JSON schema, on the real pair with the exact kernels: model drafts (q masked like
+    p) and forced drafts give the constrained target-only answer, token for token."""
+    import json
+
+    import jsonschema
+
+    from edgespec.constrain import Grammar
+
+    target, draft = real_runtimes
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "languages": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+            "years": {"type": "integer"},
+        },
+        "required": ["name", "languages", "years"],
+        "additionalProperties": False,
+    }
+    prompt = prompt_tokens(
+        target, "Extract as JSON: Grace Hopper worked with COBOL and FLOW-MATIC for about 40 years."
+    )
+    settings = GenerationSettings(max_tokens=80, draft_max=0, grammar=Grammar.json_schema(schema))
+    base = SpeculativeEngine(target).generate(prompt, settings).run()
+    assert base.finish_reason == "stop"
+    jsonschema.validate(json.loads(base.text), schema)
+    for drafter, k in ((ModelDrafter(draft, max_id=target.vocab.n_vocab), 4), (None, 8)):
+        spec = SpeculativeEngine(target, drafter).generate(prompt, replace(settings, draft_max=k)).run()
+        assert spec.tokens == base.tokens, (
+            f"k={k} diverged at token {first_difference(spec.tokens, base.tokens)}"
+        )
+        assert spec.stats.n_forced_accepted > 0
 
 
 def test_cli_answers_the_readme_prompt(real_runtimes, config_dir, monkeypatch):
