@@ -5,6 +5,7 @@ Skipped only when the pair's packages are absent; CI installs them, so there it 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -162,3 +163,15 @@ def test_readme_embedding_example_runs_as_written(config_dir):
     assert reused is not None, proc.stdout
     # The third call's prompt repeats the conversation so far: most of it came from the cache.
     assert int(reused[1]) > int(reused[2]) // 2
+
+
+def test_readme_structured_output_example_runs_as_written(config_dir):
+    """The README's structured output and tool call example, pasted into a fresh interpreter."""
+    code = readme_python_block("### Structured output and tool calls")
+    env = {**os.environ, "EDGESPEC_CONFIG_DIR": str(config_dir)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    person = json.loads(lines[0])
+    assert person["name"] == "Ada Lovelace" and person["born"] == 1815
+    assert lines[1].startswith("get_weather {'city': 'Paris")
