@@ -161,3 +161,34 @@ def test_bad_tool_requests(engine, kwargs, message):
     with pytest.raises(SettingsError, match=message):
         engine.chat(ASK, max_tokens=5, **kwargs)
     assert not engine.busy
+
+
+def test_edgespec_chat_shows_calls_and_asks_for_their_results(tool_model, tmp_path, monkeypatch):
+    """`edgespec chat --tools`: a call is shown as name(arguments), not as its raw text; the next
+    input line is its result, and the model goes on from it."""
+    import json
+
+    from click.testing import CliRunner
+
+    from edgespec.cli.main import cli
+
+    path, marker = tool_model
+    monkeypatch.setenv("EDGESPEC_CONFIG_DIR", str(tmp_path / "config"))
+    tools_file = tmp_path / "tools.json"
+    tools_file.write_text(json.dumps(TOOLS[:1]))
+    args = ["chat", "--target", str(path), "--draft", "none", "--threads", "1", "--ctx", "2048"]
+    args += ["--max-tokens", "80", "--logit-bias", "2=100", "--logit-bias", "3=100"]
+    args += ["--logit-bias", f"{marker}=100", "--tools", str(tools_file)]
+    # The biases make every answer one call (ended where the grammar allows an end): the chat shows
+    # each and reads its result, until input ends.
+    result = CliRunner().invoke(cli, args, input="the cat sat\nsunny\n")
+    assert result.exit_code == 0, result.output
+    shown = [line for line in result.stderr.splitlines() if line.startswith("→ get_weather(")]
+    assert len(shown) == 2, result.stderr
+    arguments = json.loads(shown[0][len("→ get_weather(") : -1])
+    jsonschema.validate(arguments, WEATHER_PARAMS)
+    assert "<tool_call>" not in result.stdout  # the call's raw text is never printed
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"type": "function"}]')
+    refused = CliRunner().invoke(cli, [*args[:-2], "--tools", str(bad)], input="hi\n")
+    assert refused.exit_code == 2 and "tools[0].function must be" in refused.output
