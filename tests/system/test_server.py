@@ -669,7 +669,7 @@ def test_unknown_endpoint_and_method(url):
 
 
 def test_unexpected_error_is_a_500_in_one_line(url, engine, monkeypatch):
-    def broken(messages: Any) -> list[int]:
+    def broken(messages: Any, tools: Any = None) -> list[int]:
         raise RuntimeError("boom\nsecond line")
 
     monkeypatch.setattr(engine, "chat_tokens", broken)
