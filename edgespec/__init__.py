@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Chunk", "Engine", "EngineBusy", "Grammar", "Result", "Stream", "__version__"]
+__all__ = ["Chunk", "Engine", "EngineBusy", "Grammar", "Result", "Stream", "TokenLogprob", "__version__"]
 
 if TYPE_CHECKING:
-    from edgespec.api import Chunk, Engine, EngineBusy, Grammar, Result, Stream
+    from edgespec.api import Chunk, Engine, EngineBusy, Grammar, Result, Stream, TokenLogprob
 
-_API = frozenset({"Chunk", "Engine", "EngineBusy", "Grammar", "Result", "Stream"})
+_API = frozenset({"Chunk", "Engine", "EngineBusy", "Grammar", "Result", "Stream", "TokenLogprob"})
 
 
 def __getattr__(name: str) -> Any:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from edgespec.chat import chat_tokens, prompt_tokens
 from edgespec.constrain import Grammar, grammar_from_options
 from edgespec.defaults import DRAFT_MAX, N_CTX
-from edgespec.engine import FinishReason, Generation, GenerationSettings, Stats
+from edgespec.engine import FinishReason, Generation, GenerationSettings, Stats, TokenLogprob
 from edgespec.errors import EdgespecError, PromptError, SettingsError, encode_utf8
 from edgespec.sampling import LogitsProcessor, SamplingSettings
 from edgespec.tools import ToolCall, ToolPlan, plan_tools, read_tool_choice, read_tools, template_messages
@@ -41,7 +41,16 @@ if TYPE_CHECKING:
     from edgespec.load.builder import EngineSpec, LoadedPair
     from edgespec.placement.profiles import Profile
 
-__all__ = ["Chunk", "Engine", "EngineBusy", "GenerateOptions", "Grammar", "Result", "Stream"]
+__all__ = [
+    "Chunk",
+    "Engine",
+    "EngineBusy",
+    "GenerateOptions",
+    "Grammar",
+    "Result",
+    "Stream",
+    "TokenLogprob",
+]
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -63,6 +72,10 @@ class GenerateOptions(TypedDict, total=False):
     text), regex (a regular expression the whole output matches), grammar (a context-free grammar
     in Lark or GBNF syntax, or an `edgespec.Grammar`), or response_format (OpenAI's, e.g.
     {"type": "json_object"}). A bad one is a SettingsError before generation starts.
+
+    logprobs: None (default) or n from 0 to 20: report each token's log-probability under the
+    target model and the n most likely tokens at its position (`Result.logprobs`, `Chunk.logprob`;
+    see `GenerationSettings.logprobs`).
     """
 
     max_tokens: int
@@ -84,9 +97,10 @@ class GenerateOptions(TypedDict, total=False):
     regex: str
     grammar: str | Grammar
     response_format: Mapping[str, Any]
+    logprobs: int | None
 
 
-_GENERATION_KEYS = ("max_tokens", "draft_max", "stop", "seed", "cache_prompt")
+_GENERATION_KEYS = ("max_tokens", "draft_max", "stop", "seed", "cache_prompt", "logprobs")
 _CONSTRAINT_KEYS = ("json_schema", "regex", "grammar", "response_format")
 _OPTION_KEYS = frozenset(GenerateOptions.__annotations__)
 
@@ -101,11 +115,13 @@ class Chunk:
         token: its token id; None for the last chunk of a stream when it only carries text held
             back until the end (the start of a possible stop string, an unfinished character).
         from_draft: True when a drafter proposed it and the target accepted it.
+        logprob: its log-probability and the alternatives, with the `logprobs` option; else None.
     """
 
     text: str
     token: int | None
     from_draft: bool
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +138,7 @@ class Result:
         sources: with a goodput controller, how often each draft source was chosen; else None.
         tool_calls: the calls the answer made, when tools were offered (finish_reason is then
             "tool_calls"); `content` is the text before them (None when there is none).
+        logprobs: with the `logprobs` option, one `TokenLogprob` per token of `tokens`; else None.
     """
 
     text: str
@@ -133,6 +150,7 @@ class Result:
     sources: Mapping[str, SourceStats] | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     content: str | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -206,7 +224,7 @@ class Stream:
             self._finish()
             raise
         self._shown += len(token.text)
-        return Chunk(token.text, token.id, token.from_draft)
+        return Chunk(token.text, token.id, token.from_draft, token.logprob)
 
     def visible(self, text: str) -> int:
         """How much of the text streamed so far is answer text to show: all of it, or with tools,
@@ -256,6 +274,7 @@ class Stream:
                 sources=drafter.summary() if drafter is not None else None,
                 tool_calls=tuple(calls),
                 content=content,
+                logprobs=None if generation.settings.logprobs is None else tuple(generation.logprobs),
             )
             self._engine._release(self._generation)
 
@@ -704,7 +723,7 @@ class Engine:
             self._lock.release()
 
 
-_INTS = frozenset({"max_tokens", "draft_max", "top_k", "penalty_last_n", "seed"})
+_INTS = frozenset({"max_tokens", "draft_max", "top_k", "penalty_last_n", "seed", "logprobs"})
 _NUMBERS = frozenset(
     {"temperature", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty"}
 )
@@ -713,7 +732,8 @@ _NUMBERS = frozenset(
 def _check_type(key: str, value: Any) -> None:
     """SettingsError naming the option when a value has the wrong type (ranges are checked by
     the settings themselves)."""
-    if (key == "seed" and value is None) or key in _CONSTRAINT_KEYS:  # constraints: checked by type
+    # constraints are checked by their type
+    if (key in ("seed", "logprobs") and value is None) or key in _CONSTRAINT_KEYS:
         return
     if key == "cache_prompt":
         if not isinstance(value, bool):

@@ -39,6 +39,7 @@ from edgespec.sampling import (
     Masks,
     SamplingSettings,
     TokenSampler,
+    log_softmax_top,
 )
 from edgespec.text import TextStream
 from edgespec.verify import verify_exact_match, verify_greedy, verify_rejection
@@ -46,6 +47,9 @@ from edgespec.verify import verify_exact_match, verify_greedy, verify_rejection
 if TYPE_CHECKING:
     from edgespec.drafting import Drafter
     from edgespec.runtimes.base import Runtime
+
+#: most alternatives a token's log-probabilities can list (OpenAI's limit for top_logprobs)
+TOP_LOGPROBS_LIMIT = 20
 
 #: "tool_calls" only from the API, for an answer that called tools (see `edgespec.tools`)
 FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
@@ -71,6 +75,12 @@ class GenerationSettings:
         grammar: what the output must match (a JSON schema, a regular expression or a grammar),
             or None. The tokens it forces are drafted for free, and every draft is cut at the
             first token it forbids (see `constrain`).
+        logprobs: None (the default) reports no log-probabilities; n (0 … 20) gives each generated
+            token's log-probability and the n most likely tokens at its position with theirs
+            (`TokenLogprob`). They are the target model's own: the log-softmax of its logits,
+            before bias, penalties, a grammar's mask, temperature and truncation. They are read
+            from the verification pass's row for each accepted position, so under exact kernels
+            they equal target-only decoding's, bit for bit.
     """
 
     max_tokens: int = 256
@@ -80,6 +90,7 @@ class GenerationSettings:
     sampling: SamplingSettings = GREEDY
     cache_prompt: bool = False
     grammar: Grammar | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -90,6 +101,10 @@ class GenerationSettings:
             raise SettingsError(f"draft_max must be at most {K_LIMIT}, got {self.draft_max}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise SettingsError(f"seed must be between 0 and 2**64 - 1, got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= TOP_LOGPROBS_LIMIT:
+            raise SettingsError(
+                f"logprobs must be between 0 and {TOP_LOGPROBS_LIMIT} alternatives, got {self.logprobs}"
+            )
 
 
 @dataclass
@@ -174,6 +189,28 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the target model at one position.
+
+    Attributes:
+        id: token id.
+        bytes: its bytes (a piece of a multi-byte character may be only part of one).
+        logprob: natural log of its probability (the log-softmax of the raw logits).
+        top: the most likely tokens at this position, largest first (empty for an alternative
+            itself, or when none were asked for).
+    """
+
+    id: int
+    bytes: bytes
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
+
+    @property
+    def text(self) -> str:
+        return self.bytes.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
 class Token:
     """One generated token as it is accepted.
 
@@ -181,11 +218,18 @@ class Token:
         id: token id.
         text: text that became safe to emit with this token (may be "", or several characters).
         from_draft: True if a drafter proposed it and the target accepted it.
+        logprob: its log-probability and the alternatives, when `GenerationSettings.logprobs`
+            asks for them; else None.
     """
 
     id: int
     text: str
     from_draft: bool
+    logprob: TokenLogprob | None = None
+
+
+#: one accepted token: (id, from_draft, its log-probabilities when asked for)
+Accepted = tuple[int, bool, TokenLogprob | None]
 
 
 class Generation:
@@ -193,6 +237,8 @@ class Generation:
 
     Attributes (complete once iteration ends):
         tokens: generated token ids (an end-of-generation token is not included).
+        logprobs: with `GenerationSettings.logprobs`, one `TokenLogprob` per token in `tokens`;
+            else empty.
         text: generated text (stop strings excluded).
         finish_reason: "stop" (end-of-generation token or stop string), "length" (max_tokens or
             a full context) or "cancelled" (`cancel()` was called).
@@ -206,6 +252,7 @@ class Generation:
         self._prompt = list(prompt)
         self.settings = settings
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
         self.text = ""
         self.finish_reason: FinishReason | None = None
         self.stats = Stats(guarantee=engine.target.guarantee, n_prompt=len(prompt))
@@ -251,13 +298,13 @@ class Generation:
         stream = TextStream(self.settings.stop)
         token_bytes = self._engine.target.token_bytes
         parts: list[str] = []
-        tokens: Generator[tuple[int, bool], None, None] = self._tokens(start)
+        tokens: Generator[Accepted, None, None] = self._tokens(start)
         try:
-            for token, from_draft in tokens:
+            for token, from_draft, logprob in tokens:
                 piece = stream.feed(token_bytes(token))
                 if piece:
                     parts.append(piece)
-                yield Token(token, piece, from_draft)
+                yield Token(token, piece, from_draft, logprob)
                 if stream.stopped:
                     self.finish_reason = "stop"
                     return
@@ -267,15 +314,15 @@ class Generation:
             self.text = "".join(parts)
             self.stats.t_total = time.perf_counter() - start
 
-    def _tokens(self, start: float) -> Generator[tuple[int, bool], None, None]:
-        """The loop: the prompt pass, then draft → verify steps; yields (token, from_draft) as
-        tokens are accepted, until an end-of-generation token, a limit or a cancel."""
+    def _tokens(self, start: float) -> Generator[Accepted, None, None]:
+        """The loop: the prompt pass, then draft → verify steps; yields (token, from_draft,
+        logprob) as tokens are accepted, until an end-of-generation token, a limit or a cancel."""
         settings, context = self.settings, self._context
         eog, n_ctx = self._engine.target.vocab.eog, self._engine.target.n_ctx
         pending = self._prefill()
         self.stats.t_prompt = time.perf_counter() - start
         while True:
-            for token, from_draft in pending:
+            for token, from_draft, logprob in pending:
                 if token in eog:
                     self.finish_reason = "stop"
                     return
@@ -283,8 +330,10 @@ class Generation:
                     self._constraint.consume([token])
                 context.append(token)
                 self.tokens.append(token)
+                if logprob is not None:
+                    self.logprobs.append(logprob)
                 self.stats.n_generated += 1
-                yield token, from_draft
+                yield token, from_draft, logprob
                 if len(self.tokens) >= settings.max_tokens or len(context) >= n_ctx:
                     self.finish_reason = "length"
                     return
@@ -293,7 +342,7 @@ class Generation:
                 return
             pending = self._step()
 
-    def _prefill(self) -> list[tuple[int, bool]]:
+    def _prefill(self) -> list[Accepted]:
         """Evaluate the prompt (past the prefix the cache already holds, with cache_prompt), show
         it to the drafter, and choose the first token."""
         target, drafter, context = self._engine.target, self._engine.drafter, self._context
@@ -306,9 +355,9 @@ class Generation:
             drafter.begin(context)
         mask = None if self._constraint is None else self._constraint.allowed()
         first, _ = self._processor.choose(p_logits[0], self._recents([])[0], self._rng, mask)
-        return [(first, False)]
+        return [(first, False, self._logprobs(p_logits, [first])[0])]
 
-    def _step(self) -> list[tuple[int, bool]]:
+    def _step(self) -> list[Accepted]:
         """One speculative step: draft, verify the newest token plus the draft in one target
         pass, roll the cache back over rejected positions. Returns the accepted tokens (drafts,
         then the target's own)."""
@@ -332,7 +381,23 @@ class Generation:
         stats.n_forced_accepted += min(n_accepted, n_forced)
         if drafter is not None and len(draft) > n_forced:
             drafter.accepted(len(draft) - n_forced, max(n_accepted - n_forced, 0))
-        return [(t, True) for t in draft[:n_accepted]] + [(next_token, False)]
+        accepted = [*draft[:n_accepted], next_token]
+        logprobs = self._logprobs(p_logits, accepted)
+        return [(t, i < n_accepted, logprobs[i]) for i, t in enumerate(accepted)]
+
+    def _logprobs(self, rows: np.ndarray, tokens: Sequence[int]) -> list[TokenLogprob | None]:
+        """Per token, its log-probability from the raw target row that chose it (rows[i] for
+        tokens[i]), with the alternatives asked for; all None when none are asked for."""
+        n_top = self.settings.logprobs
+        if n_top is None:
+            return [None] * len(tokens)
+        token_bytes, n_vocab = self._engine.target.token_bytes, self._processor.n_vocab
+        out: list[TokenLogprob | None] = []
+        for row, token in zip(rows, tokens, strict=False):
+            logprob, top = log_softmax_top(row[:n_vocab], token, n_top)
+            alternatives = tuple(TokenLogprob(t, token_bytes(t), lp) for t, lp in top)
+            out.append(TokenLogprob(token, token_bytes(token), logprob, alternatives))
+        return out
 
     def _draft(self, k: int) -> tuple[int, Draft]:
         """This step's draft of at most k tokens: the tokens a grammar forces (free), then the

@@ -567,3 +567,26 @@ class TokenSampler:
             self.constraint.consume([token])
             self.picked += 1
         return token
+
+
+def log_softmax_top(row: np.ndarray, token: int, n_top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` under the softmax of one raw logits row, and the n_top most
+    likely tokens with theirs (largest first, ties by lower id). The sum runs in float64.
+
+    Raises:
+        RuntimeFailure: the row holds NaN or an infinity (damaged weights).
+    """
+    m = float(row.max())
+    if not math.isfinite(m) or np.isnan(row).any():
+        raise RuntimeFailure("the model gave NaN or infinite scores: its weights may be damaged")
+    with np.errstate(under="ignore"):
+        total = float(np.exp(row - np.float32(m)).sum(dtype=np.float64))
+    lse = m + math.log(total)
+    top: list[tuple[int, float]] = []
+    if n_top > 0:
+        n = min(n_top, len(row))
+        cut = np.partition(row, len(row) - n)[len(row) - n]  # the n-th largest value
+        ids = np.flatnonzero(row >= cut)  # all ties at the cut, so the lowest ids win them
+        ids = ids[np.lexsort((ids, -row[ids]))][:n]
+        top = [(int(i), float(row[i]) - lse) for i in ids]
+    return float(row[token]) - lse, top

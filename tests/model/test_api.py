@@ -76,6 +76,19 @@ def test_generate_equals_target_only_and_streams_the_same(tiny_pair, engine):
     assert stream.result is not None and stream.result.tokens == base.tokens
 
 
+def test_logprobs_come_with_the_result_and_each_chunk(tiny_pair, engine):
+    with Engine(tiny_pair[0], "none", n_ctx=256, threads=1) as plain:
+        base = plain.generate("the cat sat", max_tokens=30, logprobs=2)
+    result = engine.generate("the cat sat", max_tokens=30, logprobs=2)
+    assert result.stats.n_accepted > 0 and result.logprobs == base.logprobs
+    assert result.logprobs is not None and [e.id for e in result.logprobs] == result.tokens
+    assert all(len(e.top) == 2 and isinstance(e, edgespec.TokenLogprob) for e in result.logprobs)
+    with engine.stream("the cat sat", max_tokens=30, logprobs=2) as stream:
+        chunks = list(stream)
+    assert tuple(c.logprob for c in chunks if c.token is not None) == result.logprobs
+    assert engine.generate("the cat sat", max_tokens=3).logprobs is None
+
+
 def test_text_held_back_to_the_end_comes_in_a_last_chunk(engine):
     """A possible stop string's start is held back while it may still complete; when generation
     ends first, the held-back text still reaches the stream, so its chunks add up to the result."""
@@ -114,6 +127,8 @@ def test_options_reach_the_generation(engine):
         ({"logit_bias": {10**6: 1.0}}, "logit_bias token 1000000 is not in the vocabulary"),
         ({"cache_prompt": 1}, "cache_prompt must be true or false"),
         ({"logit_bias": {5: 1e308}}, "must be a number within ±1e30, or -inf"),
+        ({"logprobs": True}, "logprobs must be an integer"),
+        ({"logprobs": 21}, "logprobs must be between 0 and 20 alternatives"),
     ],
 )
 def test_bad_options_are_one_line_settings_errors(engine, options, message):

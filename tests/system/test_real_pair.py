@@ -97,7 +97,8 @@ def test_speculative_equals_target_only(real_runtimes, question):
 
 def test_constrained_speculation_equals_constrained_target_only(real_runtimes):
     """Under a JSON schema, on the real pair with the exact kernels: model drafts (q masked like
-    p) and forced drafts give the constrained target-only answer, token for token."""
+    p) and forced drafts give the constrained target-only answer, token for token, and the same
+    log-probabilities, bit for bit."""
     import json
 
     import jsonschema
@@ -118,7 +119,7 @@ def test_constrained_speculation_equals_constrained_target_only(real_runtimes):
     prompt = prompt_tokens(
         target, "Extract as JSON: Grace Hopper worked with COBOL and FLOW-MATIC for about 40 years."
     )
-    settings = GenerationSettings(max_tokens=80, draft_max=0, grammar=Grammar.json_schema(schema))
+    settings = GenerationSettings(max_tokens=80, draft_max=0, grammar=Grammar.json_schema(schema), logprobs=3)
     base = SpeculativeEngine(target).generate(prompt, settings).run()
     assert base.finish_reason == "stop"
     jsonschema.validate(json.loads(base.text), schema)
@@ -128,6 +129,7 @@ def test_constrained_speculation_equals_constrained_target_only(real_runtimes):
             f"k={k} diverged at token {first_difference(spec.tokens, base.tokens)}"
         )
         assert spec.stats.n_forced_accepted > 0
+        assert spec.logprobs == base.logprobs and len(base.logprobs) == len(base.tokens)
 
 
 def test_cli_answers_the_readme_prompt(real_runtimes, config_dir, monkeypatch):
