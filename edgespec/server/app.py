@@ -59,6 +59,7 @@ from edgespec.server.queue import DEFAULT_MAX_QUEUE, APIError, Job, Scheduler, s
 
 if TYPE_CHECKING:
     from edgespec.api import Engine
+    from edgespec.engine import TokenLogprob
     from edgespec.tools import ToolPlan
 
 __all__ = ["DEFAULT_CLIENT_TIMEOUT", "DEFAULT_MAX_BODY_BYTES", "create_app", "make_server"]
@@ -192,17 +193,20 @@ async def _stream_events(first: tuple[str, Any], job: Job, reply: Reply) -> Asyn
         yield sse(reply.chunk(role=True))
     kind, value = first
     text, shown = "", 0  # the answer so far, and how much of it was sent
+    pending: list[TokenLogprob] = []  # logprobs of the tokens whose text was not sent yet
     while kind == "chunk":
         text += value.text  # a stream's chunks add up to its result's text (api.Stream)
+        if value.logprob is not None:
+            pending.append(value.logprob)
         safe = reply.safe_text(text)  # with tools, a call's text is held back
         if safe > shown:
-            yield sse(reply.chunk(text[shown:safe]))
-            shown = safe
+            yield sse(reply.chunk(text[shown:safe], logprobs=pending))
+            shown, pending = safe, []
         kind, value = await job.events.get()
     if kind == "error" or value.finish_reason == "cancelled":
         yield sse(as_api_error(value if kind == "error" else shutting_down()).body())
         return
-    for chunk in reply.last_chunks(value, shown):
+    for chunk in reply.last_chunks(value, shown, pending):
         yield sse(chunk)
     yield "data: [DONE]\n\n"
 
@@ -363,7 +367,9 @@ def create_app(
         engine.check_options(**options)  # types and ranges, before the request waits in the queue
         draft_max = options.get("draft_max", engine.draft_max)
         draft = engine.draft_name  # a file name, "ngram", ...
-        reply = Reply(chat, engine.model, request_params.include_usage, draft, draft_max, plan)
+        reply = Reply(
+            chat, engine.model, request_params.include_usage, draft, draft_max, plan, "logprobs" in options
+        )
         job = Job(tokens, options, request_params.stream)
         scheduler.submit(job)
         try:

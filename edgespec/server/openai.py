@@ -12,7 +12,16 @@ Where it differs from OpenAI's API, on purpose:
   tokens came. llama.cpp's server does the same; OpenAI answers 400 instead. Clients often send a
   fixed max_tokens chosen for a large hosted model, and a laptop's context is small: refusing
   would break them for nothing. A prompt that does not fit the context at all is a 400.
-- `n` must be 1; logprobs are refused (400).
+- `n` must be 1.
+- `logprobs` (chat: `logprobs: true` with `top_logprobs` 0-20; completions: `logprobs` 0-20, where
+  OpenAI stops at 5) are the target model's own log-probabilities: the log-softmax of its logits
+  before logit_bias, penalties, a grammar's mask and temperature (as vLLM reports by default). They
+  are read from the rows the target verified, so speculation leaves them as target-only decoding
+  gives them. A streamed token's entry comes with the chunk that carries its text (a token whose
+  text is held back, for a stop string, an unfinished character or a tool call, comes later);
+  the entries of all chunks add up to the non-streamed answer's. With tool calls, the entries cover
+  the calls' tokens too. A completion's `text_offset` counts characters of the answer, where a token
+  starting inside a character gets that character's offset.
 - `tools` (chat only) are rendered through the model's chat template, and calls are generated under
   a grammar (see `edgespec.tools`), so `message.tool_calls[].function.arguments` always parses and
   matches the tool's schema when the answer ends with finish_reason "tool_calls". Streamed, the
@@ -32,6 +41,7 @@ Where it differs from OpenAI's API, on purpose:
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import re
@@ -42,11 +52,15 @@ from typing import TYPE_CHECKING, Any
 
 from edgespec.api import check_messages
 from edgespec.constrain import from_response_format
+from edgespec.engine import TOP_LOGPROBS_LIMIT
 from edgespec.errors import EdgespecError, PromptError, SettingsError
 from edgespec.server.queue import APIError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from edgespec.api import Result
+    from edgespec.engine import TokenLogprob
     from edgespec.tools import ToolCall, ToolPlan
 
 # Request fields, beyond each endpoint's own (messages / prompt, max tokens, stream, n).
@@ -58,14 +72,19 @@ _TOOLS = ("tools", "tool_choice", "parallel_tool_calls")
 # Features edgespec does not have: accepted only when null or set to a do-nothing value.
 _UNSUPPORTED = frozenset(
     {
-        *("logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "functions"),
+        *("tools", "tool_choice", "parallel_tool_calls", "functions"),
         *("function_call", "modalities", "audio", "prediction", "reasoning_effort"),
         *("verbosity", "web_search_options", "echo", "best_of", "suffix"),
     }
 )
 _NO_OP: tuple[object, ...] = (None, False, "", "none", [], ["text"], {"type": "text"})
 _COMMON = frozenset(
-    {"stream", "stream_options", "n", "max_tokens", "response_format", *_OPTIONS, *_EXTENSIONS, *_IGNORED}
+    {
+        *("stream", "stream_options", "n", "max_tokens", "response_format", "logprobs", "top_logprobs"),
+        *_OPTIONS,
+        *_EXTENSIONS,
+        *_IGNORED,
+    }
 )
 _FIELDS = {
     True: _COMMON | {"messages", "max_completion_tokens"} | _UNSUPPORTED,
@@ -133,6 +152,9 @@ def params(body: dict[str, Any], chat: bool) -> Params:
         raise APIError(400, f"seed must be an integer of 0 or more, got {body['seed']}", param="seed")
     if "logit_bias" in options:
         options["logit_bias"] = logit_bias(options["logit_bias"])
+    n_top = logprobs(body, chat)
+    if n_top is not None:
+        options["logprobs"] = n_top
     if body.get("response_format") is not None:
         try:
             grammar = from_response_format(body["response_format"])
@@ -146,6 +168,28 @@ def params(body: dict[str, Any], chat: bool) -> Params:
     elif chat and (body.get("tool_choice") not in (None, "none", "auto")):
         raise APIError(400, "tool_choice needs tools", param="tool_choice")
     return Params(stream, include_usage, options, tools)
+
+
+def logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """How many alternatives per token the request's logprobs ask for, or None when it asks for no
+    logprobs (a 400 APIError if the fields are bad)."""
+    limit = TOP_LOGPROBS_LIMIT
+    if not chat:
+        if body.get("top_logprobs") is not None:
+            why = "top_logprobs is a chat completions field; completions take logprobs: N"
+            raise APIError(400, why, param="top_logprobs")
+        n = typed(body, "logprobs", int, f"an integer from 0 to {limit}")
+        if n is not None and not 0 <= n <= limit:
+            raise APIError(400, f"logprobs must be an integer from 0 to {limit}, got {n}", param="logprobs")
+        return n
+    wanted = typed(body, "logprobs", bool, "true or false")
+    n = typed(body, "top_logprobs", int, f"an integer from 0 to {limit}")
+    if n is not None and not 0 <= n <= limit:
+        why = f"top_logprobs must be an integer from 0 to {limit}, got {n}"
+        raise APIError(400, why, param="top_logprobs")
+    if n is not None and not wanted:
+        raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+    return (n or 0) if wanted else None
 
 
 def logit_bias(value: Any) -> dict[int, float]:
@@ -215,8 +259,36 @@ class Reply:
     draft: str
     draft_max: int
     tools: ToolPlan | None = None
+    #: whether logprobs were asked for
+    logprobs: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    # a completion's text_offset: characters of the answer before the next token's, and the
+    # decoder that counts them across a token that ends inside a character
+    _offset: int = field(default=0, init=False)
+    _decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"), init=False
+    )
+
+    def logprobs_of(self, entries: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for the answer's next tokens (None when none were asked for).
+        Completions count `text_offset` on from the tokens given before."""
+        if not self.logprobs:
+            return None
+        entries = entries or ()
+        if self.chat:
+            return {"content": [_chat_entry(e, e.top) for e in entries], "refusal": None}
+        offsets = []
+        for entry in entries:
+            offsets.append(self._offset)
+            self._offset += len(self._decoder.decode(entry.bytes))
+        return {
+            "tokens": [e.text for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            # OpenAI: the n most likely, and the chosen token whether or not among them
+            "top_logprobs": [{**{a.text: a.logprob for a in e.top}, e.text: e.logprob} for e in entries],
+            "text_offset": offsets,
+        }
 
     def calls(self, result: Result) -> tuple[str | None, list[ToolCall]]:
         """(the answer's text, or what came before its calls; the calls), when tools were offered."""
@@ -258,7 +330,7 @@ class Reply:
         else:
             head = self._head("text_completion")
             choice = {"index": 0, "text": result.text}
-        choice.update(logprobs=None, finish_reason=finish)
+        choice.update(logprobs=self.logprobs_of(result.logprobs), finish_reason=finish)
         return {**head, "choices": [choice], "usage": self.usage(result), "edgespec": self.extra(result)}
 
     def chunk(
@@ -267,9 +339,10 @@ class Reply:
         finish: str | None = None,
         role: bool = False,
         calls: list[dict[str, Any]] | None = None,
+        logprobs: Sequence[TokenLogprob] | None = None,
     ) -> dict[str, Any]:
         """One streamed chunk: text, a finish reason, (chat) the first one with the role, or
-        tool calls."""
+        tool calls; with the logprobs of the tokens whose text it carries, when asked for."""
         if self.chat:
             head = self._head("chat.completion.chunk")
             delta: dict[str, Any] = (
@@ -281,24 +354,28 @@ class Reply:
         else:
             head = self._head("text_completion")
             choice = {"index": 0, "text": text or ""}
-        choice.update(logprobs=None, finish_reason=finish)
+        choice.update(logprobs=self.logprobs_of(logprobs) if logprobs else None, finish_reason=finish)
         return {**head, "choices": [choice], **({"usage": None} if self.include_usage else {})}
 
-    def last_chunks(self, result: Result, shown: int = 0) -> list[dict[str, Any]]:
+    def last_chunks(
+        self, result: Result, shown: int = 0, pending: Sequence[TokenLogprob] = ()
+    ) -> list[dict[str, Any]]:
         """The chunks that end a stream: text held back (of `result.text`, whose first `shown`
         characters were sent), the calls, the finish reason, then the usage if asked for; the last
-        one carries `edgespec`."""
+        one carries `edgespec`. The first carries the logprobs of the tokens not yet sent
+        (`pending`)."""
         chunks = []
         finish: str = result.finish_reason
         content, calls = self.calls(result)
         rest = (content or "")[shown:] if calls else result.text[shown:]
         if rest:
-            chunks.append(self.chunk(rest))
+            chunks.append(self.chunk(rest, logprobs=pending))
         for i, call in enumerate(calls):
-            chunks.append(self.chunk(calls=[{"index": i, **call.to_openai()}]))
+            first = pending if not chunks else None
+            chunks.append(self.chunk(calls=[{"index": i, **call.to_openai()}], logprobs=first))
         if calls:
             finish = "tool_calls"
-        chunks.append(self.chunk(finish=finish))
+        chunks.append(self.chunk(finish=finish, logprobs=pending if not chunks else None))
         if self.include_usage:
             chunks.append({**self.chunk(), "choices": [], "usage": self.usage(result)})
         chunks[-1]["edgespec"] = self.extra(result)
@@ -308,6 +385,14 @@ class Reply:
         """How much of the answer so far can be streamed as content: all of it without tools;
         with tools, what comes before anything that may start a call."""
         return len(text) if self.tools is None else self.tools.visible(text)
+
+
+def _chat_entry(entry: TokenLogprob, top: Sequence[TokenLogprob] | None) -> dict[str, Any]:
+    """One token of a chat answer's logprobs.content (with its top_logprobs unless top is None)."""
+    out: dict[str, Any] = {"token": entry.text, "logprob": entry.logprob, "bytes": list(entry.bytes)}
+    if top is not None:
+        out["top_logprobs"] = [_chat_entry(a, None) for a in top]
+    return out
 
 
 def sse(data: dict[str, Any]) -> str:

@@ -243,6 +243,63 @@ def test_completions_streamed_and_not(client, engine):
     assert chunks[-1].model_extra["edgespec"]["n_generated"] == 12
 
 
+def test_chat_logprobs_streamed_and_not_with_the_official_client(client, engine):
+    """The target's log-probabilities (speculation does not change them), the same streamed."""
+    expected = engine.chat(MESSAGES, max_tokens=16, logprobs=3)
+    assert expected.stats.n_accepted > 0 and expected.logprobs is not None
+    options = dict(model="m", messages=MESSAGES, max_tokens=16, logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**options)
+    content = whole.choices[0].logprobs.content
+    assert [(e.logprob, bytes(e.bytes)) for e in content] == [(e.logprob, e.bytes) for e in expected.logprobs]
+    assert all(e.token == bytes(e.bytes).decode() for e in content)
+    assert "".join(e.token for e in content) == whole.choices[0].message.content
+    for entry, want in zip(content, expected.logprobs, strict=True):
+        assert [(a.token, a.logprob) for a in entry.top_logprobs] == [(a.text, a.logprob) for a in want.top]
+    chunks = list(client.chat.completions.create(**options, stream=True))
+    streamed = [
+        e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    assert chunks[0].choices[0].logprobs is None  # the role chunk carries no token
+    plain = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_streamed_and_not(client, engine):
+    expected = engine.generate(PROMPT, raw=True, max_tokens=12, logprobs=2)
+    assert expected.logprobs is not None
+    whole = client.completions.create(model="m", prompt=PROMPT, max_tokens=12, logprobs=2)
+    logprobs = whole.choices[0].logprobs
+    assert logprobs.tokens == [e.text for e in expected.logprobs]
+    assert logprobs.token_logprobs == [e.logprob for e in expected.logprobs]
+    for top, want in zip(logprobs.top_logprobs, expected.logprobs, strict=True):
+        # the two most likely, and the chosen one whether or not among them
+        assert top == {**{a.text: a.logprob for a in want.top}, want.text: want.logprob}
+    text = whole.choices[0].text
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(12)]
+    assert all(
+        text[offset:].startswith(token)
+        for offset, token in zip(logprobs.text_offset, logprobs.tokens, strict=True)
+    )
+    chunks = list(client.completions.create(model="m", prompt=PROMPT, max_tokens=12, logprobs=2, stream=True))
+    parts = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [v for part in parts for v in getattr(part, key)] == getattr(logprobs, key)
+
+
+def test_text_offset_of_a_token_inside_a_character():
+    """A character split over tokens: the second token's offset is that character's."""
+    from edgespec.engine import TokenLogprob
+    from edgespec.server.openai import Reply
+
+    reply = Reply(False, "m", False, "none", 0, logprobs=True)
+    pieces = [b"a", "é".encode()[:1], "é".encode()[1:], b"b"]
+    first = reply.logprobs_of([TokenLogprob(i, piece, -1.0) for i, piece in enumerate(pieces[:2])])
+    rest = reply.logprobs_of([TokenLogprob(i, piece, -1.0) for i, piece in enumerate(pieces[2:])])
+    assert first is not None and rest is not None
+    assert first["text_offset"] + rest["text_offset"] == [0, 1, 1, 2]
+
+
 def test_stop_strings(client, engine):
     full = engine.generate(PROMPT, raw=True, max_tokens=24).text
     stop = full[len(full) // 2 : len(full) // 2 + 3]
@@ -350,6 +407,7 @@ def test_tool_calls_streamed_and_not_with_the_official_client(client):
         tool_choice="required",
         parallel_tool_calls=False,  # the tiny model would go on calling until max_tokens
         max_tokens=120,
+        logprobs=True,
     )
     whole = client.chat.completions.create(**options)
     choice = whole.choices[0]
@@ -365,6 +423,9 @@ def test_tool_calls_streamed_and_not_with_the_official_client(client):
     assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed.message.tool_calls] == [
         (c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls
     ]
+    # Logprobs cover the calls' tokens, streamed (held back with the call's text) or not.
+    assert choice.logprobs.content and streamed.logprobs.content == choice.logprobs.content
+    assert len(choice.logprobs.content) == whole.usage.completion_tokens
     # The call goes back with the tool's answer; "none" then gets a text answer.
     call = choice.message.tool_calls[0]
     history = [
@@ -616,7 +677,30 @@ BAD_REQUESTS = [
         "unrecognized request argument",
     ),
     ("tools", CHAT, {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools", "function must be"),
-    ("logprobs", CHAT, {"messages": MESSAGES, "logprobs": True}, "logprobs", "not supported"),
+    ("logprobs text", CHAT, {"messages": MESSAGES, "logprobs": "yes"}, "logprobs", "true or false"),
+    (
+        "top_logprobs alone",
+        CHAT,
+        {"messages": MESSAGES, "top_logprobs": 2},
+        "top_logprobs",
+        "needs logprobs set to true",
+    ),
+    (
+        "top_logprobs too many",
+        CHAT,
+        {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21},
+        "top_logprobs",
+        "from 0 to 20",
+    ),
+    ("completion logprobs true", COMPLETIONS, {"prompt": "x", "logprobs": True}, "logprobs", "integer"),
+    ("completion logprobs 21", COMPLETIONS, {"prompt": "x", "logprobs": 21}, "logprobs", "from 0 to 20"),
+    (
+        "completion top_logprobs",
+        COMPLETIONS,
+        {"prompt": "x", "top_logprobs": 2},
+        "top_logprobs",
+        "completions take logprobs",
+    ),
     ("logit_bias key", COMPLETIONS, {"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
     # found by the engine as the generation starts, still before a stream's first byte
     (
