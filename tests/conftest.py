@@ -96,6 +96,20 @@ def tiny_runtimes(tiny_pair: tuple[Path, Path]):
     draft.close()
 
 
+@pytest.fixture()
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A home folder of its own, with no model stores but those a test writes."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "OLLAMA_MODELS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("EDGESPEC_MODEL_DIRS", raising=False)
+    monkeypatch.setenv("EDGESPEC_CACHE_DIR", str(tmp_path / "edgespec-cache"))
+    monkeypatch.setenv("EDGESPEC_CONFIG_DIR", str(tmp_path / "config"))
+    return home
+
+
 def real_pair_paths() -> tuple[Path, Path]:
     """The default pair, joined on first use; skips only when its packages are not installed."""
     if not (models.parts_installed(models.TARGET) and models.parts_installed(models.DRAFT)):

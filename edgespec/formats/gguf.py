@@ -113,6 +113,8 @@ class GGUFHeader:
         data_offset: where the tensor data starts.
         arrays: the arrays of fixed-size values (integers, floats, bools) as read-only numpy
             arrays of their GGUF type; arrays of strings are left out.
+        n_elements: the values all its tensors hold together (the parameter count of the part of
+            the model in this file).
     """
 
     version: int
@@ -120,6 +122,7 @@ class GGUFHeader:
     metadata: Mapping[str, Any] = field(repr=False)
     data_offset: int
     arrays: Mapping[str, np.ndarray] = field(repr=False)
+    n_elements: int = 0
 
 
 class _Bad(Exception):
@@ -312,7 +315,7 @@ class _Reader:
         if n_tensors and data_offset > self.size:
             raise self._past_end("the tensor data's start", data_offset)
         data_size = self.size - data_offset
-        for name, offset, nbytes in tensors:
+        for name, offset, nbytes, _ in tensors:
             if offset + nbytes > data_size:
                 raise self._past_end(
                     f"tensor {name} ({nbytes:,} bytes at {offset:,})", data_offset + offset + nbytes
@@ -320,7 +323,12 @@ class _Reader:
         _check_values(self.data, metadata, arrays)
         values = {key: self.array(elem, n, at) for key, (elem, n, at, _) in arrays.items() if elem in _DTYPES}
         return GGUFHeader(
-            version, n_tensors, MappingProxyType(metadata), data_offset, MappingProxyType(values)
+            version,
+            n_tensors,
+            MappingProxyType(metadata),
+            data_offset,
+            MappingProxyType(values),
+            sum(n for *_, n in tensors),
         )
 
     def array(self, elem: int, n: int, at: int) -> np.ndarray:
@@ -360,8 +368,8 @@ class _Reader:
         else:
             raise _Bad(f"{where} has unknown value type {kind}")
 
-    def tensor_info(self, i: int, alignment: int) -> tuple[str, int, int]:
-        """Read tensor info i: (name, data offset, size in bytes)."""
+    def tensor_info(self, i: int, alignment: int) -> tuple[str, int, int, int]:
+        """Read tensor info i: (name, data offset, size in bytes, values)."""
         start, end = self.string(f"tensor {i}'s name")
         raw = self.data[start:end]
         name = _shown(raw.decode("utf-8", "replace"))
@@ -392,7 +400,7 @@ class _Reader:
             raise _Bad(
                 f"tensor {name} has data offset {offset:,}, not a multiple of the alignment {alignment}"
             )
-        return name, offset, n // block * block_bytes
+        return name, offset, n // block * block_bytes, n
 
 
 def _check_values(

@@ -297,10 +297,29 @@ def checked_threads(spec: EngineSpec, warn: Callable[[str], None]) -> EngineSpec
 def resolve_model_path(
     spec: str | os.PathLike[str] | None, role: str, progress: Callable | None = None
 ) -> Path:
-    """A user's model argument as a GGUF path: "default"/None means the default model of `role`."""
+    """A user's model argument as a GGUF path: "default"/None means the default model of `role`; a
+    path that exists is itself; anything else is a model's name (`registry.resolve`: a listed
+    name or a unique prefix of one, `ollama:NAME[:TAG]`, `hf:REPO[/FILE|:QUANT]`).
+
+    Raises:
+        ModelNotFound: no model answers to the name, or several do. A missing file given as a path
+            is returned as it is, for its loader to say "model file not found".
+    """
     if spec is None or str(spec) == DEFAULT:
         return models.resolve(models.DEFAULT_MODELS[role], progress)
-    return Path(spec).expanduser()
+    path = Path(spec).expanduser()
+    if path.exists() or not isinstance(spec, str):
+        return path
+    from edgespec.load import registry
+
+    try:
+        return registry.resolve(spec).path
+    except registry.AmbiguousModelName:
+        raise
+    except registry.ModelNotFound:
+        if registry.looks_like_path(spec):
+            return path
+        raise
 
 
 def load(
