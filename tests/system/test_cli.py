@@ -132,8 +132,8 @@ def test_models_lists_the_default_pair(runner):
     result = runner.invoke(cli, ["models", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert {m["role"] for m in data["models"]} == {"target", "draft"}
-    assert all(not m["cached"] and not m["verified"] for m in data["models"])  # empty temporary cache
+    assert {m["role"] for m in data["default_pair"]} == {"target", "draft"}
+    assert all(not m["cached"] and not m["verified"] for m in data["default_pair"])  # empty temporary cache
     assert "cache:" in runner.invoke(cli, ["models"]).stdout
 
 

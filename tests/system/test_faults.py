@@ -525,7 +525,7 @@ def test_silent_bit_rot_in_the_cache_is_found_by_models_verify(runner, tiny_defa
     flip_a_byte(path, keep_mtime=True)
     assert models.is_verified(tiny_default_target)  # the stamp cannot tell
     check = runner.invoke(cli, ["models", "--verify", "--json"])
-    row = next(m for m in json.loads(check.stdout)["models"] if m["role"] == "target")
+    row = next(m for m in json.loads(check.stdout)["default_pair"] if m["role"] == "target")
     assert row["cached"] and not row["verified"] and row["damaged"]
     assert (
         "damaged (wrong sha256): joined again on next use"
