@@ -151,13 +151,19 @@ def measure(
 
     t_draft = 0.0
     if draft is not None:
+        # A VocabTrim drafter reads its own (trimmed) ids, as `ModelDrafter` feeds it.
+        vmap = draft.vocab_map
+        mapped = vmap.input_map.tolist() if vmap is not None and not draft.inputs_in_target_ids else None
+        draft_context, draft_probe = (
+            (context, probe[:1]) if mapped is None else ([mapped[t] for t in context], [mapped[probe[0]]])
+        )
         draft.truncate(0)
-        draft.eval(context, logits="none")
+        draft.eval(draft_context, logits="none")
         draft_base = draft.n_past
 
         def draft_step() -> None:
             draft.truncate(draft_base)
-            draft.eval(probe[:1], logits="last")
+            draft.eval(draft_probe, logits="last")
 
         draft_step()
         t_draft = _median_time(draft_step, max(repeats, 5))

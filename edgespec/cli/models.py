@@ -88,8 +88,16 @@ def _table(found: list[Any]) -> list[str]:
     help="Re-hash the default pair's cached files against the pinned sha256; a damaged one is joined "
     "again on next use.",
 )
+@click.option(
+    "--drafters-for",
+    "target",
+    metavar="TARGET",
+    default=None,
+    help="Instead, judge every model here as a drafter for TARGET (a path, a name, or 'default'): "
+    "which could draft for it, and why the others cannot.",
+)
 @click.pass_context
-def models(ctx: click.Context, as_json: bool, verify: bool) -> None:
+def models(ctx: click.Context, as_json: bool, verify: bool, target: str | None) -> None:
     """List the GGUF models on this machine, and the default pair's state.
 
     \b
@@ -102,6 +110,10 @@ def models(ctx: click.Context, as_json: bool, verify: bool) -> None:
         return
     from edgespec.load import models as defaults
     from edgespec.load import registry
+
+    if target is not None:
+        _drafters_for(target, as_json)
+        return
 
     pair = _default_pair(verify)
     found = registry.find_models()
@@ -152,3 +164,39 @@ def pull(name: str) -> None:
 
     model = hub.pull(name, on_note=lambda line: click.echo(line, err=True))
     click.echo(f"{model.name}  ({size_text(model.size)}, checked against the Hub's sha256)")
+
+
+def _drafters_for(spec: str, as_json: bool) -> None:
+    from edgespec.errors import ModelLoadError
+    from edgespec.load import models as defaults
+    from edgespec.load import pairing, registry
+    from edgespec.load.builder import resolve_model_path
+
+    path = resolve_model_path(spec, "target")
+    target = registry.describe(path)
+    if target.info is None:
+        raise ModelLoadError(f"{path}: {target.error}")
+    candidates = pairing.drafters_for(target, registry.find_models())
+    if as_json:
+        rows = [
+            {"name": c.model.name, "path": str(c.model.path), "fits": c.fits, "why": c.why}
+            for c in candidates
+        ]
+        click.echo(json.dumps({"target": str(path), "candidates": rows}, indent=2))
+        return
+    fitting = [c for c in candidates if c.fits]
+    click.echo(f"drafters for {path} ({size_text(target.size)}):")
+    if not candidates:
+        click.echo("  no other models here")
+    for c in candidates:
+        mark = "fits" if c.fits else "no  "
+        click.echo(f"  {mark}  {c.model.name}: {c.why}")
+    if path == defaults.cached_path(defaults.TARGET):
+        click.echo("for the default target, --profile auto drafts with the default drafter where it pays")
+    elif fitting:
+        click.echo(
+            f"--profile auto tries {fitting[0].model.name} (the smallest that fits) and keeps it if "
+            "tuning measures that it pays"
+        )
+    else:
+        click.echo("--profile auto drafts with n-grams where they pay")

@@ -124,6 +124,8 @@ def show(name_or_path: str) -> None:
     origin = "built-in" if p.builtin else "file"
     click.echo(f"# source: {origin} {p.source}" if p.source else "# source: (none)")
     click.echo(f"# guarantee: {p.guarantee_text}")
+    if p.costs is not None and p.costs.choice:
+        click.echo(f"# drafting: {p.costs.choice}")
     click.echo(p.to_toml(), nl=False)
 
 

@@ -34,6 +34,7 @@ it is walked on every call.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import mmap
 import os
@@ -115,6 +116,9 @@ class GGUFHeader:
             arrays of their GGUF type; arrays of strings are left out.
         n_elements: the values all its tensors hold together (the parameter count of the part of
             the model in this file).
+        vocab_digest: sha256 of the `tokenizer.ggml.tokens` array as stored (every token's text,
+            in order, with its length), "" without one: equal digests, equal vocabularies.
+        n_tokens: how many tokens that array holds (0 without one).
     """
 
     version: int
@@ -123,6 +127,8 @@ class GGUFHeader:
     data_offset: int
     arrays: Mapping[str, np.ndarray] = field(repr=False)
     n_elements: int = 0
+    vocab_digest: str = ""
+    n_tokens: int = 0
 
 
 class _Bad(Exception):
@@ -322,6 +328,8 @@ class _Reader:
                 )
         _check_values(self.data, metadata, arrays)
         values = {key: self.array(elem, n, at) for key, (elem, n, at, _) in arrays.items() if elem in _DTYPES}
+        _, n_tokens, _, starts = arrays.get("tokenizer.ggml.tokens", (0, 0, 0, None))
+        digest = hashlib.sha256(self.data[starts[0] : starts[-1]]).hexdigest() if starts else ""
         return GGUFHeader(
             version,
             n_tensors,
@@ -329,6 +337,8 @@ class _Reader:
             data_offset,
             MappingProxyType(values),
             sum(n for *_, n in tensors),
+            digest,
+            n_tokens if starts else 0,
         )
 
     def array(self, elem: int, n: int, at: int) -> np.ndarray:

@@ -224,8 +224,16 @@ def build(
     spec = checked_threads(spec.resolved(), _warner(on_note))
     if spec.draft_max is not None:
         GenerationSettings(draft_max=spec.draft_max)  # its range, before anything loads
-    draft = DEFAULT if spec.draft is None else spec.draft
+    draft: str | os.PathLike[str] | None = DEFAULT if spec.draft is None else spec.draft
     if spec.profile is not None:
+        why_draft = "the default drafter" if spec.draft is None else "named with --draft"
+        if spec.draft is None and spec.target not in (None, DEFAULT):
+            # a target of the user's own: pair a drafter from the models on this machine
+            from edgespec.load.pairing import choose_drafter
+
+            target_path = resolve_model_path(spec.target, "target", progress)
+            if target_path.is_file():
+                draft, why_draft = choose_drafter(target_path, on_note or (lambda line: None))
         pair, profile = load_with_profile(
             str(spec.profile),
             spec.target,
@@ -243,6 +251,7 @@ def build(
             tune_progress=tune_progress,
             on_note=on_note,
             retune=spec.retune,
+            why_draft=why_draft,
         )
         k = profile.speculation
         draft_max = spec.draft_max
@@ -488,6 +497,7 @@ def load_with_profile(
     tune_progress: Callable[[int], Any] | None = None,
     on_note: Callable[[str], None] | None = None,
     retune: bool = False,
+    why_draft: str = "",
 ) -> tuple[LoadedPair, Profile]:
     """Load a pair placed and drafted as a profile says.
 
@@ -498,12 +508,14 @@ def load_with_profile(
     Args:
         spec: a profile name, a .toml path, or "auto" (the detected placement, tuned).
         target, draft: as for `load`; draft names the draft model ("ngram"/"none" are the
-            profile's choice to make, and are refused here).
+            profile's choice to make, and are refused here); None: no draft model, so the
+            profile drafts without one (n-grams) or not at all.
         overrides: command-line settings that win over the profile's.
         on_note: told what was decided (the automatic choice, tuning, a GPU profile moved to the
             CPU) in one line each; None: warnings go to the "edgespec" logger, the rest nowhere.
         retune: measure again even when a tuned profile exists (`edgespec profile tune`); a
             profile that already has costs is re-tuned from its placement.
+        why_draft: why this draft model (saved with a new tune, in `costs.choice`).
 
     Returns:
         (the loaded pair, the profile it follows, with costs). On a machine without a GPU that
@@ -528,8 +540,11 @@ def load_with_profile(
     if not target_path.is_file():  # before a default drafter is joined on first use
         raise ModelLoadError(f"model file not found: {target_path}")
     hw = detect_hardware()
-    probe_draft = resolve_model_path(draft, "draft", progress)
+    probe_draft = resolve_model_path(draft, "draft", progress) if draft is not None else None
     profile, reasons = resolve_profile(spec, hw, target_path, probe_draft)
+    if probe_draft is None:  # nothing here can draft for this target: the other sources only
+        others = tuple(d for d in profile.speculation.drafters if d != "model")
+        profile = replace(profile, speculation=replace(profile.speculation, drafters=others))
     if reasons:
         note(f"profile {profile.name}: " + "; ".join(reasons))
     fallback = cpu_fallback(profile, hw)
@@ -550,15 +565,22 @@ def load_with_profile(
     if unusable:  # layers asked for on the command line
         warn(unusable)
     gpu = hw.best_gpu() is not None
-    draft_need = memory_need(probe_draft, n_ctx, draft_layers, gpu) if wants_model else None
+    draft_need = memory_need(probe_draft, n_ctx, draft_layers, gpu) if wants_model and probe_draft else None
     check_memory([memory_need(target_path, n_ctx, target_settings.gpu_layers, gpu), draft_need])
     with owned(open_gguf(target_path, target_settings)) as (target_rt, stack):
         draft_rt: Runtime | None = None
-        if wants_model:
+        if wants_model and probe_draft is not None:
             draft_rt = load_draft_model(probe_draft, target_rt, draft_settings, draft_layers, progress)
             stack.callback(draft_rt.close)
         profile = ensure_tuned(
-            profile, hw, target_rt, draft_rt, tune_progress=tune_progress, on_note=note, retune=retune
+            profile,
+            hw,
+            target_rt,
+            draft_rt,
+            tune_progress=tune_progress,
+            on_note=note,
+            retune=retune,
+            why_draft=why_draft,
         )
         if "model" not in profile.speculation.drafters and draft_rt is not None:
             draft_rt.close()  # tuning dropped the model drafter
@@ -603,9 +625,11 @@ def ensure_tuned(
     tune_progress: Callable[[int], Any] | None = None,
     on_note: Callable[[str], None] | None = None,
     retune: bool = False,
+    why_draft: str = "",
 ) -> Profile:
     """The profile with measured costs where its controller needs them: its own, else the tuned
-    profile saved for this machine, pair and base profile, else measured now and saved.
+    profile saved for this machine, pair and base profile, else measured now and saved (with
+    `why_draft`, why this draft model, in its `costs.choice`).
 
     Args:
         target, draft: the loaded models, placed as the profile says (draft None: n-grams only).
@@ -634,7 +658,7 @@ def ensure_tuned(
             k_max=spec.k_max,
             on_step=(lambda label: b.update(1)) if b is not None else None,
         )
-    tuned = tuned_profile(profile, result, hw, target.path, draft_path)
+    tuned = tuned_profile(profile, result, hw, target.path, draft_path, why_draft)
     why = "; ".join(result.notes) or "all drafters kept"
     try:
         path = save(tuned)

@@ -32,6 +32,7 @@ ignored); `ollama:NAME[:TAG]` as Ollama spells it; `hf:REPO`, `hf:REPO/FILE.gguf
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -42,6 +43,7 @@ from typing import Any
 
 from edgespec.errors import ModelLoadError, SettingsError
 from edgespec.fileio import user_config_dir, write_text_atomic
+from edgespec.formats.vocabmap import KEY_SOURCE_SHA256
 from edgespec.load import models
 from edgespec.placement import tomldata
 
@@ -61,7 +63,7 @@ MODEL_DIRS_ENV = "EDGESPEC_MODEL_DIRS"
 FOLDER_DEPTH = 3  # levels searched below a user's folder
 OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
 SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 
 # llama.cpp's `enum llama_ftype` (llama.h, llama-cpp-python 0.3.36), as `general.file_type` holds it.
 FILE_TYPES = {
@@ -94,6 +96,10 @@ class ModelInfo:
         chat_template: whether it carries a chat template.
         size_label: `general.size_label`, the size its makers give ("1.5B"), when set; it may
             leave out a separate output matrix that n_params counts.
+        n_vocab: tokens in its vocabulary.
+        vocab_id: a fingerprint of its tokenizer: the tokenizer type, BOS insertion, the BOS, EOS
+            and EOT ids and every token's text. Equal fingerprints, interchangeable token ids.
+        trimmed_from: for a VocabTrim drafter, the sha256 of the model it was trimmed from.
     """
 
     architecture: str
@@ -103,6 +109,9 @@ class ModelInfo:
     context_length: int | None
     chat_template: bool
     size_label: str | None = None
+    n_vocab: int = 0
+    vocab_id: str = ""
+    trimmed_from: str | None = None
 
     @property
     def params_text(self) -> str:
@@ -123,6 +132,8 @@ class LocalModel:
         files: its GGUF file, or every shard in order.
         info: what its header says; None when it could not be read (`error` says why).
         error: why it cannot be used, or None.
+        sha256: the file's sha256 where its store names files by it (the Hugging Face cache's
+            blobs, Ollama's) or pins it (the default pair); else None.
     """
 
     source: str
@@ -130,6 +141,7 @@ class LocalModel:
     files: tuple[Path, ...]
     info: ModelInfo | None = None
     error: str | None = None
+    sha256: str | None = None
 
     @property
     def name(self) -> str:
@@ -177,6 +189,7 @@ class _Found:
     id: str
     files: tuple[Path, ...]
     error: str | None = None
+    sha256: str | None = None
 
 
 # -- where each source keeps its models --------------------------------------------------------
@@ -248,7 +261,7 @@ def _default_models() -> Iterator[_Found]:
     for model in models.DEFAULT_MODELS.values():
         path = models.cached_path(model)
         if path.is_file():
-            yield _Found("default", model.name, (path,))
+            yield _Found("default", model.name, (path,), sha256=model.sha256)
 
 
 def _edgespec_models() -> Iterator[_Found]:
@@ -274,8 +287,11 @@ def _hf_models() -> Iterator[_Found]:
             continue
         snapshot = revisions[-1]
         files = sorted(f.file_path for f in snapshot.files if f.file_name.endswith(".gguf"))
+        blobs = {f.file_path: f.blob_path.name for f in snapshot.files}
         for found in _grouped("hf", snapshot.snapshot_path, files):
-            yield _Found("hf", f"{repo.repo_id}/{found.id}", found.files, found.error)
+            blob = blobs.get(found.files[0], "") if len(found.files) == 1 else ""
+            sha256 = blob if re.fullmatch(r"[0-9a-f]{64}", blob) else None  # an LFS file's etag
+            yield _Found("hf", f"{repo.repo_id}/{found.id}", found.files, found.error, sha256)
 
 
 def _lmstudio_models() -> Iterator[_Found]:
@@ -325,7 +341,7 @@ def _ollama_found(store: Path, name: str, manifest: Path) -> _Found:
         blob = store / "blobs" / digest  # named before Ollama switched ":" to "-"
     if not blob.is_file():
         return _Found("ollama", name, (blob,), f"its weights blob {blob.name} is missing")
-    return _Found("ollama", name, (blob,))
+    return _Found("ollama", name, (blob,), sha256=digest[7:].lower())
 
 
 def _grouped(source: str, folder: Path, files: Sequence[Path]) -> Iterator[_Found]:
@@ -420,6 +436,12 @@ def _read_info(files: tuple[Path, ...]) -> ModelInfo:
     context = meta.get(f"{arch}.context_length")
     title = meta.get("general.name")
     label = meta.get("general.size_label")
+    tokenizer = "|".join(
+        str(meta.get(f"tokenizer.ggml.{key}"))
+        for key in ("model", "add_bos_token", "bos_token_id", "eos_token_id", "eot_token_id")
+    )
+    vocab_id = hashlib.sha256(f"{tokenizer}|{headers[0].vocab_digest}".encode()).hexdigest()[:16]
+    trimmed = meta.get(KEY_SOURCE_SHA256)
     return ModelInfo(
         architecture=arch,
         title=title if isinstance(title, str) else None,
@@ -428,19 +450,27 @@ def _read_info(files: tuple[Path, ...]) -> ModelInfo:
         context_length=context if isinstance(context, int) else None,
         chat_template=isinstance(meta.get("tokenizer.chat_template"), str),
         size_label=label if isinstance(label, str) and label.strip() else None,
+        n_vocab=headers[0].n_tokens,
+        vocab_id=vocab_id if headers[0].vocab_digest else "",
+        trimmed_from=trimmed if isinstance(trimmed, str) and trimmed else None,
     )
 
 
 def _described(found: _Found, cache: _HeaderCache) -> LocalModel:
-    if found.error is not None:
-        return LocalModel(found.source, found.id, found.files, None, found.error)
-    try:
-        info = cache.info(found.files)
-    except ModelLoadError as exc:
-        return LocalModel(found.source, found.id, found.files, None, str(exc))
-    except OSError as exc:
-        return LocalModel(found.source, found.id, found.files, None, f"unreadable: {exc.strerror or exc}")
-    return LocalModel(found.source, found.id, found.files, info)
+    error, info = found.error, None
+    if error is None:
+        try:
+            info = cache.info(found.files)
+        except ModelLoadError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"unreadable: {exc.strerror or exc}"
+    return LocalModel(found.source, found.id, found.files, info, error, found.sha256)
+
+
+def describe(path: Path) -> LocalModel:
+    """A model file given by its path, described like a listed one (source "file")."""
+    return _described(_Found("file", str(path), (path,)), _HeaderCache.load())
 
 
 def find_models(sources: Iterable[str] = SOURCES) -> list[LocalModel]:

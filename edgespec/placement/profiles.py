@@ -61,6 +61,7 @@ _COSTS_KEYS = (
     "t_draft_ms",
     "acceptance_model",
     "acceptance_ngram",
+    "choice",
 )
 
 
@@ -131,6 +132,7 @@ class TunedCosts:
         t_verify_ms: T(n), one target pass over n tokens, for n = 1, 2, ... (ms).
         t_draft_ms: one model-draft token (ms).
         acceptance_model, acceptance_ngram: per-position acceptance estimates in [0, 1].
+        choice: why this drafter was measured and what tuning concluded, in words ("" if unsaid).
     """
 
     machine: str
@@ -141,6 +143,7 @@ class TunedCosts:
     t_draft_ms: float
     acceptance_model: tuple[float, ...] = ()
     acceptance_ngram: tuple[float, ...] = ()
+    choice: str = ""
 
 
 @dataclass(frozen=True)
@@ -377,6 +380,7 @@ def _costs(r: TomlReader, table: dict[str, Any]) -> TunedCosts:
             table.get("acceptance_model", []), "costs.acceptance_model", 0, "a list of numbers in [0, 1]"
         ),
         acceptance_ngram=_ngram_priors(r, table.get("acceptance_ngram", [])),
+        choice=r.string(table.get("choice", ""), "costs.choice"),
     )
 
 

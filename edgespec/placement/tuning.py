@@ -157,9 +157,15 @@ def tuned_name(base: Profile, hw: Hardware, target_path: Path, draft_path: Path 
 
 
 def tuned_profile(
-    base: Profile, result: TuneResult, hw: Hardware, target_path: Path, draft_path: Path | None
+    base: Profile,
+    result: TuneResult,
+    hw: Hardware,
+    target_path: Path,
+    draft_path: Path | None,
+    why_draft: str = "",
 ) -> Profile:
-    """The base profile with the measured costs, named by `tuned_name`."""
+    """The base profile with the measured costs, named by `tuned_name`; `costs.choice` says which
+    drafter was measured and why (`why_draft`), and what tuning concluded."""
     from edgespec.placement.profiles import TunedCosts
 
     costs = TunedCosts(
@@ -171,6 +177,7 @@ def tuned_profile(
         t_draft_ms=round(result.costs.t_draft * 1000, 3),
         acceptance_model=result.acceptance_model,
         acceptance_ngram=NGRAM_PRIOR,
+        choice="; ".join((_drafter_text(draft_path, why_draft), *result.notes)),
     )
     speculation = replace(base.speculation, drafters=result.drafters, controller="goodput")
     tuned = base.with_costs(
@@ -180,6 +187,11 @@ def tuned_profile(
         f"{draft_path.name if draft_path else 'n-gram drafts'}",
     )
     return replace(tuned, speculation=speculation)
+
+
+def _drafter_text(draft_path: Path | None, why: str) -> str:
+    name = draft_path.name if draft_path is not None else "none"
+    return f"drafter {name} ({why})" if why else f"drafter {name}"
 
 
 def save(profile: Profile) -> Path:
