@@ -226,33 +226,36 @@ def build(
         GenerationSettings(draft_max=spec.draft_max)  # its range, before anything loads
     draft: str | os.PathLike[str] | None = DEFAULT if spec.draft is None else spec.draft
     if spec.profile is not None:
+        overrides = ProfileOverrides(
+            threads=spec.threads,
+            gpu_layers=spec.gpu_layers,
+            draft_gpu_layers=spec.draft_gpu_layers,
+            draft_threads=spec.draft_threads,
+            kernels=spec.kernels,
+        )
+
+        def with_profile(draft: Any, why: str, retune: bool) -> tuple[LoadedPair, Profile]:
+            return load_with_profile(
+                str(spec.profile),
+                spec.target,
+                draft,
+                n_ctx=spec.n_ctx,
+                overrides=overrides,
+                verbose=spec.verbose,
+                progress=progress,
+                tune_progress=tune_progress,
+                on_note=on_note,
+                retune=retune,
+                why_draft=why,
+            )
+
         why_draft = "the default drafter" if spec.draft is None else "named with --draft"
+        retune = spec.retune
         if spec.draft is None and spec.target not in (None, DEFAULT):
             # a target of the user's own: pair a drafter from the models on this machine
-            from edgespec.load.pairing import choose_drafter
-
-            target_path = resolve_model_path(spec.target, "target", progress)
-            if target_path.is_file():
-                draft, why_draft = choose_drafter(target_path, on_note or (lambda line: None))
-        pair, profile = load_with_profile(
-            str(spec.profile),
-            spec.target,
-            draft,
-            n_ctx=spec.n_ctx,
-            overrides=ProfileOverrides(
-                threads=spec.threads,
-                gpu_layers=spec.gpu_layers,
-                draft_gpu_layers=spec.draft_gpu_layers,
-                draft_threads=spec.draft_threads,
-                kernels=spec.kernels,
-            ),
-            verbose=spec.verbose,
-            progress=progress,
-            tune_progress=tune_progress,
-            on_note=on_note,
-            retune=spec.retune,
-            why_draft=why_draft,
-        )
+            draft, why_draft, tuned_now = _paired_drafter(spec, overrides, with_profile, progress, on_note)
+            retune = retune and not tuned_now
+        pair, profile = with_profile(draft, why_draft, retune)
         k = profile.speculation
         draft_max = spec.draft_max
         if draft_max is None:
@@ -301,6 +304,56 @@ def checked_threads(spec: EngineSpec, warn: Callable[[str], None]) -> EngineSpec
         threads=checked("threads", spec.threads),
         draft_threads=checked("draft_threads", spec.draft_threads),
     )
+
+
+def _paired_drafter(
+    spec: EngineSpec,
+    overrides: ProfileOverrides,
+    with_profile: Callable[[Any, str, bool], tuple[LoadedPair, Profile]],
+    progress: Callable | None,
+    on_note: Callable[[str], None] | None,
+) -> tuple[Path | None, str, bool]:
+    """The draft model for a target the user named, from the models on this machine (see
+    `pairing`): of those that fit, the one whose tuned costs predict the fastest decoding. A
+    candidate without saved costs is loaded and tuned now (with `spec.retune`, every one is).
+    Returns (the draft model or None, why, whether it was tuned in this call)."""
+    from edgespec.load.pairing import drafters_to_try
+    from edgespec.placement.tuning import predicted_gain
+
+    note = on_note or (lambda line: None)
+    target_path = resolve_model_path(spec.target, "target", progress)
+    if not target_path.is_file():
+        return None, "", False  # loading the target says it is missing
+    tries, why_none = drafters_to_try(target_path, note)
+    if len(tries) <= 1:
+        return (tries[0][0], tries[0][2], False) if tries else (None, why_none, False)
+    tuned: set[Path] = set()
+    profiles = []
+    for path, _, why in tries:
+        saved = None if spec.retune else saved_tune(str(spec.profile), target_path, path, overrides)
+        if saved is None:
+            pair, saved = with_profile(path, why, spec.retune)
+            pair.close()
+            tuned.add(path)
+        profiles.append(saved)
+    gains = [predicted_gain(p) for p in profiles]
+    best = max(range(len(tries)), key=lambda i: (gains[i], -i))  # ties: the smaller
+    path, name, why = tries[best]
+    measured = "predicted " + ", ".join(f"{n} {g:.2f}x" for (_, n, _), g in zip(tries, gains, strict=True))
+    note(f"drafter for {target_path.name}: {name}, the fastest ({measured} over plain decoding)")
+    _remember_choice(profiles[best], measured)
+    return path, f"{why}; {measured}", path in tuned
+
+
+def _remember_choice(profile: Profile, measured: str) -> None:
+    """Add to a tuned profile's saved choice how it compared with the other candidates."""
+    from edgespec.placement.tuning import save
+
+    costs = profile.costs
+    if costs is None or profile.source is None or measured in costs.choice:
+        return
+    with contextlib.suppress(OSError):  # a read-only config folder: the note said it anyway
+        save(replace(profile, costs=replace(costs, choice=f"{costs.choice}; {measured}")))
 
 
 def resolve_model_path(
@@ -526,7 +579,6 @@ def load_with_profile(
         ModelLoadError: as for `load` (a missing or unusable model, not enough RAM).
     """
     from edgespec.placement.hardware import detect_hardware
-    from edgespec.placement.profiles import cpu_fallback
     from edgespec.placement.tuning import find_tuned, needs_costs
 
     note = on_note or (lambda line: None)
@@ -541,20 +593,8 @@ def load_with_profile(
         raise ModelLoadError(f"model file not found: {target_path}")
     hw = detect_hardware()
     probe_draft = resolve_model_path(draft, "draft", progress) if draft is not None else None
-    profile, reasons = resolve_profile(spec, hw, target_path, probe_draft)
-    if probe_draft is None:  # nothing here can draft for this target: the other sources only
-        others = tuple(d for d in profile.speculation.drafters if d != "model")
-        profile = replace(profile, speculation=replace(profile.speculation, drafters=others))
-    if reasons:
-        note(f"profile {profile.name}: " + "; ".join(reasons))
-    fallback = cpu_fallback(profile, hw)
-    if fallback is not None:
-        profile, warning = fallback
-        warn(warning)
+    profile = placed_profile(spec, hw, target_path, probe_draft, overrides, note, warn)
     o = overrides
-    if o.kernels and o.kernels != profile.target.kernels:
-        # Costs measured under the other kernels do not hold: tune (or find the tune) for these.
-        profile = replace(profile, target=replace(profile.target, kernels=o.kernels), costs=None)
     target_settings, draft_settings, draft_layers = placed_settings(profile, o, hw, n_ctx, verbose)
     if not retune and needs_costs(profile):
         # A saved tune may have dropped the model drafter: then the draft model is not loaded.
@@ -590,6 +630,51 @@ def load_with_profile(
         stack.pop_all()
     label = f"profile {profile.name}"
     return LoadedPair(SpeculativeEngine(target_rt, drafter), target_path, label), profile
+
+
+def placed_profile(
+    spec: str,
+    hw: Any,
+    target_path: Path,
+    draft_path: Path | None,
+    overrides: ProfileOverrides,
+    note: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> Profile:
+    """The profile `spec` names, as it applies to this machine and pair before tuning: without the
+    model drafter when there is no draft model, on the CPU where a GPU it needs is missing
+    (`warn`ed), on the kernels the command line asks for (`note` hears an automatic choice)."""
+    from edgespec.placement.profiles import cpu_fallback
+
+    profile, reasons = resolve_profile(spec, hw, target_path, draft_path)
+    if draft_path is None:  # nothing here can draft for this target: the other sources only
+        others = tuple(d for d in profile.speculation.drafters if d != "model")
+        profile = replace(profile, speculation=replace(profile.speculation, drafters=others))
+    if reasons:
+        note(f"profile {profile.name}: " + "; ".join(reasons))
+    fallback = cpu_fallback(profile, hw)
+    if fallback is not None:
+        profile, warning = fallback
+        warn(warning)
+    if overrides.kernels and overrides.kernels != profile.target.kernels:
+        # Costs measured under the other kernels do not hold: tune (or find the tune) for these.
+        profile = replace(profile, target=replace(profile.target, kernels=overrides.kernels), costs=None)
+    return profile
+
+
+def saved_tune(spec: str, target_path: Path, draft_path: Path, overrides: ProfileOverrides) -> Profile | None:
+    """The tuned profile `load_with_profile` would find for this pair without measuring (None when
+    it would have to tune first); nothing is loaded."""
+    from edgespec.placement.hardware import detect_hardware
+    from edgespec.placement.tuning import find_tuned, needs_costs
+
+    hw = detect_hardware()
+    profile = placed_profile(spec, hw, target_path, draft_path, overrides, lambda _: None, lambda _: None)
+    if not needs_costs(profile):
+        return profile
+    return find_tuned(
+        profile, hw, target_path, draft_path if "model" in profile.speculation.drafters else None
+    )
 
 
 def placed_settings(

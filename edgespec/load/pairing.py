@@ -7,9 +7,11 @@ that is not pays for itself only rarely). A VocabTrim drafter counts when the mo
 from (named by sha256 in its metadata) is listed here and fits the target; the full check
 (`pair_check.check_compatible`) still runs when the pair loads.
 
-`choose_drafter` is `--profile auto`'s choice when a target is named without `--draft`: the
-smallest fitting model, which tuning then keeps or drops by measuring it; with none, n-gram
-drafting where it pays. For the default target it keeps the default drafter.
+`drafters_to_try` gives `--profile auto`'s candidates when a target is named without `--draft`:
+the fitting models, smallest first (at most `MAX_TRIED`). Each is tuned like any pair (once; the
+costs are saved), the one whose measured costs and acceptance predict the fastest decoding is
+kept, and tuning may still drop it for n-grams or plain decoding; with none, n-gram drafting where
+it pays. For the default target the default drafter stays.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from pathlib import Path
 from edgespec.fileio import size_text
 from edgespec.load.registry import LocalModel, describe, find_models
 
-__all__ = ["MUCH_SMALLER", "Candidate", "choose_drafter", "drafters_for"]
+__all__ = ["MAX_TRIED", "MUCH_SMALLER", "Candidate", "drafters_for", "drafters_to_try"]
 
 #: a drafter's file at most this fraction of the target's
 MUCH_SMALLER = 0.5
+#: most draft models measured for one target (each is tuned once, then its costs are kept)
+MAX_TRIED = 3
 
 
 @dataclass(frozen=True)
@@ -82,32 +86,33 @@ def _judge(target: LocalModel, model: LocalModel, by_sha: dict[str, LocalModel])
     return True, f"{note}same vocabulary, {1 / max(ratio, 1e-9):.1f}x smaller ({size_text(model.size)})"
 
 
-def choose_drafter(target_path: Path, on_note: Callable[[str], None]) -> tuple[Path | None, str]:
-    """The draft model `--profile auto` tries for a target named without `--draft`: the smallest
-    that fits (tuning measures it and keeps or drops it), or None when no model here fits; with
-    the reason, which is also told to `on_note`."""
+def drafters_to_try(
+    target_path: Path, on_note: Callable[[str], None]
+) -> tuple[list[tuple[Path, str, str]], str]:
+    """The draft models `--profile auto` measures for a target named without `--draft`: those that
+    fit, smallest first, at most `MAX_TRIED`, as (path, name, why it was picked); with none, the
+    reason. What was found is told to `on_note`."""
     target = describe(target_path)
-    found = find_models()
     if target.info is None:
-        return None, ""  # loading the target reports what is wrong with it
-    candidates = drafters_for(target, found)
+        return [], ""  # loading the target reports what is wrong with it
+    candidates = drafters_for(target, find_models())
     fitting = [c for c in candidates if c.fits]
     listing = f"`edgespec models --drafters-for {target_path}` lists all {len(candidates)}"
     if fitting:
-        best = fitting[0]
-        why = f"paired from the models here: {best.model.name}, {best.why}"
-        if len(fitting) > 1:
-            why += f", the smallest of {len(fitting)} that fit"
-        on_note(f"drafter for {target_path.name}: {best.model.name} ({best.why}); {listing}")
-        return best.model.path, why
+        tried = fitting[:MAX_TRIED]
+        others = f"; measured against {len(tried) - 1} other(s) that fit" if len(tried) > 1 else ""
+        if len(fitting) > MAX_TRIED:
+            others += f" (the {MAX_TRIED} smallest of {len(fitting)})"
+        names = ", ".join(c.model.name for c in tried)
+        on_note(f"drafters for {target_path.name}: {names} ({tried[0].why}{others}); {listing}")
+        why = "paired from the models here: {}, {}" + others
+        return [(c.model.path, c.model.name, why.format(c.model.name, c.why)) for c in tried], ""
     if candidates:
         example = f"e.g. {candidates[0].model.name}: {candidates[0].why}"
-        why = f"no model here fits ({example})"
         on_note(
             f"no model here can draft for {target_path.name} ({example}); drafting with n-grams where "
             f"they pay; {listing}"
         )
-    else:
-        why = "no other models here"
-        on_note(f"no other models here to draft for {target_path.name}; drafting with n-grams where they pay")
-    return None, why
+        return [], f"no model here fits ({example})"
+    on_note(f"no other models here to draft for {target_path.name}; drafting with n-grams where they pay")
+    return [], "no other models here"

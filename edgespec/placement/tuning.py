@@ -136,6 +136,19 @@ def tune(
     return result
 
 
+def predicted_gain(profile: Profile) -> float:
+    """How much faster than plain decoding the profile's costs predict its model drafter runs at
+    its best draft length (1.0 when tuning dropped it, or there are no costs)."""
+    costs = profile.costs
+    if costs is None or "model" not in profile.speculation.drafters or not costs.acceptance_model:
+        return 1.0
+    t_verify = costs.t_verify_ms
+    alphas = list(costs.acceptance_model)
+    alphas += [alphas[-1]] * (len(t_verify) - 1 - len(alphas))  # the last value repeats
+    _, rate = best_k(alphas, [t + k * costs.t_draft_ms for k, t in enumerate(t_verify)])
+    return max(rate * t_verify[0], 1.0)
+
+
 def needs_costs(profile: Profile) -> bool:
     """Whether the profile's drafting needs measured costs it does not have (a goodput
     controller with something to choose from, and no [costs])."""

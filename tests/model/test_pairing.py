@@ -57,20 +57,24 @@ def test_the_small_compatible_models_fit_and_the_others_say_why(machine):
     assert "folder:target.gguf" not in candidates
 
 
-def test_choose_drafter_takes_the_smallest_that_fits_or_none(machine, tmp_path):
+def test_the_drafters_to_try_are_those_that_fit_smallest_first(machine, tmp_path):
     notes: list[str] = []
-    chosen, why = pairing.choose_drafter(machine, notes.append)
-    assert chosen == tmp_path / "mine" / "small-trim.gguf"
-    assert why.startswith("paired from the models here: folder:small-trim.gguf, VocabTrim-ed from ")
-    assert why.endswith(", the smallest of 2 that fit")
-    assert notes[0].startswith("drafter for target.gguf: folder:small-trim.gguf (VocabTrim-ed from")
+    tries, _ = pairing.drafters_to_try(machine, notes.append)
+    assert [(path, name) for path, name, _ in tries] == [
+        (tmp_path / "mine" / "small-trim.gguf", "folder:small-trim.gguf"),
+        (registry.resolve("ollama:small").path, "ollama:small:latest"),
+    ]
+    assert tries[0][2].startswith("paired from the models here: folder:small-trim.gguf, VocabTrim-ed from ")
+    assert tries[0][2].endswith("; measured against 1 other(s) that fit")
+    assert notes[0].startswith("drafters for target.gguf: folder:small-trim.gguf, ollama:small:latest (")
     # Without the Ollama model the trimmed one's source is unknown, and nothing else fits.
     shutil.rmtree(tmp_path / "ollama")
     assert judged(machine)["folder:small-trim.gguf"].why.startswith(
         "VocabTrim-ed from a model not found here (sha256 "
     )
     notes.clear()
-    assert pairing.choose_drafter(machine, notes.append)[0] is None
+    tries, why = pairing.drafters_to_try(machine, notes.append)
+    assert tries == [] and why.startswith("no model here fits (e.g. ")
     assert notes[0].startswith("no model here can draft for target.gguf (e.g. ")
     assert "drafting with n-grams where they pay" in notes[0]
 
@@ -94,10 +98,20 @@ def test_run_with_a_named_target_and_no_draft_pairs_one(machine, tmp_path):
     result = CliRunner().invoke(cli, [*args, "--raw", "the cat"])
     assert result.exit_code == 0, result.output
     notes = result.stderr.splitlines()
-    assert any(n.startswith("drafter for target.gguf: folder:small-trim.gguf (") for n in notes), notes
+    assert notes[0].startswith("drafters for target.gguf: folder:small-trim.gguf, ollama:small:latest ("), (
+        notes
+    )
+    # both were tuned, and the one predicted fastest kept (a tie here: the smaller)
+    assert sum(n.startswith("tuned ") for n in notes) == 2, notes
+    chosen = next(n for n in notes if n.startswith("drafter for target.gguf: "))
+    assert chosen.startswith("drafter for target.gguf: folder:small-trim.gguf, the fastest (predicted ")
+    # A second run reuses both tunes: nothing is measured again.
+    second = CliRunner().invoke(cli, [*args, "--raw", "the cat"])
+    assert second.exit_code == 0 and not any(n.startswith("tuned ") for n in second.stderr.splitlines())
+    assert second.stdout == result.stdout
     # tuning measured the chosen drafter and says whether it pays (on these tiny models, not);
     # the tuned profile keeps the choice and the reason, and `profile show` states them
-    tuned = next(n for n in notes if n.startswith("tuned ") and "model drafter " in n)
+    tuned = [n for n in notes if n.startswith("tuned ")][0]  # the candidates are tuned in order
     shown = CliRunner().invoke(cli, ["profile", "show", tuned.rsplit("saved ", 1)[1]])
     assert shown.exit_code == 0, shown.output
     drafting = next(line for line in shown.stdout.splitlines() if line.startswith("# drafting: "))
@@ -105,8 +119,28 @@ def test_run_with_a_named_target_and_no_draft_pairs_one(machine, tmp_path):
         "# drafting: drafter small-trim.gguf (paired from the models here: folder:small-trim.gguf, "
     )
     assert "; model drafter " in drafting and 'choice = "drafter small-trim.gguf' in shown.stdout
+    assert drafting.endswith(chosen.split("the fastest (", 1)[1].removesuffix(" over plain decoding)"))
     # The same with nothing that fits: n-grams where they pay, and the run still answers.
     shutil.rmtree(tmp_path / "ollama")
     again = CliRunner().invoke(cli, [*args, "--raw", "the cat"])
     assert again.exit_code == 0, again.output
     assert any(n.startswith("no model here can draft for target.gguf") for n in again.stderr.splitlines())
+
+
+def test_the_candidate_predicted_fastest_wins(machine, monkeypatch):
+    """Of the drafters that fit, the one whose tuned costs predict the most speed is kept, even
+    when it is not the smallest."""
+    from edgespec.placement import tuning
+
+    def gain(profile):
+        return 1.3 if profile.costs is not None and profile.costs.draft.startswith("sha256-") else 1.1
+
+    monkeypatch.setattr(tuning, "predicted_gain", gain)
+    args = ["run", "--target", "folder:target", "--threads", "1", "--ctx", "256", "--max-tokens", "4"]
+    result = CliRunner().invoke(cli, [*args, "--raw", "the cat"])
+    assert result.exit_code == 0, result.output
+    chosen = next(n for n in result.stderr.splitlines() if n.startswith("drafter for target.gguf: "))
+    assert chosen == (
+        "drafter for target.gguf: ollama:small:latest, the fastest (predicted folder:small-trim.gguf 1.10x, "
+        "ollama:small:latest 1.30x over plain decoding)"
+    )
