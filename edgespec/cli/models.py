@@ -168,7 +168,6 @@ def pull(name: str) -> None:
 
 def _drafters_for(spec: str, as_json: bool) -> None:
     from edgespec.errors import ModelLoadError
-    from edgespec.load import models as defaults
     from edgespec.load import pairing, registry
     from edgespec.load.builder import resolve_model_path
 
@@ -191,12 +190,10 @@ def _drafters_for(spec: str, as_json: bool) -> None:
     for c in candidates:
         mark = "fits" if c.fits else "no  "
         click.echo(f"  {mark}  {c.model.name}: {c.why}")
-    if path == defaults.cached_path(defaults.TARGET):
+    if spec == "default":  # `run` without --target (or with `default`) keeps the default drafter
         click.echo("for the default target, --profile auto drafts with the default drafter where it pays")
     elif fitting:
-        click.echo(
-            f"--profile auto tries {fitting[0].model.name} (the smallest that fits) and keeps it if "
-            "tuning measures that it pays"
-        )
+        tried = ", ".join(c.model.name for c in fitting[: pairing.MAX_TRIED])
+        click.echo(f"--profile auto tunes {tried} and drafts with the one predicted fastest, where it pays")
     else:
         click.echo("--profile auto drafts with n-grams where they pay")

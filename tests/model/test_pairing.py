@@ -89,7 +89,10 @@ def test_drafters_for_on_the_command_line(machine):
         line.startswith("  no    folder:big-draft.gguf: same vocabulary but not much smaller")
         for line in lines
     )
-    assert lines[-1].startswith("--profile auto tries folder:small-trim.gguf (the smallest that fits)")
+    assert lines[-1] == (
+        "--profile auto tunes folder:small-trim.gguf, ollama:small:latest and drafts with the one "
+        "predicted fastest, where it pays"
+    )
 
 
 def test_run_with_a_named_target_and_no_draft_pairs_one(machine, tmp_path):
