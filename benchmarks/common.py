@@ -33,3 +33,9 @@ def write_json(path: Path, data: dict) -> None:
     from edgespec.fileio import write_text_atomic
 
     write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def geomean(values: list[float]) -> float:
+    """The geometric mean of the positive values (NaN when there are none)."""
+    values = [v for v in values if v > 0]
+    return statistics.geometric_mean(values) if values else float("nan")

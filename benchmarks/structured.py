@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, write_json  # noqa: E402
+from common import ROOT, geomean, machine, write_json  # noqa: E402
 
 PROMPTS = ROOT / "benchmarks" / "prompts" / "structured.jsonl"
 CONFIGS = (
@@ -58,11 +58,6 @@ def unfenced(text: str) -> str:
     body = body[body.find("\n") + 1 :] if "\n" in body else body
     end = body.find("```")
     return body if end < 0 else body[:end]
-
-
-def geomean(values: list[float]) -> float:
-    values = [v for v in values if v > 0]
-    return statistics.geometric_mean(values) if values else float("nan")
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

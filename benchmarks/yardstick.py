@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, spec_bench_prompts, write_json  # noqa: E402
+from common import geomean, machine, spec_bench_prompts, write_json  # noqa: E402
 
 
 def read_set(path: Path) -> list[dict[str, Any]]:
@@ -37,11 +37,6 @@ def read_set(path: Path) -> list[dict[str, Any]]:
     return [
         {"id": p.id, "category": p.category, "prompt": p.prompt, "set": path.stem} for p in read_prompts(path)
     ]
-
-
-def geomean(values: list[float]) -> float:
-    values = [v for v in values if v > 0]
-    return statistics.geometric_mean(values) if values else float("nan")
 
 
 def summarize(records: list[dict[str, Any]], group: str) -> list[dict[str, Any]]:

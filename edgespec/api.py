@@ -605,7 +605,8 @@ class Engine:
             settings = dataclasses.replace(settings, grammar=settings.grammar or plan.grammar)
         elif tool_choice is not None or parallel_tool_calls is not None:
             raise SettingsError("tool_choice and parallel_tool_calls need tools")
-        started = self._start(self.chat_tokens(messages, tools), settings, timeout, plan)
+        offered = plan.tools if plan is not None else None  # read once, in plan_tools
+        started = self._start(self.chat_tokens(messages, offered), settings, timeout, plan)
         return started if stream else started.run()
 
     def cancel(self) -> bool:

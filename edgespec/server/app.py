@@ -347,8 +347,8 @@ def create_app(
         if request_params.tools is not None:
             plan = await asyncio.to_thread(_tool_plan, engine, request_params)
         if chat:
-            tools = None if request_params.tools is None else request_params.tools["tools"]
-            tokens = await asyncio.to_thread(engine.chat_tokens, messages(body), tools)
+            offered = None if plan is None else plan.tools  # read once, in _tool_plan
+            tokens = await asyncio.to_thread(engine.chat_tokens, messages(body), offered)
         else:
             tokens = await asyncio.to_thread(engine.tokenize, prompt(body), raw=True)
         if len(tokens) >= engine.n_ctx:
