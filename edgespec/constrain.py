@@ -15,6 +15,7 @@ llguidance is imported only here, and only when a grammar is used.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -123,15 +124,10 @@ def _text(value: object, what: str) -> str:
 #: JSON as Python's json.dumps writes it; a schema's own "x-guidance" options override this
 JSON_STYLE: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
-_COMPILED: dict[tuple[str, str], str] = {}
-_COMPILED_MAX = 64
 
-
+@functools.lru_cache(maxsize=64)  # a bad grammar raises, and is not kept
 def _compiled(kind: GrammarKind, source: str) -> str:
-    key = (kind, source)
-    cached = _COMPILED.get(key)
-    if cached is not None:
-        return cached
+    """The grammar in llguidance's own form, checked."""
     import llguidance
 
     label = _LABELS[kind]
@@ -151,9 +147,6 @@ def _compiled(kind: GrammarKind, source: str) -> str:
     error = llguidance.LLMatcher.validate_grammar(text)
     if error:
         raise SettingsError(f"the {label} is not valid: {_first_line(error)}")
-    if len(_COMPILED) >= _COMPILED_MAX:
-        _COMPILED.pop(next(iter(_COMPILED)))
-    _COMPILED[key] = text
     return text
 
 

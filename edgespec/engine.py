@@ -42,7 +42,7 @@ from edgespec.sampling import (
     log_softmax_top,
 )
 from edgespec.text import TextStream
-from edgespec.verify import verify_exact_match, verify_greedy, verify_rejection
+from edgespec.verify import verify_exact_match, verify_greedy, verify_greedy_by, verify_rejection
 
 if TYPE_CHECKING:
     from edgespec.drafting import Drafter
@@ -460,13 +460,10 @@ def make_verifier(
             if masks is None:
                 # bias and penalties move the argmax (adjusted is a view when there are none)
                 return verify_greedy(draft, processor.adjusted(p_logits, recents))
-            # row by row: a row's mask is computed only once verification reaches it
-            n = 0
-            while True:
-                token = int(processor.argmax(p_logits[n : n + 1], recents[n : n + 1], [masks[n]])[0])
-                if n == len(draft) or draft[n] != token:
-                    return n, token
-                n += 1
+            # a row's mask is computed only once verification reaches it
+            return verify_greedy_by(
+                draft, lambda i: int(processor.argmax(p_logits[i : i + 1], recents[i : i + 1], [masks[i]])[0])
+            )
 
         return greedy
 

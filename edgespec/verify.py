@@ -5,7 +5,7 @@ Names follow the speculative-decoding papers: p is the target's distribution, q 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -30,12 +30,20 @@ def verify_greedy(draft: Sequence[int], p_logits: np.ndarray) -> tuple[int, int]
     k = len(draft)
     if p_logits.shape[0] != k + 1:
         raise ValueError(f"need k + 1 = {k + 1} rows of target logits, got {p_logits.shape[0]}")
-    # Row by row, up to the first disagreement: a 64-token draft rejected early does not pay for
-    # the argmax of every row (each is n_vocab wide).
+    return verify_greedy_by(draft, lambda i: int(p_logits[i].argmax()))
+
+
+def verify_greedy_by(draft: Sequence[int], argmax: Callable[[int], int]) -> tuple[int, int]:
+    """`verify_greedy` with the target's choice at row i given as `argmax(i)` (e.g. under a
+    grammar's mask, computed only for the rows verification reaches).
+
+    Row by row, up to the first disagreement: a 64-token draft rejected early does not pay for the
+    argmax of every row (each is n_vocab wide).
+    """
     n_accepted = 0
     while True:
-        token = int(p_logits[n_accepted].argmax())
-        if n_accepted == k or draft[n_accepted] != token:
+        token = argmax(n_accepted)
+        if n_accepted == len(draft) or draft[n_accepted] != token:
             return n_accepted, token
         n_accepted += 1
 
