@@ -241,7 +241,13 @@ def _bench_auto_profile(target_rt: Any, draft_rt: Any, draft: str) -> Any:
     from edgespec.placement.hardware import detect_hardware
 
     hw = detect_hardware()
-    draft_path = draft_rt.path if draft_rt is not None else resolve_model_path(draft, "draft", progress)
+    draft_path = (
+        draft_rt.path
+        if draft_rt is not None
+        else None
+        if draft in ("none", "ngram")  # no draft model: not a name to look up
+        else resolve_model_path(draft, "draft", progress)
+    )
     base, reasons = resolve_profile("auto", hw, target_rt.path, draft_path)
     click.echo(f"auto: profile {base.name} ({'; '.join(reasons)})", err=True)
     profile = ensure_tuned(

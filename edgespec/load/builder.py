@@ -221,6 +221,8 @@ def build(
         EdgespecError: a model is missing or unusable, the pair is incompatible, or a setting is
             out of range.
     """
+    if on_note is not None:  # several candidate drafters load the same profile: say things once
+        on_note = _once(on_note)
     spec = checked_threads(spec.resolved(), _warner(on_note))
     if spec.draft_max is not None:
         GenerationSettings(draft_max=spec.draft_max)  # its range, before anything loads
@@ -304,6 +306,18 @@ def checked_threads(spec: EngineSpec, warn: Callable[[str], None]) -> EngineSpec
         threads=checked("threads", spec.threads),
         draft_threads=checked("draft_threads", spec.draft_threads),
     )
+
+
+def _once(on_note: Callable[[str], None]) -> Callable[[str], None]:
+    """`on_note`, passing each distinct line on only the first time."""
+    seen: set[str] = set()
+
+    def note(line: str) -> None:
+        if line not in seen:
+            seen.add(line)
+            on_note(line)
+
+    return note
 
 
 def _paired_drafter(
