@@ -426,6 +426,11 @@ class Engine:
         return self._pair.target_path
 
     @property
+    def closed(self) -> bool:
+        """Whether `close` has freed the models."""
+        return self._closed
+
+    @property
     def model(self) -> str:
         """The target model's name (its file name without .gguf), as the server lists it."""
         return self._pair.target_path.stem

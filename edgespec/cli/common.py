@@ -13,6 +13,7 @@ from edgespec.defaults import DRAFT_MAX, K_LIMIT, N_CTX
 
 if TYPE_CHECKING:
     from edgespec.api import Engine
+    from edgespec.load.builder import EngineSpec
 
 
 def progress(model: Any) -> Any:
@@ -389,7 +390,12 @@ def open_engine(ctx: click.Context, kwargs: dict[str, Any], **extra: Any) -> Eng
     left at their defaults leave the choice to the profile (`--profile auto` when neither
     --draft nor --draft-max is given). `extra` goes to `Engine` as it is.
     """
-    from edgespec.api import Engine
+    return engine_from(engine_spec(ctx, kwargs), **extra)
+
+
+def engine_spec(ctx: click.Context, kwargs: dict[str, Any]) -> EngineSpec:
+    """Pop the `engine_options` flags from a command's keyword arguments: the engine they describe
+    (see `open_engine`)."""
     from edgespec.load.builder import EngineSpec
 
     values = {key: kwargs.pop(key) for key in ENGINE_KEYS}
@@ -399,7 +405,7 @@ def open_engine(ctx: click.Context, kwargs: dict[str, Any], **extra: Any) -> Eng
         explicit = source in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
         return values[name] if explicit else None
 
-    spec = EngineSpec(
+    return EngineSpec(
         values["target"],
         given("draft"),
         profile=values["profile_spec"],
@@ -414,6 +420,12 @@ def open_engine(ctx: click.Context, kwargs: dict[str, Any], **extra: Any) -> Eng
         draft_provider=values["draft_provider"],
         verbose=values["verbose"],
     )
+
+
+def engine_from(spec: EngineSpec, **extra: Any) -> Engine:
+    """Load the engine `spec` describes, with the command line's progress bars and notes."""
+    from edgespec.api import Engine
+
     return Engine.from_spec(
         spec,
         progress=progress,

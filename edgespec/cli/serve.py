@@ -6,16 +6,27 @@ the command line works without them.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import os
 import socket
-from typing import Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from edgespec.cli.common import engine_options, open_engine
+from edgespec.cli.common import engine_from, engine_options, engine_spec
 from edgespec.errors import EdgespecError
+
+if TYPE_CHECKING:
+    from edgespec.api import Engine
+    from edgespec.load.builder import EngineSpec
+    from edgespec.load.registry import LocalModel
+
+LOCAL = "local"
+"""`--models local`: every usable model `edgespec models` lists."""
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -53,6 +64,48 @@ def url_of(sock: socket.socket) -> str:
 
 def _loopback(sock: socket.socket) -> bool:
     return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
+
+
+def offered_models(names: Sequence[str]) -> list[LocalModel]:
+    """The models `--models` names, each once, as `edgespec models` lists them (a file it does
+    not list is named `file:PATH`). Raises EdgespecError for a name that picks no usable model."""
+    from edgespec.load import registry
+    from edgespec.load.builder import resolve_model_path
+
+    found = registry.find_models()
+    out: dict[Path, LocalModel] = {}
+    for name in names:
+        if name == LOCAL:
+            chosen = [m for m in found if m.error is None]
+            if not chosen:
+                raise EdgespecError("--models local: `edgespec models` finds no usable model here")
+        else:
+            path = resolve_model_path(name, "target").resolve()
+            model = next((m for m in found if m.path.resolve() == path), None)
+            if model is None:
+                if not path.is_file():
+                    raise EdgespecError(f"--models {name}: model file not found: {path}")
+                model = registry.describe(path)
+            if model.error is not None:
+                raise EdgespecError(f"--models {name}: {model.name} cannot be used: {model.error}")
+            chosen = [model]
+        for model in chosen:
+            out.setdefault(model.path.resolve(), model)
+    return list(out.values())
+
+
+def _opener(start: EngineSpec, start_path: Path, **extra: Any) -> Callable[[Path], Engine]:
+    """Opens the engine for an offered model's file: the start model as the command line says,
+    any other with a drafter paired for it (`--profile auto`, or the profile given)."""
+
+    def open_model(path: Path) -> Engine:
+        if path.resolve() == start_path.resolve():
+            return engine_from(start, **extra)
+        return engine_from(
+            dataclasses.replace(start, target=str(path), draft=None, profile=start.profile or "auto"), **extra
+        )
+
+    return open_model
 
 
 @click.command()
@@ -111,6 +164,16 @@ def _loopback(sock: socket.socket) -> bool:
     "overrides it). --no-cache-prompt evaluates every prompt whole, so greedy answers depend on "
     "the request alone, as `edgespec run` gives them.",
 )
+@click.option(
+    "--models",
+    "offered",
+    multiple=True,
+    metavar="NAME",
+    help="Also answer requests whose `model` names NAME (a name `edgespec models` lists, a path, "
+    "ollama:NAME[:TAG] or hf:REPO...; repeatable; 'local': every listed model). One model is in "
+    "memory at a time: the server switches between requests. Without it, the --target answers "
+    "every request, whatever its `model`.",
+)
 @engine_options
 @click.pass_context
 def serve(
@@ -123,13 +186,15 @@ def serve(
     max_body_bytes: int,
     client_timeout: float,
     cache_prompt: bool,
+    offered: tuple[str, ...],
     **flags: Any,
 ) -> None:
     """Serve an OpenAI-compatible HTTP API (chat and completions) on this machine.
 
     Endpoints: /v1/chat/completions, /v1/completions, /v1/models and /health. Requests run one at a
     time, first come first served; streamed answers are server-sent events, as OpenAI sends them.
-    The request's `model` may be anything: the loaded target answers. Without a temperature,
+    The request's `model` may be anything: the loaded target answers, unless --models offers
+    several (then it picks one, and a name that fits none is a 404). Without a temperature,
     decoding is greedy; a max_tokens larger than the context has room for stops when it is full.
     Responses carry an extra `edgespec` field with the drafting statistics.
 
@@ -137,6 +202,7 @@ def serve(
     Examples:
       edgespec serve
       edgespec serve --port 8000 --api-key "$(openssl rand -hex 16)" --cors-origin http://localhost:3000
+      edgespec serve --models local
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
           -d '{"model": "any", "messages": [{"role": "user", "content": "Hi!"}], "stream": true}'
 
@@ -152,6 +218,7 @@ def serve(
             f'edgespec serve needs {exc.name or "fastapi and uvicorn"}: pip install "edgespec[server]"'
         ) from None
     from edgespec.server import app as server
+    from edgespec.server.pool import ModelPool
 
     problem = server.api_key_problem(api_key)  # before the models load: exit 2
     if problem is not None:
@@ -164,11 +231,15 @@ def serve(
             click.echo(
                 f"warning: {url} is open to other machines without an API key (set --api-key)", err=True
             )
-        engine = open_engine(click_ctx, flags, cache_prompt=cache_prompt)
+        spec = engine_spec(click_ctx, flags)
+        models = offered_models(offered) if offered else []  # before the start model loads
+        engine = engine_from(spec, cache_prompt=cache_prompt)
+        pool = ModelPool(engine, models, _opener(spec, engine.target_path, cache_prompt=cache_prompt))
         try:
-            ready = f"serving {engine.model} on {url}/v1 (OpenAI-compatible API; Ctrl-C to stop)"
+            what = f"{len(pool.ids())} models ({engine.model} loaded)" if pool.several else engine.model
+            ready = f"serving {what} on {url}/v1 (OpenAI-compatible API; Ctrl-C to stop)"
             httpd = server.make_server(
-                engine,
+                pool,
                 api_key=api_key,
                 cors_origins=cors_origins,
                 max_queue=max_queue,
@@ -180,6 +251,7 @@ def serve(
             )
             httpd.run(sockets=[sock])
         finally:
+            pool.close()
             engine.close()
     finally:
         sock.close()

@@ -39,7 +39,6 @@ import json
 import logging
 import secrets
 import socket
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -55,7 +54,8 @@ from edgespec import __version__
 from edgespec.errors import EdgespecError, PromptError, SettingsError
 from edgespec.server.guard import RequestGuard
 from edgespec.server.openai import Params, Reply, as_api_error, messages, params, prompt, sse
-from edgespec.server.queue import DEFAULT_MAX_QUEUE, APIError, Job, Scheduler, shutting_down
+from edgespec.server.pool import ModelPool
+from edgespec.server.queue import DEFAULT_MAX_QUEUE, APIError, Job, Prepared, Scheduler, shutting_down
 
 if TYPE_CHECKING:
     from edgespec.api import Engine
@@ -188,6 +188,35 @@ def _tool_plan(engine: Engine, request_params: Params) -> ToolPlan:
     return plan
 
 
+def _prepare(engine: Engine, name: str, chat: bool, text: Any, request_params: Params) -> Prepared:
+    """A request made ready for `engine`: its tokens and options, checked, and its `Reply`
+    (a 400 APIError or PromptError when it does not fit this engine)."""
+    plan = None if request_params.tools is None else _tool_plan(engine, request_params)
+    if chat:
+        tokens = engine.chat_tokens(text, None if plan is None else plan.tools)
+    else:
+        tokens = engine.tokenize(text, raw=True)
+    if len(tokens) >= engine.n_ctx:
+        raise PromptError(
+            f"the prompt has {len(tokens)} tokens but the context holds {engine.n_ctx}; shorten it or "
+            "restart the server with a larger --ctx"
+        )
+    # No max_tokens, or more than the context has room for: until the context is full.
+    room = engine.n_ctx - len(tokens)
+    options = {
+        **request_params.options,
+        "max_tokens": min(request_params.options.get("max_tokens", room), room),
+    }
+    if plan is not None and plan.grammar is not None:
+        options["grammar"] = plan.grammar
+    engine.check_options(**options)  # types and ranges, before the request waits in the queue
+    draft_max = options.get("draft_max", engine.draft_max)
+    reply = Reply(
+        chat, name, request_params.include_usage, engine.draft_name, draft_max, plan, "logprobs" in options
+    )
+    return Prepared(engine, tokens, options, reply)
+
+
 async def _stream_events(first: tuple[str, Any], job: Job, reply: Reply) -> AsyncIterator[str]:
     if reply.chat:
         yield sse(reply.chunk(role=True))
@@ -273,7 +302,7 @@ async def _first_event(request: Request, job: Job) -> tuple[str, Any] | None:
 
 
 def create_app(
-    engine: Engine,
+    engine: Engine | ModelPool,
     *,
     api_key: str | None = None,
     cors_origins: Sequence[str] = (),
@@ -285,6 +314,8 @@ def create_app(
     """The OpenAI-compatible API over `engine` (which the caller keeps and closes).
 
     Args:
+        engine: the one engine that answers every request, or a `ModelPool` whose offered models
+            requests choose among with their `model` field.
         api_key: when set, /v1 requests need the header `Authorization: Bearer KEY`.
         cors_origins: origins whose web pages may call the API ("*": any); none by default.
         max_queue: the most requests accepted at once, the running one included; more get 503.
@@ -301,7 +332,8 @@ def create_app(
         raise SettingsError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     if not client_timeout > 0:
         raise SettingsError(f"client_timeout must be above 0 seconds, got {client_timeout}")
-    scheduler = Scheduler(engine, max_queue)
+    pool = engine if isinstance(engine, ModelPool) else ModelPool(engine)
+    scheduler = Scheduler(pool, max_queue)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -337,40 +369,20 @@ def create_app(
         )
     app.add_middleware(RequestGuard, cors_origins=list(cors_origins), local_only=local_only)  # outermost
     _add_error_handlers(app)
-    model = {"id": engine.model, "object": "model", "created": int(time.time()), "owned_by": "edgespec"}
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(api_key))])
 
     async def complete(request: Request, chat: bool) -> Response:
         body = await _json_body(request, max_body_bytes, client_timeout)
         request_params = params(body, chat)
-        plan = None
-        if request_params.tools is not None:
-            plan = await asyncio.to_thread(_tool_plan, engine, request_params)
-        if chat:
-            offered = None if plan is None else plan.tools  # read once, in _tool_plan
-            tokens = await asyncio.to_thread(engine.chat_tokens, messages(body), offered)
-        else:
-            tokens = await asyncio.to_thread(engine.tokenize, prompt(body), raw=True)
-        if len(tokens) >= engine.n_ctx:
-            raise PromptError(
-                f"the prompt has {len(tokens)} tokens but the context holds {engine.n_ctx}; shorten it or "
-                "restart the server with a larger --ctx"
-            )
-        # No max_tokens, or more than the context has room for: until the context is full.
-        room = engine.n_ctx - len(tokens)
-        options = {
-            **request_params.options,
-            "max_tokens": min(request_params.options.get("max_tokens", room), room),
-        }
-        if plan is not None and plan.grammar is not None:
-            options["grammar"] = plan.grammar
-        engine.check_options(**options)  # types and ranges, before the request waits in the queue
-        draft_max = options.get("draft_max", engine.draft_max)
-        draft = engine.draft_name  # a file name, "ngram", ...
-        reply = Reply(
-            chat, engine.model, request_params.include_usage, draft, draft_max, plan, "logprobs" in options
-        )
-        job = Job(tokens, options, request_params.stream)
+        name = pool.choose(body.get("model"))
+        text = messages(body) if chat else prompt(body)
+
+        def prepare(engine: Engine) -> Prepared:
+            return _prepare(engine, name, chat, text, request_params)
+
+        with pool.lease(name) as engine:  # None: another model is loaded; the worker prepares it
+            ready = None if engine is None else await asyncio.to_thread(prepare, engine)
+        job = Job(name, prepare, request_params.stream, ready)
         scheduler.submit(job)
         try:
             first = await _first_event(request, job)
@@ -383,6 +395,8 @@ def create_app(
         kind, value = first
         if kind == "error":
             raise as_api_error(value)
+        assert job.prepared is not None  # the worker made it ready before its first event
+        reply = job.prepared.reply
         if request_params.stream:
             events = _stream_events(first, job, reply)
             return _EventStream(events, lambda: scheduler.cancel(job), client_timeout, drop)
@@ -400,19 +414,20 @@ def create_app(
 
     @v1.get("/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model]}
+        return {"object": "list", "data": pool.listing()}
 
     @v1.get("/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> dict[str, Any]:
-        if model_id != model["id"]:
-            raise APIError(
-                404, f"no model {model_id!r}: this server serves {model['id']!r}", code="model_not_found"
-            )
-        return model
+        for model in pool.listing():
+            if model["id"] == model_id:
+                return model
+        served = f"serves {pool.ids()[0]!r}" if not pool.several else "offers other models (GET /v1/models)"
+        raise APIError(404, f"no model {model_id!r}: this server {served}", code="model_not_found")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": engine.model, **scheduler.health()}
+        several = {"models": len(pool.ids()), "switches": pool.switches} if pool.several else {}
+        return {"status": "ok", **scheduler.health(), **several}
 
     app.include_router(v1)
     return app
@@ -520,7 +535,7 @@ class _Server(uvicorn.Server):
 
 
 def make_server(
-    engine: Engine,
+    engine: Engine | ModelPool,
     *,
     api_key: str | None = None,
     cors_origins: Sequence[str] = (),

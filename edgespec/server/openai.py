@@ -4,7 +4,8 @@
 Where it differs from OpenAI's API, on purpose:
 - `model` may be any string: clients often hard-code one ("gpt-4o"), and there is one model to
   answer with. Responses name the served model (`Engine.model`); a `model` that is not a string is
-  a 400, and GET /v1/models/{id} of another model a 404.
+  a 400, and GET /v1/models/{id} of another model a 404. With `--models` the server offers several
+  and `model` chooses among them (`pool.ModelPool`).
 - Omitted sampling settings take edgespec's defaults: greedy decoding (temperature 0), not OpenAI's
   temperature 1.
 - Omitted `max_tokens`, or one beyond what the context has room for after the prompt, means "until

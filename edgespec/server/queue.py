@@ -1,6 +1,7 @@
-"""The request queue of `edgespec serve`: generations run on one engine one at a time, first in
-first out, from a bounded queue, by one worker thread; their events reach the event loop through
-`loop.call_soon_threadsafe`. Nothing here knows HTTP beyond the status codes of its errors.
+"""The request queue of `edgespec serve`: generations run one at a time, first in first out, from a
+bounded queue, by one worker thread, on the engine of the model each request names (`pool`); their
+events reach the event loop through `loop.call_soon_threadsafe`. Nothing here knows HTTP beyond
+the status codes of its errors.
 
 When a client goes away its job is dropped if it is still waiting, or cancelled before the engine's
 next step if it runs, so the engine is free for the next request.
@@ -13,6 +14,7 @@ import contextlib
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +22,9 @@ from edgespec.errors import EdgespecError, SettingsError
 
 if TYPE_CHECKING:
     from edgespec.api import Engine, Stream
+    from edgespec.server.pool import ModelPool
 
-__all__ = ["DEFAULT_MAX_QUEUE", "APIError", "Job", "Scheduler", "shutting_down"]
+__all__ = ["DEFAULT_MAX_QUEUE", "APIError", "Job", "Prepared", "Scheduler", "shutting_down"]
 
 log = logging.getLogger("edgespec.server")
 
@@ -55,15 +58,35 @@ def shutting_down() -> APIError:
     return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A request made ready for one engine: its prompt's tokens, its generation options, and what
+    its answer needs (`reply`, opaque here)."""
+
+    engine: Engine
+    tokens: list[int]
+    options: dict[str, Any]
+    reply: Any
+
+
 class Job:
     """One request's generation: run by the worker thread, heard of by the event loop.
 
     Events, in order: ("chunk", Chunk) when streaming, then ("done", Result) or ("error", exception).
+    `prepare(engine)` makes the request ready for its model's engine; the worker calls it unless
+    `prepared` was made for that very engine (before the job was queued, while it was loaded).
     """
 
-    def __init__(self, tokens: list[int], options: dict[str, Any], streaming: bool) -> None:
-        self.tokens = tokens
-        self.options = options
+    def __init__(
+        self,
+        model: str,
+        prepare: Callable[[Engine], Prepared],
+        streaming: bool,
+        prepared: Prepared | None = None,
+    ) -> None:
+        self.model = model
+        self.prepare = prepare
+        self.prepared = prepared  # read by the event loop only after the job's first event
         self.streaming = streaming
         self.cancelled = False
         self.stream: Stream | None = None  # set by the worker, under the scheduler's lock
@@ -77,17 +100,17 @@ class Job:
 
 
 class Scheduler:
-    """Runs jobs on the engine one at a time, first in first out, from a bounded queue.
+    """Runs jobs one at a time, first in first out, from a bounded queue.
 
     Args:
-        engine: the engine every job runs on.
+        pool: the models jobs run on (`job.model` names one).
         max_queue: the most jobs accepted at once, the running one included; `submit` refuses more.
     """
 
-    def __init__(self, engine: Engine, max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+    def __init__(self, pool: ModelPool, max_queue: int = DEFAULT_MAX_QUEUE) -> None:
         if max_queue < 1:
             raise SettingsError(f"max_queue must be at least 1, got {max_queue}")
-        self.engine = engine
+        self.pool = pool
         self.max_queue = max_queue
         self.running: Job | None = None
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
@@ -131,6 +154,7 @@ class Scheduler:
     def health(self) -> dict[str, Any]:
         with self._cond:
             return {
+                "model": self.pool.loaded,
                 "busy": self.running is not None,
                 "queued": len(self._waiting),
                 "max_queue": self.max_queue,
@@ -173,7 +197,11 @@ class Scheduler:
     def _run(self, job: Job) -> tuple[str, tuple[str, Any]]:
         """Run one job to its end; return the counter it adds to and its last event."""
         try:
-            stream = self.engine.stream(job.tokens, **job.options)
+            engine = self.pool.engine_for(job.model)
+            if job.prepared is None or job.prepared.engine is not engine:
+                job.prepared = job.prepare(engine)
+            prepared = job.prepared
+            stream = engine.stream(prepared.tokens, **prepared.options)
             with self._cond:
                 job.stream = stream
                 cancelled = job.cancelled
@@ -186,7 +214,7 @@ class Scheduler:
                     if job.streaming:
                         job.push("chunk", chunk)
         except Exception as exc:
-            if not isinstance(exc, EdgespecError):
+            if not isinstance(exc, (EdgespecError, APIError)):
                 log.error("generation failed", exc_info=exc)
             return "failed", ("error", exc)
         result = stream.result

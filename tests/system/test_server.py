@@ -1112,7 +1112,7 @@ def served(args: list[str], env: dict[str, str]) -> Iterator[tuple[str, list[str
     reader.start()
     try:
         ready = lines.get(timeout=60)
-        found = re.fullmatch(r"serving target on (http://127\.0\.0\.1:\d+)/v1 \(.*\)\n", ready)
+        found = re.fullmatch(r"serving .+ on (http://127\.0\.0\.1:\d+)/v1 \(.*\)\n", ready)
         assert found, ready
         yield found.group(1), stderr
     finally:
