@@ -36,6 +36,10 @@ class RuntimeSettings:
             the loaded model by `invariance.probe`), so speculative output is identical to
             target-only output under the same kernels.
         verbose: let the backend's own log lines through to stderr.
+        n_seq: sequences the context holds (llama.cpp only), each with `n_ctx` cells of its own
+            in a KV stream of its own (llama.cpp's `kv_unified` off), so what one sequence holds
+            cannot change the attention path of another's rows. Sequence 0 is the one `eval`
+            and `truncate` use; `eval_many` and `truncate_seq` reach every sequence.
     """
 
     n_ctx: int = N_CTX
@@ -46,6 +50,7 @@ class RuntimeSettings:
     flash_attn: Literal["auto", "on", "off"] = "off"
     kernels: Literal["exact", "fast"] = "fast"
     verbose: bool = False
+    n_seq: int = 1
 
 
 @dataclass(frozen=True)

@@ -232,6 +232,8 @@ class LlamaCppRuntime(RuntimeBase):
             raise SettingsError(f"context size must be at least 8 tokens, got {self.settings.n_ctx}")
         if self.settings.n_batch < 1:
             raise SettingsError(f"batch size must be at least 1, got {self.settings.n_batch}")
+        if self.settings.n_seq < 1:
+            raise SettingsError(f"a context holds at least 1 sequence, got {self.settings.n_seq}")
         # Exact kernels run flash attention whatever `flash_attn` says: it is part of the
         # configuration the invariance probe verified.
         exact = self.settings.kernels == "exact"
@@ -264,10 +266,13 @@ class LlamaCppRuntime(RuntimeBase):
         threads = self.settings.n_threads or default_threads()
         threads_batch = self.settings.n_threads_batch or threads
         cparams = _ll.llama_context_default_params()
-        cparams.n_ctx = self.settings.n_ctx
+        n_seq = self.settings.n_seq
+        cparams.n_ctx = self.settings.n_ctx * n_seq  # split evenly among the sequences' streams
         cparams.n_batch = self.settings.n_batch
         cparams.n_ubatch = self.settings.n_batch
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = n_seq
+        if n_seq > 1:
+            cparams.kv_unified = False
         cparams.n_threads = threads
         cparams.n_threads_batch = threads_batch
         #: the invariance probe's result (exact kernels only)
@@ -295,7 +300,7 @@ class LlamaCppRuntime(RuntimeBase):
             raise ModelLoadError(f"llama.cpp could not create a context for {self.path}: {log.reason()}")
         self._mem = _ll.llama_get_memory(self._ctx)
         # llama.cpp may round the context up (to 256 cells); the limit is what the user asked for.
-        self._n_ctx = min(self.settings.n_ctx, int(_ll.llama_n_ctx(self._ctx)))
+        self._n_ctx = min(self.settings.n_ctx, int(_ll.llama_n_ctx_seq(self._ctx)))
         self._vocab_p = _ll.llama_model_get_vocab(self._model)
         self.vocab = vocab_info(self._vocab_p)
         # A VocabTrim drafter's map back to its target's ids (None for an ordinary model). The
@@ -312,8 +317,9 @@ class LlamaCppRuntime(RuntimeBase):
         for i in range(self._n_batch):
             self._batch.n_seq_id[i] = 1
             self._batch.seq_id[i][0] = 0
-        self._n_past = 0
-        self._held: list[int] = []  # the token ids in the cache, in position order
+        self._held: list[int] = []  # sequence 0's token ids in the cache, in position order
+        # Every sequence's tokens; sequence 0's list is `_held`.
+        self._seqs: list[list[int]] = [self._held] + [[] for _ in range(n_seq - 1)]
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
 
@@ -392,21 +398,21 @@ class LlamaCppRuntime(RuntimeBase):
 
     @property
     def n_past(self) -> int:
-        return self._n_past
+        return len(self._held)
 
     @property
     def tokens(self) -> Sequence[int]:
         """The token ids in the KV cache, positions 0 … n_past-1 (a read-only view)."""
         return tuple(self._held)
 
-    def eval(self, tokens: Sequence[int], logits: LogitRows = "last") -> np.ndarray:
+    def eval(self, tokens: Sequence[int], logits: LogitRows = "last", seq: int = 0) -> np.ndarray:
+        """As `Runtime.eval`, for sequence `seq` (see `RuntimeSettings.n_seq`)."""
         n = len(tokens)
         if n == 0:
             raise ValueError("eval needs at least one token")
-        if self._n_past + n > self._n_ctx:
-            raise PromptTooLongError(
-                f"{self._n_past + n} tokens do not fit the context of {self._n_ctx} tokens"
-            )
+        held = len(self._seqs[self._seq_index(seq)])
+        if held + n > self._n_ctx:
+            raise PromptTooLongError(f"{held + n} tokens do not fit the context of {self._n_ctx} tokens")
         n_vocab = self.vocab.n_vocab
         for token in tokens:
             if not 0 <= token < n_vocab:
@@ -417,11 +423,11 @@ class LlamaCppRuntime(RuntimeBase):
             out = np.empty((n, n_vocab), dtype=np.float32)
             for start in range(0, n, self._max_rows):
                 piece = tokens[start : start + self._max_rows]
-                out[start : start + len(piece)] = self._decode(piece, "all")
+                out[start : start + len(piece)] = self._decode(piece, "all", seq)
             return out
-        return self._decode(tokens, logits)
+        return self._decode(tokens, logits, seq)
 
-    def _decode(self, tokens: Sequence[int], logits: LogitRows) -> np.ndarray:
+    def _decode(self, tokens: Sequence[int], logits: LogitRows, seq: int) -> np.ndarray:
         n = len(tokens)
         n_vocab = self.vocab.n_vocab
         batch = self._batch
@@ -432,10 +438,12 @@ class LlamaCppRuntime(RuntimeBase):
         while start < n:
             count = min(self._n_batch, n - start)
             last_chunk = start + count == n
-            pos = self._n_past
+            held = self._seqs[seq]
+            pos = len(held)
             for i in range(count):
                 batch.token[i] = tokens[start + i]
                 batch.pos[i] = pos + i
+                batch.seq_id[i][0] = seq
                 batch.logits[i] = logits == "all" and last_chunk
             if last_chunk and logits == "last":
                 batch.logits[count - 1] = True
@@ -446,12 +454,11 @@ class LlamaCppRuntime(RuntimeBase):
                     # llama_decode leaves the cache as it was for status 1 / -1; drop partial
                     # ubatches for the fatal codes so that n_past stays true.
                     raise RuntimeFailure(f"llama_decode failed with status {status}: {_backend().reason()}")
-                self._n_past += count
-                self._held.extend(tokens[start : start + count])
+                held.extend(tokens[start : start + count])
             except BaseException:
                 # Also a Ctrl-C that lands between the decode and the bookkeeping: forget the cells
                 # this chunk added, so that the cache, n_past and the token record agree.
-                self._forget_from(min(self._n_past, len(self._held)))
+                self._forget_seq_from(seq, pos)
                 raise
             start += count
         if logits == "none":
@@ -464,20 +471,116 @@ class LlamaCppRuntime(RuntimeBase):
         # Rows flagged in one batch are stored contiguously, in batch order.
         return np.ctypeslib.as_array(ptr, shape=(rows, n_vocab))
 
-    def _forget_from(self, n: int) -> None:
-        _ll.llama_memory_seq_rm(self._mem, 0, n, -1)
-        self._n_past = n
-        del self._held[n:]
+    # ----------------------------------------------------------------------- several sequences
 
-    def truncate(self, n: int) -> None:
+    @property
+    def n_seq(self) -> int:
+        return len(self._seqs)
+
+    def seq_tokens(self, seq: int) -> Sequence[int]:
+        """The token ids sequence `seq` holds, in position order (a read-only view)."""
+        return tuple(self._seqs[self._seq_index(seq)])
+
+    @property
+    def batch_rows(self) -> int:
+        """The most rows one pass may hold with every row computed as in a pass of its own: the
+        invariance probe's max_rows under exact kernels, else the batch size."""
+        return self._max_rows
+
+    def eval_many(
+        self, parts: Sequence[tuple[int, Sequence[int]]], logits: LogitRows | Sequence[LogitRows] = "all"
+    ) -> list[np.ndarray]:
+        """Evaluate several sequences' new tokens in one `llama_decode`: each part is (sequence,
+        tokens), appended at that sequence's end. Returns each part's logits rows ("all" or its
+        "last"; one mode for every part, or one per part), copied. All the parts together must fit
+        one batch (`n_batch` tokens), and a sequence appears at most once. On failure no sequence
+        keeps any of the new tokens.
+
+        Whether a row comes out bit for bit as it would alone depends on the kernels and on the
+        batch's shape: `benchmarks/batch_cost.py` measures it; nothing here promises it.
+        """
+        if not parts:
+            return []
+        modes = [logits] * len(parts) if isinstance(logits, str) else list(logits)
+        if len(modes) != len(parts) or not set(modes) <= {"all", "last"}:
+            raise ValueError("eval_many returns logits: ask for 'all' or 'last', for every part")
+        seqs = [self._seq_index(seq) for seq, _ in parts]
+        if len(set(seqs)) != len(seqs):
+            raise ValueError("a sequence appears twice in one eval_many")
+        total = sum(len(tokens) for _, tokens in parts)
+        if not all(len(tokens) for _, tokens in parts):
+            raise ValueError("every part of eval_many needs at least one token")
+        if total > self._n_batch:
+            raise ValueError(f"{total} tokens do not fit one batch of {self._n_batch}")
+        n_vocab = self.vocab.n_vocab
+        for seq, (_, tokens) in zip(seqs, parts, strict=True):
+            held = len(self._seqs[seq])
+            if held + len(tokens) > self._n_ctx:
+                raise PromptTooLongError(
+                    f"sequence {seq}: {held + len(tokens)} tokens do not fit its context of {self._n_ctx}"
+                )
+            if not all(0 <= t < n_vocab for t in tokens):
+                raise ValueError(f"sequence {seq}: a token id is outside the vocabulary of {n_vocab} tokens")
+        batch = self._batch
+        if batch is None:
+            raise RuntimeFailure(f"{self.path.name} is closed")
+        i = 0
+        counts = []
+        first_row = -1
+        for seq, (_, tokens), mode in zip(seqs, parts, modes, strict=True):
+            pos = len(self._seqs[seq])
+            for j, token in enumerate(tokens):
+                batch.token[i] = token
+                batch.pos[i] = pos + j
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = mode == "all" or j == len(tokens) - 1
+                if batch.logits[i] and first_row < 0:
+                    first_row = i
+                i += 1
+            counts.append(len(tokens) if mode == "all" else 1)
+        batch.n_tokens = total
+        before = [len(self._seqs[seq]) for seq in seqs]
+        try:
+            status = _ll.llama_decode(self._ctx, batch)
+            if status != 0:
+                raise RuntimeFailure(f"llama_decode failed with status {status}: {_backend().reason()}")
+            for seq, (_, tokens) in zip(seqs, parts, strict=True):
+                self._seqs[seq].extend(tokens)
+        except BaseException:
+            for seq, n in zip(seqs, before, strict=True):
+                self._forget_seq_from(seq, n)
+            raise
+        rows = sum(counts)
+        first = _ll.llama_get_logits_ith(self._ctx, first_row)
+        if not first:
+            raise RuntimeFailure("llama.cpp returned no logits for the requested rows")
+        out = np.ctypeslib.as_array(first, shape=(rows, n_vocab))  # flagged rows, in batch order
+        split = np.cumsum(counts)[:-1]
+        return [part.copy() for part in np.split(out, split)]
+
+    def truncate_seq(self, seq: int, n: int) -> None:
+        """Keep the first `n` tokens of sequence `seq`; the other sequences are untouched."""
+        index = self._seq_index(seq)
         if n < 0:
             raise ValueError("cannot truncate to a negative length")
-        if n >= self._n_past:
+        if n >= len(self._seqs[index]):
             return
-        if not _ll.llama_memory_seq_rm(self._mem, 0, n, -1):
-            raise RuntimeFailure(f"llama.cpp could not roll the KV cache back to {n} tokens")
-        self._n_past = n
-        del self._held[n:]
+        if not _ll.llama_memory_seq_rm(self._mem, index, n, -1):
+            raise RuntimeFailure(f"llama.cpp could not roll sequence {index} back to {n} tokens")
+        del self._seqs[index][n:]
+
+    def _seq_index(self, seq: int) -> int:
+        if not 0 <= seq < len(self._seqs):
+            raise ValueError(f"no sequence {seq}: this context holds {len(self._seqs)}")
+        return seq
+
+    def _forget_seq_from(self, seq: int, n: int) -> None:
+        _ll.llama_memory_seq_rm(self._mem, seq, n, -1)
+        del self._seqs[seq][n:]
+
+    def truncate(self, n: int, seq: int = 0) -> None:
+        """As `Runtime.truncate`, for sequence `seq`."""
+        self.truncate_seq(seq, n)
 
     def close(self) -> None:
         if self._batch is not None:
