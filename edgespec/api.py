@@ -30,7 +30,7 @@ from edgespec.chat import chat_tokens, prompt_tokens
 from edgespec.constrain import Grammar, grammar_from_options
 from edgespec.defaults import DRAFT_MAX, N_CTX
 from edgespec.engine import FinishReason, Generation, GenerationSettings, Stats, TokenLogprob
-from edgespec.errors import EdgespecError, PromptError, SettingsError, encode_utf8
+from edgespec.errors import EdgespecError, EngineBusy, PromptError, SettingsError, encode_utf8
 from edgespec.sampling import LogitsProcessor, SamplingSettings
 from edgespec.tools import ToolCall, ToolPlan, plan_tools, read_tool_choice, read_tools, template_messages
 
@@ -53,10 +53,6 @@ __all__ = [
 ]
 
 ROLES = ("system", "user", "assistant", "tool")
-
-
-class EngineBusy(EdgespecError):
-    """The engine was still generating for someone else when the wait timed out."""
 
 
 class GenerateOptions(TypedDict, total=False):

@@ -62,6 +62,10 @@ class SettingsError(EdgespecError):
     """A generation or runtime setting is out of range."""
 
 
+class EngineBusy(EdgespecError):
+    """The engine was still generating for someone else when the wait timed out."""
+
+
 class RuntimeFailure(EdgespecError):
     """A backend call failed while generating (e.g. llama_decode returned an error)."""
 

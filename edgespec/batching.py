@@ -1,0 +1,299 @@
+"""Several generations on one model context at once: continuous batching (issue 20).
+
+A `SeqView` is one sequence of a shared llama.cpp context (`RuntimeSettings.n_seq`) behind the
+`Runtime` interface a `SpeculativeEngine` drives. Each generation therefore runs its own loop in
+its own thread, unchanged: its drafter, its controller, its sampling settings and its own seeded
+random stream. Only its evaluations meet: they go through the context's `Batcher`, which gathers
+the calls of the sequences generating at the moment into one `llama_decode` (`eval_many`): each
+sequence's newest token plus its drafts, a different number per sequence. Sequences join and
+leave between passes; a sequence's cache is rolled back on its own (`truncate_seq`).
+
+Answers do not depend on who else is served, under the exact guarantee:
+- A call with more rows than `cap` (a prompt, or a long verification under exact kernels) runs in
+  a pass of its own, exactly as `LlamaCppRuntime.eval` runs it for a lone sequence (the same
+  pieces), so it computes the rows and writes the keys and values that serving it alone would.
+- Smaller calls share passes of at most `cap` rows. Under exact kernels `cap` is the invariance
+  probe's max_rows, so every row of a shared pass is computed as in a pass of its own
+  (`tests/model/test_batching.py` compares whole generations with serving each alone;
+  `benchmarks/batch_cost.py` measures the real target). Under llama.cpp's own kernels `cap` is
+  the batch size, and rows depend on the batch's shape, as they already do between the steps of
+  one sequence: the distribution guarantee holds, each request keeps its own random stream, but a
+  near-tie may break otherwise beside other requests.
+
+Gathering: the caller that finds no pass running leads the next one. It waits up to `window`
+seconds for the sequences of the previous pass to send their next calls (each does its sampling
+and drafting in between), then runs what is waiting, first come first served. A sequence that
+misses the window joins the pass after.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgespec.drafting import common_prefix
+from edgespec.engine import SpeculativeEngine
+from edgespec.errors import EngineBusy
+
+if TYPE_CHECKING:
+    from edgespec.drafting import Drafter
+    from edgespec.runtimes.base import LogitRows
+    from edgespec.runtimes.llama_cpp import LlamaCppRuntime
+
+__all__ = ["Batcher", "SeqView", "Slots"]
+
+WINDOW = 0.02
+"""Seconds a pass waits for the sequences of the previous one (their sampling and drafting, one
+thread at a time under the GIL, take about a millisecond each)."""
+
+
+@dataclass(eq=False)
+class _Call:
+    seq: int
+    tokens: list[int]
+    logits: LogitRows
+    alone: bool
+    result: np.ndarray | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass
+class BatchStats:
+    """What the batcher did: passes run, calls and rows they held, and the largest pass."""
+
+    passes: int = 0
+    calls: int = 0
+    rows: int = 0
+    widest: int = 0  # most sequences in one pass
+    shared: int = 0  # passes that held more than one sequence
+    history: list[int] = field(default_factory=list)  # sequences per pass, the latest 1,000
+
+
+class Batcher:
+    """Gathers the evaluations of a context's sequences into shared passes (see the module).
+
+    Args:
+        runtime: a llama.cpp runtime holding several sequences.
+        cap: most rows in one shared pass (None: `runtime.batch_rows`).
+        window: seconds the leader of a pass waits for the sequences of the previous pass.
+    """
+
+    def __init__(self, runtime: LlamaCppRuntime, cap: int | None = None, window: float = WINDOW) -> None:
+        self.runtime = runtime
+        self.cap = cap if cap is not None else runtime.batch_rows
+        if self.cap < 1:
+            raise ValueError(f"a pass holds at least 1 row, got {self.cap}")
+        self.window = window
+        self.stats = BatchStats()
+        self._cond = threading.Condition()
+        self._pending: deque[_Call] = deque()
+        self._running = False  # a pass is being gathered or run (its leader is at work)
+        self._native = threading.Lock()  # one native call on the context at a time
+        self._last: set[int] = set()
+
+    def eval(self, seq: int, tokens: Sequence[int], logits: LogitRows) -> np.ndarray:
+        """Sequence `seq`'s `Runtime.eval`: returns once a pass has evaluated its tokens (the
+        rows are the caller's own copy)."""
+        call = _Call(seq, list(tokens), logits, alone=len(tokens) > self.cap or logits == "none")
+        with self._cond:
+            self._pending.append(call)
+            self._cond.notify_all()
+            while not call.done:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                try:
+                    taken = self._gather()
+                    self._cond.release()
+                    try:
+                        self._run(taken)
+                    finally:
+                        self._cond.acquire()
+                finally:
+                    self._running = False
+                    self._cond.notify_all()
+        if call.error is not None:
+            raise call.error
+        assert call.result is not None
+        return call.result
+
+    def truncate(self, seq: int, n: int) -> None:
+        """Sequence `seq`'s `Runtime.truncate`, between native calls (a pass being gathered waits
+        for it: the sequence's next call comes right after)."""
+        with self._native:
+            self.runtime.truncate_seq(seq, n)
+
+    def leave(self, seq: int) -> None:
+        """Sequence `seq` stops generating: the next pass does not wait for it."""
+        with self._cond:
+            self._last.discard(seq)
+            self._cond.notify_all()
+
+    def _gather(self) -> list[_Call]:
+        """Under the lock: wait for the previous pass's sequences (up to `window`), then take the
+        calls of the next pass, first come first served."""
+        head = self._pending[0]
+        if not head.alone:
+            deadline = time.monotonic() + self.window
+            while not self._last <= {c.seq for c in self._pending if not c.alone}:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            head = self._pending[0]
+        if head.alone:
+            self._pending.popleft()
+            return [head]
+        taken, rows = [], 0
+        for call in list(self._pending):
+            if not call.alone and rows + len(call.tokens) <= self.cap:
+                taken.append(call)
+                rows += len(call.tokens)
+                self._pending.remove(call)
+        return taken
+
+    def _run(self, taken: list[_Call]) -> None:
+        """Outside the lock: one pass, its results handed to its calls."""
+        try:
+            self._native.acquire()
+            if taken[0].alone:
+                call = taken[0]
+                rows = self.runtime.eval(call.tokens, call.logits, seq=call.seq)
+                results = [np.array(rows, copy=True)]
+            else:
+                parts = [(c.seq, c.tokens) for c in taken]
+                results = self.runtime.eval_many(parts, [c.logits for c in taken])
+            for call, rows in zip(taken, results, strict=True):
+                call.result = rows
+        except BaseException as exc:
+            for call in taken:
+                call.error = exc
+        finally:
+            self._native.release()
+        stats = self.stats
+        stats.passes += 1
+        stats.calls += len(taken)
+        stats.rows += sum(len(c.tokens) for c in taken)
+        stats.widest = max(stats.widest, len(taken))
+        stats.shared += len(taken) > 1
+        stats.history = [*stats.history[-999:], len(taken)]
+        with self._cond:
+            self._last = {c.seq for c in taken}
+            for call in taken:
+                call.done = True
+
+
+class SeqView:
+    """Sequence `seq` of a batched context, as the `Runtime` a `SpeculativeEngine` drives."""
+
+    def __init__(self, batcher: Batcher, seq: int) -> None:
+        self.batcher = batcher
+        self.seq = seq
+        self._runtime = batcher.runtime
+
+    def eval(self, tokens: Sequence[int], logits: LogitRows = "last") -> np.ndarray:
+        if not tokens:
+            raise ValueError("eval needs at least one token")
+        return self.batcher.eval(self.seq, tokens, logits)
+
+    def truncate(self, n: int) -> None:
+        self.batcher.truncate(self.seq, n)
+
+    @property
+    def tokens(self) -> Sequence[int]:
+        return self._runtime.seq_tokens(self.seq)
+
+    @property
+    def n_past(self) -> int:
+        return len(self._runtime.seq_tokens(self.seq))
+
+    @property
+    def n_ctx(self) -> int:
+        return self._runtime.n_ctx
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (vocabulary, metadata, guarantee, ...) is the shared model's.
+        if name in ("eval_many", "truncate_seq", "close"):
+            raise AttributeError(f"a sequence view has no {name}")
+        return getattr(self._runtime, name)
+
+
+class Slots:
+    """The sequences of a batched target context (and of a batched draft context), each lent as a
+    `SpeculativeEngine` to one generation at a time.
+
+    Args:
+        target: the target's batcher.
+        make_drafter: the drafter of slot i, given its view of the draft context (None without
+            one), e.g. `lambda view: NgramDrafter()`.
+        draft: the draft model's batcher, or None.
+    """
+
+    def __init__(
+        self,
+        target: Batcher,
+        make_drafter: Callable[[SeqView | None], Drafter | None],
+        draft: Batcher | None = None,
+    ) -> None:
+        n = target.runtime.n_seq
+        if draft is not None and draft.runtime.n_seq != n:
+            raise ValueError("the draft context must hold as many sequences as the target's")
+        self.target, self.draft = target, draft
+        self.engines = [
+            SpeculativeEngine(
+                SeqView(target, i), make_drafter(None if draft is None else SeqView(draft, i))
+            )
+            for i in range(n)
+        ]
+        self._free = set(range(n))
+        self._queue: deque[object] = deque()
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self.engines)
+
+    @property
+    def busy(self) -> int:
+        with self._cond:
+            return len(self.engines) - len(self._free)
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def acquire(self, prompt: Sequence[int], timeout: float | None = None) -> int:
+        """A free slot for a generation of `prompt`: the one whose cache shares the longest prefix
+        with it (a chat's next turn finds its previous turn). Callers are served in the order they
+        came; raises EngineBusy after `timeout` seconds."""
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            try:
+                if not self._cond.wait_for(lambda: self._free and self._queue[0] is ticket, timeout):
+                    raise EngineBusy(f"every slot is busy (waited {timeout:g} s)")
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+            best = max(
+                sorted(self._free),
+                key=lambda i: common_prefix(self.engines[i].target.tokens or (), prompt),
+            )
+            self._free.remove(best)
+            return best
+
+    def release(self, slot: int) -> None:
+        self.target.leave(slot)
+        if self.draft is not None:
+            self.draft.leave(slot)
+        with self._cond:
+            self._free.add(slot)
+            self._cond.notify_all()

@@ -1,0 +1,148 @@
+"""Continuous batching (`edgespec.batching`) on the tiny models: several generations at once on
+one target context and one draft context, each answer compared with the same generation served
+alone (a context of its own, nothing beside it), under exact kernels.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import pytest
+
+from edgespec.batching import Batcher, SeqView, Slots
+from edgespec.drafting import ModelDrafter, NgramDrafter
+from edgespec.engine import GenerationSettings, SpeculativeEngine
+from edgespec.errors import EngineBusy
+from edgespec.runtimes.llama_cpp import LlamaCppRuntime
+from edgespec.sampling import SamplingSettings
+
+from ..conftest import TINY_SETTINGS
+
+N = 4
+TEXTS = [
+    "the cat sat on the",
+    "once upon a time there was a",
+    "a b c a b c a b",
+    "hello world, the",
+    "def main(): return main",
+    "one two three four one two",
+]
+
+
+def requests() -> list[tuple[str, str, GenerationSettings]]:
+    """(prompt, drafter kind, settings): model drafts with different k, n-grams, none; greedy and
+    seeded sampling."""
+    greedy = GenerationSettings(max_tokens=40)
+    sampled = replace(greedy, sampling=SamplingSettings(temperature=0.8, top_k=40))
+    return [
+        (TEXTS[0], "model", replace(greedy, draft_max=4)),
+        (TEXTS[1], "ngram", replace(greedy, draft_max=5)),
+        (TEXTS[2], "model", replace(sampled, draft_max=2, seed=7)),
+        (TEXTS[3], "none", replace(greedy, draft_max=0)),
+        (TEXTS[4], "model", replace(sampled, draft_max=3, seed=11)),
+        (TEXTS[5], "ngram", replace(greedy, draft_max=3)),
+    ]
+
+
+def drafter(kind: str, view, n_vocab: int):
+    if kind == "model":
+        return ModelDrafter(view, max_id=n_vocab)
+    return NgramDrafter() if kind == "ngram" else None
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_pair) -> list[list[int]]:
+    """Each request's tokens, served alone."""
+    out = []
+    with (
+        LlamaCppRuntime(tiny_pair[0], TINY_SETTINGS) as target,
+        LlamaCppRuntime(tiny_pair[1], TINY_SETTINGS) as draft,
+    ):
+        for text, kind, settings in requests():
+            target.truncate(0)
+            draft.truncate(0)
+            prompt = target.tokenize(text, add_special=True, parse_special=False)
+            engine = SpeculativeEngine(target, drafter(kind, draft, target.vocab.n_vocab))
+            out.append(engine.generate(prompt, settings).run().tokens)
+    return out
+
+
+@pytest.fixture()
+def contexts(tiny_pair):
+    settings = replace(TINY_SETTINGS, n_seq=N)
+    with LlamaCppRuntime(tiny_pair[0], settings) as target, LlamaCppRuntime(tiny_pair[1], settings) as draft:
+        yield target, draft
+
+
+def serve_together(target, draft, cap: int | None = None):
+    """Every request at once, each in its own thread on a slot of its own kind of drafter."""
+    target_batcher, draft_batcher = Batcher(target, cap=cap), Batcher(draft, cap=cap)
+    views = [(SeqView(target_batcher, i), SeqView(draft_batcher, i)) for i in range(N)]
+    results: dict[int, list[int]] = {}
+    free = list(range(N))
+    lock = threading.Condition()
+    start = threading.Barrier(len(requests()))
+
+    def serve(index: int, text: str, kind: str, settings: GenerationSettings) -> None:
+        start.wait()
+        with lock:
+            lock.wait_for(lambda: free)
+            slot = free.pop(0)
+        target_view, draft_view = views[slot]
+        target_view.truncate(0)
+        draft_view.truncate(0)
+        prompt = target.tokenize(text, add_special=True, parse_special=False)
+        engine = SpeculativeEngine(target_view, drafter(kind, draft_view, target.vocab.n_vocab))
+        results[index] = engine.generate(prompt, settings).run().tokens
+        target_batcher.leave(slot)
+        draft_batcher.leave(slot)
+        with lock:
+            free.append(slot)
+            lock.notify_all()
+
+    threads = [threading.Thread(target=serve, args=(i, *r)) for i, r in enumerate(requests())]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return [results[i] for i in range(len(threads))], target_batcher, draft_batcher
+
+
+def test_each_answer_is_the_one_served_alone(contexts, alone):
+    target, draft = contexts
+    assert target.guarantee == "exact" and target.batch_rows >= 4
+    answers, target_batcher, draft_batcher = serve_together(target, draft)
+    assert answers == alone
+    # The passes were shared: sequences with different numbers of drafts in one llama_decode.
+    assert target_batcher.stats.shared > 10 and target_batcher.stats.widest >= 2
+    assert max(target_batcher.stats.history) <= N
+    assert draft_batcher.stats.passes > 0  # the drafters drafted through their views
+
+
+def test_a_narrow_cap_splits_passes_and_changes_no_answer(contexts, alone):
+    target, draft = contexts
+    answers, batcher, _ = serve_together(target, draft, cap=2)
+    assert answers == alone
+    assert batcher.cap == 2 and max(batcher.stats.history) <= 2 and batcher.stats.shared > 0
+
+
+def test_slots_lend_the_slot_with_the_longest_cached_prefix(contexts):
+    target, _ = contexts
+    slots = Slots(Batcher(target), lambda view: NgramDrafter())
+    first = target.tokenize("the cat sat on the mat", add_special=True, parse_special=False)
+    other = target.tokenize("once upon a time", add_special=True, parse_special=False)
+    a = slots.acquire(first)
+    slots.engines[a].generate(first, GenerationSettings(max_tokens=3)).run()
+    b = slots.acquire(other)
+    slots.engines[b].generate(other, GenerationSettings(max_tokens=3)).run()
+    slots.release(a)
+    slots.release(b)
+    assert slots.acquire([*first, 5, 6]) == a  # the next turn of the first conversation
+    assert slots.acquire([*other, 7]) == b
+    held = [slots.acquire([9]), slots.acquire([9])]
+    assert sorted({a, b, *held}) == list(range(N)) and slots.busy == N
+    with pytest.raises(EngineBusy, match="every slot is busy"):
+        slots.acquire([9], timeout=0.05)
+    slots.release(held[0])
+    assert slots.acquire([9], timeout=0.05) == held[0]
