@@ -253,7 +253,7 @@ class Stream:
         try:
             self._tokens.close()  # type: ignore[attr-defined]  # a generator: runs its cleanup
         finally:
-            drafter = self._engine.drafter
+            drafter = generation.drafter
             finish: FinishReason = generation.finish_reason or "cancelled"
             content: str | None = generation.text
             calls: list[ToolCall] = []
@@ -307,6 +307,11 @@ class Engine:
         flash_attn: "auto", "on" or "off" (without a profile).
         draft_provider: ONNX Runtime provider for an ONNX drafter.
         verbose: let llama.cpp's log lines through.
+        parallel: generations served at once (continuous batching, `edgespec.batching`): the
+            target's context holds this many sequences, and calls from several threads generate
+            together, sharing each model's passes, instead of waiting their turn. 1 (the default):
+            one at a time, first come first served. Under `kernels="exact"` every answer is the
+            one it gets served alone.
         progress: progress factory for joining a default model on first use (`models.resolve`).
         tune_progress: `tune_progress(total)` → a progress bar while a profile is tuned.
         on_note: told, one line each, what was decided (automatic placement, tuning).
@@ -333,6 +338,7 @@ class Engine:
         draft_provider: str | None = None,
         cache_prompt: bool = True,
         verbose: bool = False,
+        parallel: int = 1,
         progress: Callable[..., Any] | None = None,
         tune_progress: Callable[[int], Any] | None = None,
         on_note: Callable[[str], None] | None = None,
@@ -355,6 +361,7 @@ class Engine:
             flash_attn,
             draft_provider,
             verbose,
+            parallel=parallel,
         )
         self._build(spec, cache_prompt, progress, tune_progress, on_note)
 
@@ -409,6 +416,8 @@ class Engine:
         self.cache_prompt = cache_prompt
         self._lock = _FifoLock()
         self._current: Generation | None = None
+        self._slots = pair.slots  # None: one generation at a time, under `_lock`
+        self._running: dict[Generation, int] = {}  # with slots: each running generation's slot
         self._closed = False
         # Calls that use the model outside the lock (tokenizing, which must not wait for a running
         # generation); close() waits for them to leave before it frees the model.
@@ -462,14 +471,28 @@ class Engine:
         return self._pair.engine.drafter
 
     @property
+    def parallel(self) -> int:
+        """Generations served at once."""
+        return 1 if self._slots is None else len(self._slots)
+
+    @property
+    def running(self) -> int:
+        """Generations running or streams open now."""
+        if self._slots is None:
+            return int(self._lock.owner is not None)
+        return self._slots.busy
+
+    @property
     def busy(self) -> bool:
-        """True while a generation runs or a stream is open."""
-        return self._lock.owner is not None
+        """True while a generation runs or a stream is open (with `parallel`: every slot)."""
+        if self._slots is None:
+            return self._lock.owner is not None
+        return self._slots.busy == len(self._slots)
 
     @property
     def waiting(self) -> int:
         """Calls waiting for the engine."""
-        return self._lock.waiting
+        return self._lock.waiting if self._slots is None else self._slots.waiting
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -611,16 +634,21 @@ class Engine:
         return started if stream else started.run()
 
     def cancel(self) -> bool:
-        """Stop the running generation before its next step (from any thread). Returns whether
-        one was running."""
-        current = self._current
-        if current is None:
-            return False
-        current.cancel()
-        return True
+        """Stop the running generation (with `parallel`: every one) before its next step (from
+        any thread). Returns whether one was running."""
+        running = [self._current] if self._slots is None else list(self._running)
+        for generation in running:
+            if generation is not None:
+                generation.cancel()
+        return any(g is not None for g in running)
 
     def reset(self) -> None:
         """Forget the cached conversation: the next prompt is evaluated whole."""
+        if self._slots is not None:
+            with self._every_slot():
+                for engine in self._slots.engines:
+                    engine.forget()
+            return
         if not self._acquire(None):
             return
         try:
@@ -628,11 +656,28 @@ class Engine:
         finally:
             self._lock.release()
 
+    @contextlib.contextmanager
+    def _every_slot(self) -> Iterator[None]:
+        """Hold every slot (waiting for the running generations to end)."""
+        assert self._slots is not None
+        held = [self._slots.acquire(()) for _ in range(len(self._slots))]
+        try:
+            yield
+        finally:
+            for slot in held:
+                self._slots.release(slot)
+
     def close(self) -> None:
         """Wait for a running generation (cancelling it) and free the models."""
         if self._closed:
             return
         self.cancel()
+        if self._slots is not None:
+            with self._every_slot(), self._users_left:
+                self._closed = True
+                self._users_left.wait_for(lambda: self._users == 0)
+            self._pair.close()
+            return
         if self._lock.owner == threading.get_ident():
             raise EngineBusy("close the open stream before closing its engine")
         self._lock.acquire(None)
@@ -710,6 +755,8 @@ class Engine:
         timeout: float | None,
         tools: ToolPlan | None = None,
     ) -> Stream:
+        if self._slots is not None:
+            return self._start_in_slot(tokens, settings, timeout, tools)
         self._acquire(timeout)
         try:
             generation = self._pair.engine.generate(tokens, settings)
@@ -719,7 +766,28 @@ class Engine:
         self._current = generation
         return Stream(self, generation, tools)
 
+    def _start_in_slot(
+        self, tokens: list[int], settings: GenerationSettings, timeout: float | None, tools: ToolPlan | None
+    ) -> Stream:
+        assert self._slots is not None
+        self._check_open()
+        slot = self._slots.acquire(tokens, timeout)
+        try:
+            if self._closed:
+                raise EdgespecError("the engine is closed")
+            generation = self._slots.engines[slot].generate(tokens, settings)
+        except BaseException:
+            self._slots.release(slot)
+            raise
+        self._running[generation] = slot
+        return Stream(self, generation, tools)
+
     def _release(self, generation: Generation) -> None:
+        if self._slots is not None:
+            slot = self._running.pop(generation, None)
+            if slot is not None:
+                self._slots.release(slot)
+            return
         if self._current is generation:
             self._current = None
             self._lock.release()

@@ -248,9 +248,7 @@ class Slots:
             raise ValueError("the draft context must hold as many sequences as the target's")
         self.target, self.draft = target, draft
         self.engines = [
-            SpeculativeEngine(
-                SeqView(target, i), make_drafter(None if draft is None else SeqView(draft, i))
-            )
+            SpeculativeEngine(SeqView(target, i), make_drafter(None if draft is None else SeqView(draft, i)))
             for i in range(n)
         ]
         self._free = set(range(n))

@@ -286,6 +286,11 @@ class Generation:
         self._started = True
         return self._run()
 
+    @property
+    def drafter(self) -> Drafter | None:
+        """The drafter this generation drafts with (its engine's)."""
+        return self._engine.drafter
+
     def run(self) -> Generation:
         """Consume the whole generation and return self."""
         for _ in self:

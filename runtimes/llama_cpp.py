@@ -322,6 +322,7 @@ class LlamaCppRuntime(RuntimeBase):
         self._seqs: list[list[int]] = [self._held] + [[] for _ in range(n_seq - 1)]
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._piece_lock = threading.Lock()
 
     def _probe(self, threads: int, threads_batch: int) -> ProbeResult:
         """The row-invariant configuration for this model here (cached), or a SettingsError."""
@@ -360,12 +361,13 @@ class LlamaCppRuntime(RuntimeBase):
     def token_bytes(self, token: int) -> bytes:
         piece = self._pieces.get(token)
         if piece is None:
-            buf = self._piece_buf
-            n = _ll.llama_token_to_piece(self._vocab_p, token, buf, len(buf), 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
+            with self._piece_lock:  # one buffer, and threads generating side by side
+                buf = self._piece_buf
                 n = _ll.llama_token_to_piece(self._vocab_p, token, buf, len(buf), 0, False)
-            piece = buf.raw[:n]
+                if n < 0:
+                    buf = ctypes.create_string_buffer(-n)
+                    n = _ll.llama_token_to_piece(self._vocab_p, token, buf, len(buf), 0, False)
+                piece = buf.raw[:n]
             self._pieces[token] = piece
         return piece
 

@@ -165,6 +165,15 @@ def _opener(start: EngineSpec, start_path: Path, **extra: Any) -> Callable[[Path
     "the request alone, as `edgespec run` gives them.",
 )
 @click.option(
+    "--parallel",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Requests generated at once: continuous batching, one context holding N sequences whose "
+    "steps share the model's passes. Under --kernels exact each answer is the one it gets served "
+    "alone. --max-queue counts the running requests too.",
+)
+@click.option(
     "--models",
     "offered",
     multiple=True,
@@ -186,6 +195,7 @@ def serve(
     max_body_bytes: int,
     client_timeout: float,
     cache_prompt: bool,
+    parallel: int,
     offered: tuple[str, ...],
     **flags: Any,
 ) -> None:
@@ -223,6 +233,13 @@ def serve(
     problem = server.api_key_problem(api_key)  # before the models load: exit 2
     if problem is not None:
         raise click.BadParameter(problem, param_hint="--api-key")
+    if max_queue < parallel:
+        raise click.BadParameter(
+            f"{max_queue} is fewer than the {parallel} requests --parallel runs at once",
+            param_hint="--max-queue",
+        )
+    if offered and parallel > 1:
+        raise click.UsageError("--models and --parallel above 1 cannot be combined yet")
     log_level = "info" if flags["verbose"] else "warning"
     sock = bind(host, port)
     try:
@@ -231,7 +248,7 @@ def serve(
             click.echo(
                 f"warning: {url} is open to other machines without an API key (set --api-key)", err=True
             )
-        spec = engine_spec(click_ctx, flags)
+        spec = dataclasses.replace(engine_spec(click_ctx, flags), parallel=parallel)
         models = offered_models(offered) if offered else []  # before the start model loads
         engine = engine_from(spec, cache_prompt=cache_prompt)
         pool = ModelPool(engine, models, _opener(spec, engine.target_path, cache_prompt=cache_prompt))

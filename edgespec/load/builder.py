@@ -30,6 +30,8 @@ from edgespec.load.pair_check import check_compatible
 from edgespec.runtimes.base import Runtime, RuntimeSettings
 
 if TYPE_CHECKING:
+    from edgespec.batching import Slots
+    from edgespec.drafting import Drafter
     from edgespec.placement.hardware import Hardware
     from edgespec.placement.profiles import Profile
     from edgespec.runtimes.llama_cpp import LlamaCppRuntime
@@ -112,6 +114,9 @@ class LoadedPair:
     engine: SpeculativeEngine
     target_path: Path
     draft: str  # a path, "ngram" or "none"
+    #: with `EngineSpec.parallel` > 1: the sequences of the batched contexts, each an engine of its
+    #: own (`engine` is then only the models' owner, and generates nothing)
+    slots: Slots | None = None
 
     @property
     def draft_name(self) -> str:
@@ -183,6 +188,7 @@ class EngineSpec:
     draft_provider: str | None = None
     verbose: bool = False
     retune: bool = False
+    parallel: int = 1
 
     def resolved(self) -> EngineSpec:
         """With nothing saying how to draft (no draft, profile or draft_max), `--profile auto`:
@@ -224,6 +230,8 @@ def build(
     if on_note is not None:  # several candidate drafters load the same profile: say things once
         on_note = _once(on_note)
     spec = checked_threads(spec.resolved(), _warner(on_note))
+    if isinstance(spec.parallel, bool) or not isinstance(spec.parallel, int) or spec.parallel < 1:
+        raise SettingsError(f"parallel must be a whole number of at least 1, got {spec.parallel!r}")
     if spec.draft_max is not None:
         GenerationSettings(draft_max=spec.draft_max)  # its range, before anything loads
     draft: str | os.PathLike[str] | None = DEFAULT if spec.draft is None else spec.draft
@@ -249,6 +257,7 @@ def build(
                 on_note=on_note,
                 retune=retune,
                 why_draft=why,
+                n_seq=spec.parallel,
             )
 
         why_draft = "the default drafter" if spec.draft is None else "named with --draft"
@@ -258,6 +267,7 @@ def build(
             draft, why_draft, tuned_now = _paired_drafter(spec, overrides, with_profile, progress, on_note)
             retune = retune and not tuned_now
         pair, profile = with_profile(draft, why_draft, retune)
+        pair = with_slots(pair, "auto", profile)
         k = profile.speculation
         draft_max = spec.draft_max
         if draft_max is None:
@@ -270,6 +280,7 @@ def build(
         flash_attn=spec.flash_attn,  # type: ignore[arg-type]  # checked by the CLI and Engine
         kernels=spec.kernels or "fast",  # type: ignore[arg-type]
         verbose=spec.verbose,
+        n_seq=spec.parallel,
     )
     pair = load(
         spec.target,
@@ -281,7 +292,33 @@ def build(
         draft_threads=spec.draft_threads,
         on_note=on_note,
     )
+    pair = with_slots(pair, pair.draft if pair.draft in ("none", "ngram") else "draft", None)
     return Built(pair, None, DRAFT_MAX if spec.draft_max is None else spec.draft_max)
+
+
+def with_slots(pair: LoadedPair, drafter: str, profile: Profile | None) -> LoadedPair:
+    """`pair` with its sequences lent as slots, when its target context holds several
+    (`EngineSpec.parallel`): each slot drafts as the pair does (`make_drafter(drafter, …)`), its
+    model drafter on its own sequence of the shared draft context."""
+    from edgespec.batching import Batcher, Slots
+
+    target_rt = pair.engine.target
+    n_seq = getattr(target_rt, "n_seq", 1)
+    if n_seq == 1:
+        return pair
+    draft_rt = pair.draft_runtime
+    if draft_rt is not None and getattr(draft_rt, "n_seq", 1) != n_seq:
+        pair.close()
+        raise SettingsError("parallel sequences need a GGUF draft model: an ONNX drafter holds one sequence")
+    n_vocab = target_rt.vocab.n_vocab
+
+    def drafter_for(view: Any) -> Drafter | None:
+        model = ModelDrafter(view, max_id=n_vocab) if view is not None else None
+        return make_drafter(drafter, DraftSetup(model, profile))
+
+    draft_batcher = Batcher(draft_rt) if draft_rt is not None else None  # type: ignore[arg-type]
+    slots = Slots(Batcher(target_rt), drafter_for, draft_batcher)  # type: ignore[arg-type]
+    return replace(pair, slots=slots)
 
 
 def checked_threads(spec: EngineSpec, warn: Callable[[str], None]) -> EngineSpec:
@@ -448,10 +485,9 @@ def load(
         warning = no_gpu_warning(hw, settings.gpu_layers, draft_layers)
         if warning:
             _warner(on_note)(warning)
-    draft_need = (
-        memory_need(draft_path, settings.n_ctx, draft_layers, gpu) if draft_path is not None else None
-    )
-    check_memory([memory_need(target_path, settings.n_ctx, settings.gpu_layers, gpu), draft_need])
+    cells = settings.n_ctx * settings.n_seq
+    draft_need = memory_need(draft_path, cells, draft_layers, gpu) if draft_path is not None else None
+    check_memory([memory_need(target_path, cells, settings.gpu_layers, gpu), draft_need])
     with owned(open_gguf(target_path, settings)) as (target_rt, stack):
         model = None
         label = draft_spec
@@ -565,6 +601,7 @@ def load_with_profile(
     on_note: Callable[[str], None] | None = None,
     retune: bool = False,
     why_draft: str = "",
+    n_seq: int = 1,
 ) -> tuple[LoadedPair, Profile]:
     """Load a pair placed and drafted as a profile says.
 
@@ -583,6 +620,7 @@ def load_with_profile(
         retune: measure again even when a tuned profile exists (`edgespec profile tune`); a
             profile that already has costs is re-tuned from its placement.
         why_draft: why this draft model (saved with a new tune, in `costs.choice`).
+        n_seq: sequences each context holds (`RuntimeSettings.n_seq`).
 
     Returns:
         (the loaded pair, the profile it follows, with costs). On a machine without a GPU that
@@ -610,6 +648,8 @@ def load_with_profile(
     profile = placed_profile(spec, hw, target_path, probe_draft, overrides, note, warn)
     o = overrides
     target_settings, draft_settings, draft_layers = placed_settings(profile, o, hw, n_ctx, verbose)
+    target_settings = replace(target_settings, n_seq=n_seq)
+    draft_settings = replace(draft_settings, n_seq=n_seq)
     if not retune and needs_costs(profile):
         # A saved tune may have dropped the model drafter: then the draft model is not loaded.
         wanted = probe_draft if "model" in profile.speculation.drafters else None
@@ -619,8 +659,9 @@ def load_with_profile(
     if unusable:  # layers asked for on the command line
         warn(unusable)
     gpu = hw.best_gpu() is not None
-    draft_need = memory_need(probe_draft, n_ctx, draft_layers, gpu) if wants_model and probe_draft else None
-    check_memory([memory_need(target_path, n_ctx, target_settings.gpu_layers, gpu), draft_need])
+    cells = n_ctx * n_seq
+    draft_need = memory_need(probe_draft, cells, draft_layers, gpu) if wants_model and probe_draft else None
+    check_memory([memory_need(target_path, cells, target_settings.gpu_layers, gpu), draft_need])
     with owned(open_gguf(target_path, target_settings)) as (target_rt, stack):
         draft_rt: Runtime | None = None
         if wants_model and probe_draft is not None:

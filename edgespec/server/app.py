@@ -318,7 +318,7 @@ def create_app(
             requests choose among with their `model` field.
         api_key: when set, /v1 requests need the header `Authorization: Bearer KEY`.
         cors_origins: origins whose web pages may call the API ("*": any); none by default.
-        max_queue: the most requests accepted at once, the running one included; more get 503.
+        max_queue: the most requests accepted at once, the running ones included; more get 503.
         max_body_bytes: the largest request body accepted; larger ones get 413.
         client_timeout: seconds a client may send nothing of its request body (then 408), or read
             nothing of a stream (then it is dropped).
@@ -333,7 +333,7 @@ def create_app(
     if not client_timeout > 0:
         raise SettingsError(f"client_timeout must be above 0 seconds, got {client_timeout}")
     pool = engine if isinstance(engine, ModelPool) else ModelPool(engine)
-    scheduler = Scheduler(pool, max_queue)
+    scheduler = Scheduler(pool, max_queue, workers=pool.parallel)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

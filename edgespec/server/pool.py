@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgespec.errors import EdgespecError
+from edgespec.errors import EdgespecError, SettingsError
 from edgespec.server.queue import APIError
 
 if TYPE_CHECKING:
@@ -61,6 +61,11 @@ class ModelPool:
     ) -> None:
         if offered and opener is None:
             raise ValueError("offering models needs an opener")
+        if offered and engine.parallel > 1:
+            raise SettingsError(
+                "serving several models (--models) and several requests at once (--parallel) "
+                "cannot be combined yet: a switch would close the model under running requests"
+            )
         self.created = int(time.time())
         self._offered = list(offered)
         self._opener = opener
@@ -78,6 +83,11 @@ class ModelPool:
         self.switches = 0
 
     # -- what it offers ----------------------------------------------------------------------------
+
+    @property
+    def parallel(self) -> int:
+        """Requests the engine serves at once (`Engine.parallel`)."""
+        return self._start.parallel
 
     @property
     def several(self) -> bool:

@@ -100,34 +100,45 @@ class Job:
 
 
 class Scheduler:
-    """Runs jobs one at a time, first in first out, from a bounded queue.
+    """Runs jobs first in first out, from a bounded queue: one at a time, or with `workers` > 1
+    (an engine with `parallel` slots) that many at once, in the engine's shared passes.
 
     Args:
         pool: the models jobs run on (`job.model` names one).
-        max_queue: the most jobs accepted at once, the running one included; `submit` refuses more.
+        max_queue: the most jobs accepted at once, the running ones included; `submit` refuses more.
+        workers: jobs run at once (the engine's `parallel`).
     """
 
-    def __init__(self, pool: ModelPool, max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+    def __init__(self, pool: ModelPool, max_queue: int = DEFAULT_MAX_QUEUE, workers: int = 1) -> None:
         if max_queue < 1:
             raise SettingsError(f"max_queue must be at least 1, got {max_queue}")
+        if max_queue < workers:
+            raise SettingsError(
+                f"max_queue ({max_queue}) must be at least the {workers} requests that run at once"
+            )
         self.pool = pool
         self.max_queue = max_queue
-        self.running: Job | None = None
+        self.workers = workers
+        self.running: list[Job] = []
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._work, name="edgespec-serve", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._work, name=f"edgespec-serve-{i}", daemon=True)
+            for i in range(workers)
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, job: Job) -> None:
         """Queue a job, or raise a 503 APIError when the queue is full or the server is stopping."""
         with self._cond:
             if self._closed:
                 raise shutting_down()
-            if len(self._waiting) + (self.running is not None) >= self.max_queue:
+            if len(self._waiting) + len(self.running) >= self.max_queue:
                 self.counts["rejected"] += 1
                 raise APIError(
                     503,
@@ -155,30 +166,33 @@ class Scheduler:
         with self._cond:
             return {
                 "model": self.pool.loaded,
-                "busy": self.running is not None,
+                "busy": bool(self.running),
+                "running": len(self.running),
+                "parallel": self.workers,
                 "queued": len(self._waiting),
                 "max_queue": self.max_queue,
                 **self.counts,
             }
 
     def close(self) -> None:
-        """Refuse new jobs, answer the waiting ones with 503 and cancel the running one."""
+        """Refuse new jobs, answer the waiting ones with 503 and cancel the running ones."""
         with self._cond:
             self._closed = True
             dropped = list(self._waiting)
             self._waiting.clear()
             self.counts["cancelled"] += len(dropped)
-            running = self.running
+            running = list(self.running)
             self._cond.notify_all()
         for job in dropped:
             job.push("error", shutting_down())
-        if running is not None:
-            self.cancel(running)
+        for job in running:
+            self.cancel(job)
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait for the worker thread to stop (after `close`)."""
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        """Wait for the worker threads to stop (after `close`)."""
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout)
 
     def _work(self) -> None:
         while True:
@@ -187,10 +201,10 @@ class Scheduler:
                 if not self._waiting:
                     return
                 job = self._waiting.popleft()
-                self.running = job
+                self.running.append(job)
             outcome, event = self._run(job)
             with self._cond:  # before the answer goes out: its client then sees the engine free
-                self.running = None
+                self.running.remove(job)
                 self.counts[outcome] += 1
             job.push(*event)
 

@@ -1,0 +1,75 @@
+"""`Engine(parallel=N)`: calls from several threads generate together (continuous batching), and
+each answer is the one the same call gets from an engine serving one call at a time."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from edgespec.api import Engine
+from edgespec.errors import EngineBusy, SettingsError
+
+CALLS = [
+    ("the cat sat on the", {}),
+    ("once upon a time there was a", {"temperature": 0.8, "seed": 3}),
+    ("a b c a b c a b", {"draft_max": 2}),
+    ("hello world, the", {"temperature": 0.7, "top_k": 20, "seed": 9, "draft_max": 6}),
+    ("def main(): return main", {"logprobs": 2}),
+    ("one two three four one two", {"draft_max": 0}),
+]
+
+
+def open_engine(tiny_pair, parallel: int, draft: str | None = None) -> Engine:
+    return Engine(
+        tiny_pair[0],
+        draft or tiny_pair[1],
+        n_ctx=256,
+        threads=1,
+        kernels="exact",
+        cache_prompt=False,
+        parallel=parallel,
+    )
+
+
+def answer(engine: Engine, prompt: str, options: dict):
+    result = engine.generate(prompt, raw=True, max_tokens=30, **options)
+    return result.tokens, result.logprobs
+
+
+@pytest.mark.parametrize("draft", [None, "ngram"])
+def test_concurrent_calls_get_the_answers_served_alone(tiny_pair, draft):
+    with open_engine(tiny_pair, 1, draft) as engine:
+        alone = [answer(engine, prompt, options) for prompt, options in CALLS]
+    with open_engine(tiny_pair, 3, draft) as engine:
+        assert engine.parallel == 3 and engine.guarantee == "exact"
+        with ThreadPoolExecutor(len(CALLS)) as pool:
+            answers = list(pool.map(lambda call: answer(engine, *call), CALLS))
+        assert answers == alone
+        assert engine.running == 0 and not engine.busy
+        stats = engine._slots.target.stats  # type: ignore[union-attr]
+        assert stats.shared > 0 and stats.widest >= 2
+
+
+def test_streams_run_side_by_side_and_close_cancels_them(tiny_pair):
+    engine = open_engine(tiny_pair, 2)
+    first = engine.stream("the cat sat", raw=True, max_tokens=200)
+    second = engine.stream("once upon a time", raw=True, max_tokens=200)
+    next(first), next(second)  # both hold a slot at once
+    assert engine.running == 2 and engine.busy
+    with pytest.raises(EngineBusy, match="every slot is busy"):
+        engine.generate("hi", raw=True, max_tokens=2, timeout=0.05)
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    for stream in (first, second):  # cancelled: they end before their next step
+        list(stream)
+        assert stream.result is not None and stream.result.finish_reason == "cancelled"
+    closer.join(10)
+    assert not closer.is_alive() and engine.closed
+
+
+def test_parallel_must_be_a_whole_number_of_at_least_one(tiny_pair):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(SettingsError, match="parallel must be a whole number of at least 1"):
+            open_engine(tiny_pair, bad)  # type: ignore[arg-type]
