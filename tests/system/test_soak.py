@@ -51,9 +51,13 @@ def test_the_plan_mixes_what_the_soak_claims(soak_module):
     assert plan == soak_module.make_plan(200, len(specs), abandon_every=10)  # the same every run
 
 
-def test_soak_40_requests_from_8_clients(soak_module, tiny_pair, tmp_path):
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_soak_40_requests_from_8_clients(soak_module, tiny_pair, tmp_path, parallel):
+    """One request at a time, and 4 at once in shared passes (issue 20): under the exact kernels
+    the tiny pair runs on, every answer is still the one its request gets alone."""
     env = {**os.environ, "EDGESPEC_CACHE_DIR": str(tmp_path)}
-    outcome = soak_module.soak(tiny_model_args(tiny_pair, ctx=1024), requests=40, clients=8, env=env)
+    flags = [*tiny_model_args(tiny_pair, ctx=1024), "--parallel", str(parallel)]
+    outcome = soak_module.soak(flags, requests=40, clients=8, env=env)
     summary = outcome["summary"]
     assert summary["failures"] == [], "\n".join(soak_module.table(summary))
     assert summary["errors_by_status"] == {} and summary["abandoned"] == 4

@@ -1,0 +1,218 @@
+"""Several clients at once: aggregate tokens/s, time to first token and per-token latency of
+`edgespec serve --parallel N` against llama.cpp's own `llama-server --parallel 4` (issue 20).
+
+Servers, each on the default target, 2 threads, started one after another (never two at once):
+- `edgespec-p1`: `edgespec serve` as before issue 20 (one request at a time), `--profile auto`;
+- `edgespec-p4`: `--parallel 4`, `--profile auto` (llama.cpp's kernels: the distribution guarantee);
+- `edgespec-p4-exact`: `--parallel 4 --kernels exact` (`--profile auto`);
+- `llama-server-p4`: llama.cpp's server built from the sources llama-cpp-python 0.3.36 vendors,
+  `--parallel 4`, its defaults otherwise (no speculation), the same threads and context per slot.
+
+For each server and each level of concurrency (1, 2, 4, 8 clients) the same `--requests` chat
+requests (the first turns of Spec-Bench, greedy, `--max-tokens` each, streamed) are sent by that
+many threads at once, each with its own official `openai` client. Measured per level: wall time,
+aggregate completion tokens/s (all tokens over the wall time), time to first token (send to the
+first content chunk) and per-token latency ((last chunk - first chunk) / (tokens - 1)), p50 and
+p95 over the requests.
+
+Exactness: the 1-client level of each server is its "served alone" answer. Under `--kernels exact`
+every answer at 2, 4 and 8 clients must be identical to it; the script exits 1 otherwise. For the
+other servers it reports how many answers differ (llama.cpp's kernels round differently per batch
+shape, so a near-tie may break otherwise beside other requests).
+
+    python benchmarks/concurrency.py --llama-server /tmp/llserver/bin/llama-server \\
+        --out benchmarks/results/concurrency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, machine, spec_bench_prompts, write_json  # noqa: E402
+
+LEVELS = (1, 2, 4, 8)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def server(command: list[str], ready: str, url: str, log: Path) -> Iterator[str]:
+    """Run a server until the block ends; `ready` is a regex its output prints once it listens."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, text=True)
+        try:
+            deadline = time.monotonic() + 900
+            while not re.search(ready, log.read_text()):
+                if proc.poll() is not None:
+                    tail = log.read_text()[-2000:]
+                    raise SystemExit(f"{command[0]} exited with {proc.returncode}:\n{tail}")
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{command[0]} did not start within 15 minutes")
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def ask(url: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=900)
+    start = time.perf_counter()
+    first = last = None
+    text, n = "", 0
+    stream = client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.usage is not None:
+            n = chunk.usage.completion_tokens
+        if chunk.choices and chunk.choices[0].delta.content:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            text += chunk.choices[0].delta.content
+    assert first is not None and last is not None, "no content came"
+    return {
+        "text": text,
+        "tokens": n,
+        "ttft": first - start,
+        "per_token": (last - first) / max(n - 1, 1),
+    }
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def run_levels(url: str, prompts: list[str], max_tokens: int) -> list[dict[str, Any]]:
+    out = []
+    for clients in LEVELS:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            answers = list(pool.map(lambda p: ask(url, p, max_tokens), prompts))
+        wall = time.perf_counter() - start
+        tokens = sum(a["tokens"] for a in answers)
+        out.append(
+            {
+                "clients": clients,
+                "wall_s": round(wall, 2),
+                "tokens": tokens,
+                "tokens_per_s": round(tokens / wall, 2),
+                "ttft_p50": round(pct([a["ttft"] for a in answers], 0.5), 3),
+                "ttft_p95": round(pct([a["ttft"] for a in answers], 0.95), 3),
+                "per_token_p50": round(pct([a["per_token"] for a in answers], 0.5), 4),
+                "per_token_p95": round(pct([a["per_token"] for a in answers], 0.95), 4),
+                "texts": [a["text"] for a in answers],
+            }
+        )
+        print(f"  {clients} clients: {tokens / wall:.2f} tokens/s, wall {wall:.1f} s", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ctx", type=int, default=2048, help="context per sequence")
+    parser.add_argument("--llama-server", type=Path, default=None, help="llama-server binary (peer)")
+    parser.add_argument("--only", action="append", default=None, help="run only these servers")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    from edgespec.load import models
+
+    target = models.resolve(models.TARGET)
+    prompts = [p["prompt"] for p in spec_bench_prompts(1, 13)][: args.requests]
+    common = ["--target", str(target), "--threads", str(args.threads), "--ctx", str(args.ctx)]
+    common += ["--no-cache-prompt", "--max-queue", "64"]
+    edgespec = [sys.executable, "-m", "edgespec", "serve", "--host", "127.0.0.1"]
+    configs: dict[str, tuple[list[str], str]] = {
+        "edgespec-p1": ([*edgespec, *common, "--parallel", "1"], r"serving .* on http"),
+        "edgespec-p4": ([*edgespec, *common, "--parallel", "4"], r"serving .* on http"),
+        "edgespec-p4-exact": (
+            [*edgespec, *common, "--parallel", "4", "--kernels", "exact"],
+            r"serving .* on http",
+        ),
+    }
+    if args.llama_server is not None:
+        peer = [str(args.llama_server), "-m", str(target), "--parallel", "4", "-c", str(args.ctx * 4)]
+        peer += ["-t", str(args.threads), "-tb", str(args.threads), "--host", "127.0.0.1", "--no-webui"]
+        configs["llama-server-p4"] = (peer, r"server is listening")
+    results: dict[str, Any] = {}
+    failed = False
+    logs = ROOT / "bench-out"
+    logs.mkdir(exist_ok=True)
+    for name, (command, ready) in configs.items():
+        if args.only and name not in args.only:
+            continue
+        port = free_port()
+        command = [*command, "--port", str(port)]
+        print(name, flush=True)
+        with server(command, ready, f"http://127.0.0.1:{port}", logs / f"concurrency-{name}.log") as url:
+            ask(url, "Hi", 4)  # warm-up, not counted
+            levels = run_levels(url, prompts, args.max_tokens)
+        alone = levels[0]["texts"]
+        for level in levels:
+            level["differ_from_alone"] = sum(t != a for t, a in zip(level.pop("texts"), alone, strict=True))
+        if "exact" in name and any(level["differ_from_alone"] for level in levels):
+            failed = True
+        results[name] = levels
+    print("| server | clients | tokens/s | TTFT p50 / p95 s | per token p50 / p95 ms | differ from alone |")
+    print("|---|---|---|---|---|---|")
+    for name, levels in results.items():
+        for lv in levels:
+            print(
+                f"| {name} | {lv['clients']} | {lv['tokens_per_s']:.2f} | "
+                f"{lv['ttft_p50']:.2f} / {lv['ttft_p95']:.2f} | "
+                f"{lv['per_token_p50'] * 1000:.0f} / {lv['per_token_p95'] * 1000:.0f} | "
+                f"{lv['differ_from_alone']}/{len(prompts)} |"
+            )
+    base = {lv["clients"]: lv["tokens_per_s"] for lv in results.get("edgespec-p1", [])}
+    for name, levels in results.items():
+        gains = [f"{lv['clients']}: {lv['tokens_per_s'] / base[lv['clients']]:.2f}x" for lv in levels if base]
+        if gains:
+            print(f"{name} vs edgespec-p1: {', '.join(gains)}")
+    if args.out is not None:
+        write_json(
+            args.out,
+            {
+                "machine": machine(),
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "results": results,
+            },
+        )
+    if failed:
+        raise SystemExit("an answer under --kernels exact differed from the one served alone")
+
+
+if __name__ == "__main__":
+    main()
