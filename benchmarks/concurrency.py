@@ -22,6 +22,8 @@ shape, so a near-tie may break otherwise beside other requests).
 
     python benchmarks/concurrency.py --llama-server /tmp/llserver/bin/llama-server \\
         --out benchmarks/results/concurrency.json
+    python benchmarks/concurrency.py --short 200 --max-tokens 96 --llama-server ... \\
+        --out benchmarks/results/concurrency-short.json
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, spec_bench_prompts, write_json  # noqa: E402
+from common import BENCH_QUESTIONS, ROOT, machine, spec_bench_prompts, write_json  # noqa: E402
 
 LEVELS = (1, 2, 4, 8)
 
@@ -107,6 +109,22 @@ def ask(url: str, prompt: str, max_tokens: int) -> dict[str, Any]:
     }
 
 
+def short_prompts(chars: int, n: int) -> list[str]:
+    """`n` Spec-Bench first turns of at most `chars` characters, one category after another."""
+    from edgespec.bench.datasets import read_prompts
+
+    by_category: dict[str, list[str]] = {}
+    for p in read_prompts(BENCH_QUESTIONS):
+        if len(p.prompt) <= chars:
+            by_category.setdefault(p.category, []).append(p.prompt)
+    out: list[str] = []
+    while len(out) < n and any(by_category.values()):
+        for texts in by_category.values():
+            if texts and len(out) < n:
+                out.append(texts.pop(0))
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
@@ -137,6 +155,18 @@ def run_levels(url: str, prompts: list[str], max_tokens: int) -> list[dict[str, 
     return out
 
 
+def save(args: argparse.Namespace, prompts: list[str], results: dict[str, Any]) -> None:
+    write_json(
+        args.out,
+        {
+            "machine": machine(),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "prompt_chars": [len(p) for p in prompts],
+            "results": results,
+        },
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=8)
@@ -145,13 +175,24 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=2048, help="context per sequence")
     parser.add_argument("--llama-server", type=Path, default=None, help="llama-server binary (peer)")
     parser.add_argument("--only", action="append", default=None, help="run only these servers")
+    parser.add_argument(
+        "--short",
+        type=int,
+        default=None,
+        metavar="CHARS",
+        help="only prompts of at most CHARS characters, one per category in turn (decoding then "
+        "dominates, not prompt processing)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     from edgespec.load import models
 
     target = models.resolve(models.TARGET)
-    prompts = [p["prompt"] for p in spec_bench_prompts(1, 13)][: args.requests]
+    if args.short is None:
+        prompts = [p["prompt"] for p in spec_bench_prompts(1, 13)][: args.requests]
+    else:
+        prompts = short_prompts(args.short, args.requests)
     common = ["--target", str(target), "--threads", str(args.threads), "--ctx", str(args.ctx)]
     common += ["--no-cache-prompt", "--max-queue", "64"]
     edgespec = [sys.executable, "-m", "edgespec", "serve", "--host", "127.0.0.1"]
@@ -166,7 +207,7 @@ def main() -> None:
     if args.llama_server is not None:
         peer = [str(args.llama_server), "-m", str(target), "--parallel", "4", "-c", str(args.ctx * 4)]
         peer += ["-t", str(args.threads), "-tb", str(args.threads), "--host", "127.0.0.1", "--no-webui"]
-        configs["llama-server-p4"] = (peer, r"server is listening")
+        configs["llama-server-p4"] = (peer, r"listening on http")
     results: dict[str, Any] = {}
     failed = False
     logs = ROOT / "bench-out"
@@ -186,6 +227,8 @@ def main() -> None:
         if "exact" in name and any(level["differ_from_alone"] for level in levels):
             failed = True
         results[name] = levels
+        if args.out is not None:  # after each server, so a later failure keeps what was measured
+            save(args, prompts, results)
     print("| server | clients | tokens/s | TTFT p50 / p95 s | per token p50 / p95 ms | differ from alone |")
     print("|---|---|---|---|---|---|")
     for name, levels in results.items():
@@ -201,15 +244,6 @@ def main() -> None:
         gains = [f"{lv['clients']}: {lv['tokens_per_s'] / base[lv['clients']]:.2f}x" for lv in levels if base]
         if gains:
             print(f"{name} vs edgespec-p1: {', '.join(gains)}")
-    if args.out is not None:
-        write_json(
-            args.out,
-            {
-                "machine": machine(),
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "results": results,
-            },
-        )
     if failed:
         raise SystemExit("an answer under --kernels exact differed from the one served alone")
 

@@ -409,12 +409,13 @@ def main() -> None:
     parser.add_argument("--abandon-every", type=int, default=10, help="0: no stream is left mid-way")
     parser.add_argument("--max-growth", type=float, default=0.10, help="RSS growth allowed (0.10: 10%%)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--parallel", type=int, default=1, help="edgespec serve --parallel")
     parser.add_argument("flags", nargs="*", help="engine flags for edgespec serve (after --)")
     args = parser.parse_args()
 
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:
-        flags = args.flags or tiny_flags(Path(tmp))
+        flags = [*(args.flags or tiny_flags(Path(tmp))), "--parallel", str(args.parallel)]
         outcome = soak(flags, args.requests, args.clients, args.abandon_every, args.max_growth)
     summary = outcome["summary"]
     rows = table(summary)
@@ -427,6 +428,7 @@ def main() -> None:
             {
                 "machine": info,
                 "flags": args.flags or "tiny test pair, --threads 1 --ctx 1024",
+                "parallel": args.parallel,
                 "summary": summary,
                 "table": rows,
                 "results": outcome["results"],
