@@ -7,8 +7,9 @@
         for chunk in engine.chat([{"role": "user", "content": "Hi!"}], stream=True):
             print(chunk.text, end="", flush=True)
 
-An engine runs one generation at a time. Calls from other threads wait their turn, first come
-first served, or give up with `EngineBusy` after `timeout` seconds. `Engine.cancel()` (from any
+An engine runs one generation at a time (with `parallel=N`, N at once in shared passes, see
+`edgespec.batching`). Calls from other threads wait their turn, first come first served, or give up
+with `EngineBusy` after `timeout` seconds. `Engine.cancel()` (from any
 thread) stops the running generation before its next step. The caches are kept between calls, so a
 chat's next turn evaluates only what follows the longest common prefix with the previous one.
 """

@@ -202,7 +202,8 @@ def serve(
     """Serve an OpenAI-compatible HTTP API (chat and completions) on this machine.
 
     Endpoints: /v1/chat/completions, /v1/completions, /v1/models and /health. Requests run one at a
-    time, first come first served; streamed answers are server-sent events, as OpenAI sends them.
+    time (--parallel N: N at once), first come first served; streamed answers are server-sent
+    events, as OpenAI sends them.
     The request's `model` may be anything: the loaded target answers, unless --models offers
     several (then it picks one, and a name that fits none is a 404). Without a temperature,
     decoding is greedy; a max_tokens larger than the context has room for stops when it is full.
@@ -213,6 +214,7 @@ def serve(
       edgespec serve
       edgespec serve --port 8000 --api-key "$(openssl rand -hex 16)" --cors-origin http://localhost:3000
       edgespec serve --models local
+      edgespec serve --parallel 4 --kernels exact
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
           -d '{"model": "any", "messages": [{"role": "user", "content": "Hi!"}], "stream": true}'
 

@@ -28,7 +28,8 @@ Limits that keep one client from hurting the others (arguments of `make_server`,
   400 in plain text, and a one-line warning in the log.
 - uvicorn's `limit_concurrency` is left off: it counts idle and half-sent connections too, so a
   few stalled clients would get everyone else refused. Each connection costs a bounded amount of
-  memory (the limits above), and requests run one at a time from the bounded queue.
+  memory (the limits above), and requests run from the bounded queue, one at a time or
+  `--parallel` at once.
 """
 
 from __future__ import annotations
