@@ -324,7 +324,9 @@ def test_greedy_verification_follows_the_argmax_chain(case):
 
 N_VOCAB = 1000
 ENGINE = Engine.from_pair(
-    SimpleNamespace(engine=SimpleNamespace(target=SimpleNamespace(vocab=SimpleNamespace(n_vocab=N_VOCAB)))),
+    SimpleNamespace(
+        engine=SimpleNamespace(target=SimpleNamespace(vocab=SimpleNamespace(n_vocab=N_VOCAB))), slots=None
+    ),
     draft_max=4,
 )
 FIELDS = sorted(openai_format._FIELDS[True] | openai_format._FIELDS[False])
