@@ -1,7 +1,7 @@
-"""The request queue of `edgespec serve`: generations run one at a time, first in first out, from a
-bounded queue, by one worker thread, on the engine of the model each request names (`pool`); their
-events reach the event loop through `loop.call_soon_threadsafe`. Nothing here knows HTTP beyond
-the status codes of its errors.
+"""The request queue of `edgespec serve`: generations run first in first out, from a bounded
+queue, by one worker thread (or one per slot of an engine with `parallel`), on the engine of the
+model each request names (`pool`); their events reach the event loop through
+`loop.call_soon_threadsafe`. Nothing here knows HTTP beyond the status codes of its errors.
 
 When a client goes away its job is dropped if it is still waiting, or cancelled before the engine's
 next step if it runs, so the engine is free for the next request.
