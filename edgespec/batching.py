@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from edgespec.runtimes.base import LogitRows
     from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
-__all__ = ["Batcher", "SeqView", "Slots"]
+__all__ = ["BatchStats", "Batcher", "Pass", "SeqView", "Slots"]
 
 WINDOW = 0.02
 """Seconds a pass waits for the sequences of the previous one (their sampling and drafting, one
@@ -64,16 +64,39 @@ class _Call:
     done: bool = False
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One native pass: when it started (`time.perf_counter`), how long it took, and the
+    sequences and rows it held."""
+
+    start: float
+    seconds: float
+    seqs: int
+    rows: int
+
+
 @dataclass
 class BatchStats:
-    """What the batcher did: passes run, calls and rows they held, and the largest pass."""
+    """What the batcher did: passes run, calls and rows they held, the largest pass, the time spent
+    in passes, and the latest 1,000 passes (to tell the passes' own cost from the time between
+    them: `benchmarks/batch_steps.py`)."""
 
     passes: int = 0
     calls: int = 0
     rows: int = 0
     widest: int = 0  # most sequences in one pass
     shared: int = 0  # passes that held more than one sequence
-    history: list[int] = field(default_factory=list)  # sequences per pass, the latest 1,000
+    busy: float = 0.0  # seconds inside native passes
+    history: deque[Pass] = field(default_factory=lambda: deque(maxlen=1000))
+
+    def record(self, start: float, seconds: float, seqs: int, rows: int) -> None:
+        self.passes += 1
+        self.calls += seqs
+        self.rows += rows
+        self.widest = max(self.widest, seqs)
+        self.shared += seqs > 1
+        self.busy += seconds
+        self.history.append(Pass(start, seconds, seqs, rows))
 
 
 class Batcher:
@@ -162,6 +185,7 @@ class Batcher:
 
     def _run(self, taken: list[_Call]) -> None:
         """Outside the lock: one pass, its results handed to its calls."""
+        start = time.perf_counter()
         try:
             self._native.acquire()
             if taken[0].alone:
@@ -178,13 +202,7 @@ class Batcher:
                 call.error = exc
         finally:
             self._native.release()
-        stats = self.stats
-        stats.passes += 1
-        stats.calls += len(taken)
-        stats.rows += sum(len(c.tokens) for c in taken)
-        stats.widest = max(stats.widest, len(taken))
-        stats.shared += len(taken) > 1
-        stats.history = [*stats.history[-999:], len(taken)]
+        self.stats.record(start, time.perf_counter() - start, len(taken), sum(len(c.tokens) for c in taken))
         with self._cond:
             self._last = {c.seq for c in taken}
             for call in taken:

@@ -526,10 +526,14 @@ class LlamaCppRuntime(RuntimeBase):
         batch = self._batch
         if batch is None:
             raise RuntimeFailure(f"{self.path.name} is closed")
+        # The batch holds the parts in sequence order: with a KV stream per sequence, llama.cpp
+        # splits a batch whose sequences are out of order into several ubatches (four one-row
+        # parts out of order cost ~1.4 times as much as in order: `benchmarks/batch_steps.py`).
+        order = sorted(range(len(parts)), key=seqs.__getitem__)
         i = 0
         counts = []
         first_row = -1
-        for seq, (_, tokens), mode in zip(seqs, parts, modes, strict=True):
+        for seq, (_, tokens), mode in ((seqs[j], parts[j], modes[j]) for j in order):
             pos = len(self._seqs[seq])
             for j, token in enumerate(tokens):
                 batch.token[i] = token
@@ -558,7 +562,10 @@ class LlamaCppRuntime(RuntimeBase):
             raise RuntimeFailure("llama.cpp returned no logits for the requested rows")
         out = np.ctypeslib.as_array(first, shape=(rows, n_vocab))  # flagged rows, in batch order
         split = np.cumsum(counts)[:-1]
-        return [part.copy() for part in np.split(out, split)]
+        results: list[np.ndarray] = [out[:0]] * len(parts)
+        for j, part in zip(order, np.split(out, split), strict=True):
+            results[j] = part.copy()
+        return results
 
     def truncate_seq(self, seq: int, n: int) -> None:
         """Keep the first `n` tokens of sequence `seq`; the other sequences are untouched."""
