@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import statistics
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,3 +41,14 @@ def geomean(values: list[float]) -> float:
     """The geometric mean of the positive values (NaN when there are none)."""
     values = [v for v in values if v > 0]
     return statistics.geometric_mean(values) if values else float("nan")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server as Ctrl-C does (it shuts down cleanly), killing it after a minute."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

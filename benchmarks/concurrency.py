@@ -1,14 +1,16 @@
 """Several clients at once: aggregate tokens/s, time to first token and per-token latency of
 `edgespec serve --parallel N` against llama.cpp's own `llama-server --parallel 4` (issue 20).
 
-Servers, each on the default target, 2 threads, started one after another (never two at once):
+Servers, each on the default target, 2 threads, all started first; they are then measured in turn,
+level by level (the order rotating from one level to the next), so that the VM's drift between
+minutes falls on every server alike. A server waits idle, its model loaded, while another runs:
 - `edgespec-p1`: `edgespec serve` as before issue 20 (one request at a time), `--profile auto`;
 - `edgespec-p4`: `--parallel 4`, `--profile auto` (llama.cpp's kernels: the distribution guarantee);
 - `edgespec-p4-exact`: `--parallel 4 --kernels exact` (`--profile auto`);
 - `llama-server-p4`: llama.cpp's server built from the sources llama-cpp-python 0.3.36 vendors,
   `--parallel 4`, its defaults otherwise (no speculation), the same threads and context per slot.
 
-For each server and each level of concurrency (1, 2, 4, 8 clients) the same `--requests` chat
+For each level of concurrency (1, 2, 4, 8 clients) and each server, the same `--requests` chat
 requests (the first turns of Spec-Bench, greedy, `--max-tokens` each, streamed) are sent by that
 many threads at once, each with its own official `openai` client. Measured per level: wall time,
 aggregate completion tokens/s (all tokens over the wall time), time to first token (send to the
@@ -30,19 +32,18 @@ from __future__ import annotations
 
 import argparse
 import re
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_QUESTIONS, ROOT, machine, spec_bench_prompts, write_json  # noqa: E402
+from common import BENCH_QUESTIONS, ROOT, machine, spec_bench_prompts, stop, write_json  # noqa: E402
 
 LEVELS = (1, 2, 4, 8)
 
@@ -69,12 +70,7 @@ def server(command: list[str], ready: str, url: str, log: Path) -> Iterator[str]
                 time.sleep(0.5)
             yield url
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 def ask(url: str, prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -130,29 +126,24 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def run_levels(url: str, prompts: list[str], max_tokens: int) -> list[dict[str, Any]]:
-    out = []
-    for clients in LEVELS:
-        start = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            answers = list(pool.map(lambda p: ask(url, p, max_tokens), prompts))
-        wall = time.perf_counter() - start
-        tokens = sum(a["tokens"] for a in answers)
-        out.append(
-            {
-                "clients": clients,
-                "wall_s": round(wall, 2),
-                "tokens": tokens,
-                "tokens_per_s": round(tokens / wall, 2),
-                "ttft_p50": round(pct([a["ttft"] for a in answers], 0.5), 3),
-                "ttft_p95": round(pct([a["ttft"] for a in answers], 0.95), 3),
-                "per_token_p50": round(pct([a["per_token"] for a in answers], 0.5), 4),
-                "per_token_p95": round(pct([a["per_token"] for a in answers], 0.95), 4),
-                "texts": [a["text"] for a in answers],
-            }
-        )
-        print(f"  {clients} clients: {tokens / wall:.2f} tokens/s, wall {wall:.1f} s", flush=True)
-    return out
+def run_level(url: str, prompts: list[str], max_tokens: int, clients: int) -> dict[str, Any]:
+    """Send every prompt, `clients` at a time; the level's figures (and the answers, as "texts")."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        answers = list(pool.map(lambda p: ask(url, p, max_tokens), prompts))
+    wall = time.perf_counter() - start
+    tokens = sum(a["tokens"] for a in answers)
+    return {
+        "clients": clients,
+        "wall_s": round(wall, 2),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / wall, 2),
+        "ttft_p50": round(pct([a["ttft"] for a in answers], 0.5), 3),
+        "ttft_p95": round(pct([a["ttft"] for a in answers], 0.95), 3),
+        "per_token_p50": round(pct([a["per_token"] for a in answers], 0.5), 4),
+        "per_token_p95": round(pct([a["per_token"] for a in answers], 0.95), 4),
+        "texts": [a["text"] for a in answers],
+    }
 
 
 def save(args: argparse.Namespace, prompts: list[str], results: dict[str, Any]) -> None:
@@ -208,27 +199,32 @@ def main() -> None:
         peer = [str(args.llama_server), "-m", str(target), "--parallel", "4", "-c", str(args.ctx * 4)]
         peer += ["-t", str(args.threads), "-tb", str(args.threads), "--host", "127.0.0.1", "--no-webui"]
         configs["llama-server-p4"] = (peer, r"listening on http")
-    results: dict[str, Any] = {}
-    failed = False
+    chosen = {name: config for name, config in configs.items() if not args.only or name in args.only}
+    results: dict[str, Any] = {name: [] for name in chosen}
     logs = ROOT / "bench-out"
     logs.mkdir(exist_ok=True)
-    for name, (command, ready) in configs.items():
-        if args.only and name not in args.only:
-            continue
-        port = free_port()
-        command = [*command, "--port", str(port)]
-        print(name, flush=True)
-        with server(command, ready, f"http://127.0.0.1:{port}", logs / f"concurrency-{name}.log") as url:
-            ask(url, "Hi", 4)  # warm-up, not counted
-            levels = run_levels(url, prompts, args.max_tokens)
+    with ExitStack() as stack:
+        urls = {}
+        for name, (command, ready) in chosen.items():
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            log = logs / f"concurrency-{name}.log"
+            urls[name] = stack.enter_context(server([*command, "--port", str(port)], ready, url, log))
+            ask(urls[name], "Hi", 4)  # warm-up, not counted
+        names = list(chosen)
+        for turn, clients in enumerate(LEVELS):
+            for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                level = run_level(urls[name], prompts, args.max_tokens, clients)
+                results[name].append(level)
+                print(f"{name}, {clients} clients: {level['tokens_per_s']:.2f} tokens/s", flush=True)
+    failed = False
+    for name, levels in results.items():
         alone = levels[0]["texts"]
         for level in levels:
             level["differ_from_alone"] = sum(t != a for t, a in zip(level.pop("texts"), alone, strict=True))
-        if "exact" in name and any(level["differ_from_alone"] for level in levels):
-            failed = True
-        results[name] = levels
-        if args.out is not None:  # after each server, so a later failure keeps what was measured
-            save(args, prompts, results)
+        failed = failed or ("exact" in name and any(level["differ_from_alone"] for level in levels))
+    if args.out is not None:
+        save(args, prompts, results)
     print("| server | clients | tokens/s | TTFT p50 / p95 s | per token p50 / p95 ms | differ from alone |")
     print("|---|---|---|---|---|---|")
     for name, levels in results.items():

@@ -40,7 +40,6 @@ import os
 import queue
 import random
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -54,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, write_json  # noqa: E402
+from common import ROOT, machine, stop, write_json  # noqa: E402
 
 PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number.",
@@ -160,13 +159,7 @@ def serve(flags: list[str], env: dict[str, str] | None = None) -> Iterator[Serve
                 raise SystemExit(f"edgespec serve exited with {proc.returncode}: {''.join(stderr)}")
         yield Server(found.group(1), proc, stderr)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         reader.join(10)
 
 
