@@ -11,6 +11,17 @@ cost of one draft token (0 for n-gram drafts), and k = 0 is an ordinary target s
 1 / T_verify(1)). With a_i the probability that draft token i is accepted given that the tokens
 before it were, E[accepted + 1 | k] = 1 + a_1 + a_1·a_2 + … + a_1·…·a_k.
 
+Beside other sequences (continuous batching, `edgespec.batching`), m others each add one row to
+the pass. llama.cpp splits a pass whose sequences have different row counts into ubatches of
+equal rows per sequence (one KV stream per sequence), so a sequence's k drafts cost a pass of
+their own on top of the shared one: the aggregate goodput the controller then maximises is
+
+    (m + E[accepted + 1 | s, k]) / (T_verify(m + 1) + [k > 0] · T_verify(k) + k · T_draft(s)),
+
+with m + 1 sequences of one row priced as one sequence's m + 1 rows (they cost the same within
+3% on the default target: `benchmarks/batch_cost.py`). Where a row costs almost as much in a
+batch as alone, as on a 2-core CPU, speculation then pays only for near-certain copies.
+
 The a_i are learned online, per source, from every verified draft, with exponential forgetting,
 so the choice follows the text: n-gram drafts while the answer copies the prompt, model drafts
 where they are accepted and cheap enough, plain decoding elsewhere. N-gram acceptance depends
@@ -21,7 +32,7 @@ model drafter's own confidence cuts its drafts short (`ModelDrafter.min_prob`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -128,7 +139,7 @@ def expected_tokens(alphas: Sequence[float] | np.ndarray, k: int) -> float:
 
 
 def best_k(
-    alphas: Sequence[float] | np.ndarray, step_cost: Sequence[float] | np.ndarray
+    alphas: Sequence[float] | np.ndarray, step_cost: Sequence[float] | np.ndarray, others: int = 0
 ) -> tuple[int, float]:
     """(k, goodput) maximising expected tokens per second.
 
@@ -136,9 +147,10 @@ def best_k(
         alphas: conditional acceptance per position (at least len(step_cost) - 1 values).
         step_cost: step_cost[k] = seconds for a step with k draft tokens (drafting + verifying);
             step_cost[0] is a plain target step.
+        others: tokens the same pass gives other sequences (one each), counted in the goodput.
     """
     products = np.cumprod(np.asarray(alphas[: len(step_cost) - 1], dtype=np.float64))
-    tokens = np.concatenate(([1.0], 1.0 + np.cumsum(products)))
+    tokens = np.concatenate(([1.0], 1.0 + np.cumsum(products))) + others
     rates = tokens / np.asarray(step_cost[: len(tokens)], dtype=np.float64)
     k = int(rates.argmax())
     return k, float(rates[k])
@@ -208,6 +220,7 @@ class GoodputController:
             measured.append(measured[-1] + max(slope, 0.0))
         # Timing noise can make a longer pass look cheaper than a shorter one; it never is.
         self.t_verify = np.maximum.accumulate(np.asarray(measured[: k_max + 1]))
+        self._shared: dict[int, np.ndarray] = {}  # _pass_costs per number of other sequences
         self._model_prior = tuple(model_prior)
         # After a first accepted n-gram token the next ones are more likely: halfway to certain.
         self._ngram_prior = tuple((p, (1.0 + p) / 2) for p in ngram_prior)
@@ -222,7 +235,9 @@ class GoodputController:
             Acceptance(self.k_max, prior, decay=self.decay, pooled_from=1) for prior in self._ngram_prior
         ]
 
-    def plan(self, k_cap: int, ngram_available: int = 0, ngram_match: int = 0, model: bool = False) -> Plan:
+    def plan(
+        self, k_cap: int, ngram_available: int = 0, ngram_match: int = 0, model: bool = False, others: int = 0
+    ) -> Plan:
         """The best plan for the next step.
 
         Args:
@@ -230,8 +245,11 @@ class GoodputController:
             ngram_available: tokens the n-gram drafter proposes (0: it found no match).
             ngram_match: the length of the match behind them.
             model: whether a model drafter can be asked.
+            others: sequences sharing the target's pass, one row each (see the module); the
+                goodput is then theirs and this one's together.
         """
-        plain = 1.0 / self.t_verify[0]
+        verify = self._pass_costs(others)
+        plain = (others + 1.0) / verify[0]
         best = Plan(None, 0, plain)
         cap = min(k_cap, self.k_max)
         if cap <= 0:
@@ -239,17 +257,35 @@ class GoodputController:
         if ngram_available > 0:
             bucket = match_bucket(max(ngram_match, 1))
             n = min(cap, ngram_available)
-            k, rate = best_k(self.ngram[bucket].alphas(), self.t_verify[: n + 1])
+            k, rate = best_k(self.ngram[bucket].alphas(), verify[: n + 1], others)
             if k and rate > best.goodput:
                 best = Plan("ngram", k, rate, bucket)
         if model:
-            cost = self.t_verify[: cap + 1] + self.t_draft * np.arange(cap + 1)
-            k, rate = best_k(self.model.alphas(), cost)
+            cost = verify[: cap + 1] + self.t_draft * np.arange(cap + 1)
+            k, rate = best_k(self.model.alphas(), cost, others)
             if k and rate > best.goodput:
                 best = Plan("model", k, rate)
         if best.source is not None and best.goodput < plain * self.margin:
             return Plan(None, 0, plain)
         return best
+
+    def _pass_costs(self, others: int) -> np.ndarray:
+        """cost[k]: the target pass of a step with k drafts, beside `others` one-row sequences."""
+        if others <= 0:
+            return self.t_verify
+        costs = self._shared.get(others)
+        if costs is None:
+            shared = self._t(others + 1)
+            costs = np.array([shared] + [shared + self._t(k) for k in range(1, self.k_max + 1)])
+            self._shared[others] = costs
+        return costs
+
+    def _t(self, n: int) -> float:
+        """T_verify(n), extrapolated linearly past the measured lengths."""
+        t = self.t_verify
+        if n <= len(t):
+            return float(t[n - 1])
+        return float(t[-1] + (n - len(t)) * max(t[-1] - t[-2], 0.0))
 
     def observe(self, plan: Plan, n_proposed: int, n_accepted: int) -> None:
         """Learn from a verified draft made under `plan`."""
@@ -276,6 +312,9 @@ class ControlledDrafter(DrafterBase):
     model: ModelDrafter | None = None
     ngram: NgramDrafter | None = None
     name: str = "auto"
+    #: how many other sequences share the target's passes now (continuous batching: set by
+    #: `batching.Slots`); None: none ever do
+    sharing: Callable[[], int] | None = None
     #: this generation's choices per source ("model", "ngram", "none")
     stats: dict[str, SourceStats] = field(default_factory=_fresh_stats, init=False)
 
@@ -289,7 +328,8 @@ class ControlledDrafter(DrafterBase):
     def propose(self, context: Sequence[int], k: int, sampler: TokenSampler | None = None) -> Draft:
         proposal = self.ngram.propose(context, k).tokens if self.ngram is not None else []
         match = self.ngram.match_length if self.ngram is not None else 0
-        plan = self.controller.plan(k, len(proposal), match, model=self.model is not None)
+        others = self.sharing() if self.sharing is not None else 0
+        plan = self.controller.plan(k, len(proposal), match, model=self.model is not None, others=others)
         self._plan = plan
         if plan.source == "ngram":
             draft = Draft(proposal[: plan.k])

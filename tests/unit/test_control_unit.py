@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgespec.control import ControlledDrafter, GoodputController, Plan, SourceStats
+from edgespec.control import (
+    ControlledDrafter,
+    GoodputController,
+    Plan,
+    SourceStats,
+    expected_tokens,
+    match_bucket,
+)
 from edgespec.drafting import ModelDrafter, NgramDrafter
 from edgespec.engine import Generation, GenerationSettings, SpeculativeEngine
 from edgespec.sampling import SamplingSettings
@@ -208,3 +215,25 @@ def test_sampled_generation_with_both_sources_is_seeded(accept):
     assert outputs[0] == outputs[1] != outputs[2]
     assert 0 < gen.stats.n_accepted < gen.stats.n_drafted
     assert np.all(np.array(outputs) < n_vocab)
+
+
+def test_beside_other_sequences_a_draft_pays_for_the_pass_it_adds():
+    # T(n) of a compute-bound 2-core CPU: a row costs almost as much in a batch as alone
+    t = [0.080, 0.130, 0.170, 0.210, 0.250, 0.290, 0.330, 0.370, 0.410]
+    cpu = GoodputController(t, 0.0, k_max=8)
+    alphas = cpu.ngram[match_bucket(20)].alphas()  # a long n-gram match: a near-certain copy
+    alone = cpu.plan(8, ngram_available=8, ngram_match=20)
+    assert alone.source == "ngram" and alone.k >= 4
+    assert alone.goodput == pytest.approx(expected_tokens(alphas, alone.k) / t[alone.k])
+    # 3 others in the pass: 4 tokens for T(4) plainly, against 3 + E(k) for T(4) + T(k) with k
+    # drafts (a pass of their own); no k pays here
+    assert all((3 + expected_tokens(alphas, k)) / (t[3] + t[k - 1]) < 4 / t[3] for k in range(1, 9))
+    assert cpu.plan(8, ngram_available=8, ngram_match=20, others=3) == Plan(None, 0, pytest.approx(4 / t[3]))
+    # where rows are nearly free (a memory-bound machine), drafting beside others still pays
+    flat = GoodputController([0.100 + 0.001 * n for n in range(9)], 0.0, k_max=8)
+    plan = flat.plan(8, ngram_available=8, ngram_match=20, others=1)
+    tokens = 1 + expected_tokens(flat.ngram[match_bucket(20)].alphas(), plan.k)
+    assert plan.source == "ngram" and plan.k >= 4
+    assert plan.goodput == pytest.approx(tokens / (0.101 + 0.100 + 0.001 * (plan.k - 1)))
+    # the pass is extrapolated past the measured lengths, as for one sequence
+    assert flat.plan(1, others=12).goodput == pytest.approx(13 / (0.108 + 4 * 0.001))
