@@ -772,7 +772,7 @@ class Engine:
     ) -> Stream:
         assert self._slots is not None
         self._check_open()
-        slot = self._slots.acquire(tokens, timeout)
+        slot = self._slots.acquire(tokens, timeout, reuse=settings.cache_prompt)
         try:
             if self._closed:
                 raise EdgespecError("the engine is closed")

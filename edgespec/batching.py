@@ -20,6 +20,12 @@ Answers do not depend on who else is served, under the exact guarantee:
   one sequence: the distribution guarantee holds, each request keeps its own random stream, but a
   near-tie may break otherwise beside other requests.
 
+Prompt processing is chunked under the distribution guarantee: while other sequences are
+generating, a joining sequence's prompt goes through in calls of `chunk` rows, each sharing a pass
+with the others' steps, so their streams keep flowing (a token per pass) instead of waiting for the
+whole prompt. Alone, a prompt runs whole. Under the exact guarantee it runs alone in a lone
+sequence's pieces, as above: other pieces would round its keys and values otherwise.
+
 Gathering: the caller that finds no pass running leads the next one. It waits up to `window`
 seconds for the sequences of the previous pass to send their next calls (each does its sampling
 and drafting in between), then runs what is waiting, first come first served. A sequence that
@@ -28,6 +34,7 @@ misses the window joins the pass after.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
@@ -37,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgespec.control import ControlledDrafter
 from edgespec.drafting import common_prefix
 from edgespec.engine import SpeculativeEngine
 from edgespec.errors import EngineBusy
@@ -47,6 +55,10 @@ if TYPE_CHECKING:
     from edgespec.runtimes.llama_cpp import LlamaCppRuntime
 
 __all__ = ["BatchStats", "Batcher", "Pass", "SeqView", "Slots"]
+
+CHUNK = 32
+"""Rows of a joining prompt per shared pass, under the distribution guarantee (a pass of 32 prompt
+rows plus the others' steps takes about as long as 8 one-row steps on a 2-core CPU)."""
 
 WINDOW = 0.02
 """Seconds a pass waits for the sequences of the previous one (their sampling and drafting, one
@@ -106,13 +118,25 @@ class Batcher:
         runtime: a llama.cpp runtime holding several sequences.
         cap: most rows in one shared pass (None: `runtime.batch_rows`).
         window: seconds the leader of a pass waits for the sequences of the previous pass.
+        chunk: rows of a joining prompt per pass while others generate (None: `CHUNK` under the
+            distribution guarantee; prompts are never chunked under the exact one).
     """
 
-    def __init__(self, runtime: LlamaCppRuntime, cap: int | None = None, window: float = WINDOW) -> None:
+    def __init__(
+        self,
+        runtime: LlamaCppRuntime,
+        cap: int | None = None,
+        window: float = WINDOW,
+        chunk: int | None = None,
+    ) -> None:
         self.runtime = runtime
         self.cap = cap if cap is not None else runtime.batch_rows
         if self.cap < 1:
             raise ValueError(f"a pass holds at least 1 row, got {self.cap}")
+        if runtime.guarantee == "exact":
+            self.chunk: int | None = None
+        else:
+            self.chunk = min(chunk or CHUNK, self.cap)
         self.window = window
         self.stats = BatchStats()
         self._cond = threading.Condition()
@@ -124,7 +148,11 @@ class Batcher:
     def eval(self, seq: int, tokens: Sequence[int], logits: LogitRows) -> np.ndarray:
         """Sequence `seq`'s `Runtime.eval`: returns once a pass has evaluated its tokens (the
         rows are the caller's own copy)."""
-        call = _Call(seq, list(tokens), logits, alone=len(tokens) > self.cap or logits == "none")
+        # a call that asks for no rows writes a prompt's keys and values: alone, in the lone
+        # pieces, under the exact guarantee; chunked (see `SeqView.eval`) under the other
+        call = _Call(
+            seq, list(tokens), logits, alone=len(tokens) > self.cap or (logits == "none" and not self.chunk)
+        )
         with self._cond:
             self._pending.append(call)
             self._cond.notify_all()
@@ -153,6 +181,12 @@ class Batcher:
         for it: the sequence's next call comes right after)."""
         with self._native:
             self.runtime.truncate_seq(seq, n)
+
+    def others(self, seq: int) -> int:
+        """How many sequences other than `seq` were in the latest pass or wait for the next one:
+        those generating beside it."""
+        with self._cond:
+            return len((self._last | {c.seq for c in self._pending}) - {seq})
 
     def leave(self, seq: int) -> None:
         """Sequence `seq` stops generating: the next pass does not wait for it."""
@@ -220,7 +254,25 @@ class SeqView:
     def eval(self, tokens: Sequence[int], logits: LogitRows = "last") -> np.ndarray:
         if not tokens:
             raise ValueError("eval needs at least one token")
-        return self.batcher.eval(self.seq, tokens, logits)
+        batcher, chunk = self.batcher, self.batcher.chunk
+        if chunk is None or len(tokens) <= chunk:
+            return batcher.eval(self.seq, tokens, logits)
+        # A long call (a prompt) while others generate: `chunk` rows per pass, each pass shared
+        # with the others' steps; the rest in one call once it fits a chunk or nobody else runs.
+        held = self.n_past
+        done, rows = 0, []
+        try:
+            while len(tokens) - done > chunk and batcher.others(self.seq):
+                piece = batcher.eval(
+                    self.seq, tokens[done : done + chunk], "all" if logits == "all" else "none"
+                )
+                rows.append(piece)
+                done += chunk
+            last = batcher.eval(self.seq, tokens[done:], logits)
+        except BaseException:
+            batcher.truncate(self.seq, held)  # as a failed eval: none of the new tokens stay
+            raise
+        return np.concatenate([*rows, last]) if logits == "all" and rows else last
 
     def truncate(self, n: int) -> None:
         self.batcher.truncate(self.seq, n)
@@ -242,6 +294,17 @@ class SeqView:
         if name in ("eval_many", "truncate_seq", "close"):
             raise AttributeError(f"a sequence view has no {name}")
         return getattr(self._runtime, name)
+
+
+NEAR = 64
+"""Tokens of cached prefix a slot choice gives up to keep the busy sequences' ids consecutive
+(evaluating them again takes about 1.5 s on a 2-core CPU; a gap slows every step of every
+sequence by about a quarter)."""
+
+
+def _runs(ids: set[int]) -> int:
+    """How many runs of consecutive ids `ids` makes ({0, 1, 3}: 2)."""
+    return sum(1 for i in ids if i - 1 not in ids)
 
 
 class Slots:
@@ -269,6 +332,9 @@ class Slots:
             SpeculativeEngine(SeqView(target, i), make_drafter(None if draft is None else SeqView(draft, i)))
             for i in range(n)
         ]
+        for i, engine in enumerate(self.engines):
+            if isinstance(engine.drafter, ControlledDrafter):  # its controller prices the shared pass
+                engine.drafter.sharing = functools.partial(target.others, i)
         self._free = set(range(n))
         self._queue: deque[object] = deque()
         self._cond = threading.Condition()
@@ -286,10 +352,13 @@ class Slots:
         with self._cond:
             return len(self._queue)
 
-    def acquire(self, prompt: Sequence[int], timeout: float | None = None) -> int:
+    def acquire(self, prompt: Sequence[int], timeout: float | None = None, reuse: bool = True) -> int:
         """A free slot for a generation of `prompt`: the one whose cache shares the longest prefix
-        with it (a chat's next turn finds its previous turn). Callers are served in the order they
-        came; raises EngineBusy after `timeout` seconds."""
+        with it (a chat's next turn finds its previous turn), unless `reuse` is False. Among slots
+        within `NEAR` tokens of the longest prefix, the one that keeps the busy sequences' ids
+        consecutive: llama.cpp evaluates sequences with a gap between their ids in separate
+        ubatches (2 sequences 0 and 2 took 1.25 times as long as 0 and 1). Callers are served in
+        the order they came; raises EngineBusy after `timeout` seconds."""
         ticket = object()
         with self._cond:
             self._queue.append(ticket)
@@ -299,10 +368,13 @@ class Slots:
             finally:
                 self._queue.remove(ticket)
                 self._cond.notify_all()
-            best = max(
-                sorted(self._free),
-                key=lambda i: common_prefix(self.engines[i].target.tokens or (), prompt),
-            )
+            free = sorted(self._free)
+            busy = set(range(len(self.engines))) - self._free
+            held = {
+                i: common_prefix(self.engines[i].target.tokens or (), prompt) if reuse else 0 for i in free
+            }
+            near = [i for i in free if held[i] >= max(held.values()) - NEAR]
+            best = min(near, key=lambda i: (_runs(busy | {i}), -held[i], i))
             self._free.remove(best)
             return best
 

@@ -493,10 +493,10 @@ class LlamaCppRuntime(RuntimeBase):
         self, parts: Sequence[tuple[int, Sequence[int]]], logits: LogitRows | Sequence[LogitRows] = "all"
     ) -> list[np.ndarray]:
         """Evaluate several sequences' new tokens in one `llama_decode`: each part is (sequence,
-        tokens), appended at that sequence's end. Returns each part's logits rows ("all" or its
-        "last"; one mode for every part, or one per part), copied. All the parts together must fit
-        one batch (`n_batch` tokens), and a sequence appears at most once. On failure no sequence
-        keeps any of the new tokens.
+        tokens), appended at that sequence's end. Returns each part's logits rows ("all", its
+        "last", or "none": no rows; one mode for every part, or one per part), copied. All the
+        parts together must fit one batch (`n_batch` tokens), and a sequence appears at most once.
+        On failure no sequence keeps any of the new tokens.
 
         Whether a row comes out bit for bit as it would alone depends on the kernels and on the
         batch's shape: `benchmarks/batch_cost.py` measures it; nothing here promises it.
@@ -504,8 +504,8 @@ class LlamaCppRuntime(RuntimeBase):
         if not parts:
             return []
         modes = [logits] * len(parts) if isinstance(logits, str) else list(logits)
-        if len(modes) != len(parts) or not set(modes) <= {"all", "last"}:
-            raise ValueError("eval_many returns logits: ask for 'all' or 'last', for every part")
+        if len(modes) != len(parts) or not set(modes) <= {"all", "last", "none"}:
+            raise ValueError("eval_many takes one of 'all', 'last' or 'none' for every part")
         seqs = [self._seq_index(seq) for seq, _ in parts]
         if len(set(seqs)) != len(seqs):
             raise ValueError("a sequence appears twice in one eval_many")
@@ -539,11 +539,11 @@ class LlamaCppRuntime(RuntimeBase):
                 batch.token[i] = token
                 batch.pos[i] = pos + j
                 batch.seq_id[i][0] = seq
-                batch.logits[i] = mode == "all" or j == len(tokens) - 1
+                batch.logits[i] = mode == "all" or (mode == "last" and j == len(tokens) - 1)
                 if batch.logits[i] and first_row < 0:
                     first_row = i
                 i += 1
-            counts.append(len(tokens) if mode == "all" else 1)
+            counts.append({"all": len(tokens), "last": 1, "none": 0}[mode])
         batch.n_tokens = total
         before = [len(self._seqs[seq]) for seq in seqs]
         try:
@@ -557,6 +557,8 @@ class LlamaCppRuntime(RuntimeBase):
                 self._forget_seq_from(seq, n)
             raise
         rows = sum(counts)
+        if not rows:
+            return [np.empty((0, n_vocab), dtype=np.float32) for _ in parts]
         first = _ll.llama_get_logits_ith(self._ctx, first_row)
         if not first:
             raise RuntimeFailure("llama.cpp returned no logits for the requested rows")

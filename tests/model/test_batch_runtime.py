@@ -74,6 +74,11 @@ def test_last_rows_and_rolling_one_sequence_back(tiny_pair, many):
     many.eval_many([(s, sequences[s]) for s in (0, 1)], logits="last")
     rows = many.eval_many([(0, [7, 8]), (1, [9])], logits="last")
     assert [r.shape[0] for r in rows] == [1, 1]
+    # "none" evaluates a part without rows (a prompt's chunk): only the other part's row comes back
+    rows = many.eval_many([(2, [5, 6, 7]), (3, [8])], logits=["none", "last"])
+    assert [r.shape for r in rows] == [(0, many.vocab.n_vocab), (1, many.vocab.n_vocab)]
+    assert [len(many.seq_tokens(s)) for s in (2, 3)] == [3, 1]
+    assert [r.shape[0] for r in many.eval_many([(2, [9]), (3, [9])], "none")] == [0, 0]
     # Roll sequence 0 back to its prompt and take another continuation: sequence 1 is untouched,
     # and sequence 0's rows are those of a context that never saw the rolled-back tokens.
     many.truncate_seq(0, len(sequences[0]))

@@ -10,7 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from edgespec.batching import Batcher, SeqView, Slots
+from edgespec.batching import NEAR, Batcher, SeqView, Slots
+from edgespec.control import ControlledDrafter, GoodputController
 from edgespec.drafting import ModelDrafter, NgramDrafter
 from edgespec.engine import GenerationSettings, SpeculativeEngine
 from edgespec.errors import EngineBusy
@@ -154,3 +155,76 @@ def test_slots_lend_the_slot_with_the_longest_cached_prefix(contexts):
         slots.acquire([9], timeout=0.05)
     slots.release(held[0])
     assert slots.acquire([9], timeout=0.05) == held[0]
+
+
+def test_a_prompt_joining_others_is_chunked_under_the_distribution_guarantee(tiny_pair):
+    with LlamaCppRuntime(tiny_pair[0], replace(TINY_SETTINGS, n_seq=2, kernels="fast")) as rt:
+        assert rt.guarantee == "distribution"
+        batcher = Batcher(rt, chunk=4)
+        running, joining = SeqView(batcher, 0), SeqView(batcher, 1)
+        prompt = list(range(5, 35))  # 30 tokens
+        assert joining.eval(prompt).shape == (1, rt.vocab.n_vocab)
+        assert batcher.stats.history[-1].rows == 30  # nobody else generating: one pass, whole
+        joining.truncate(0)
+        running.eval([1, 2, 3])
+        stop = threading.Event()
+
+        def generate() -> None:  # a stream's steps, one row each
+            while not stop.is_set():
+                running.eval([7], "all")
+                running.truncate(3)
+
+        thread = threading.Thread(target=generate)
+        thread.start()
+        try:
+            while not batcher.others(1):
+                threading.Event().wait(0.001)
+            before = batcher.stats.passes
+            rows = joining.eval(prompt, "last")
+        finally:
+            stop.set()
+            thread.join()
+        passes = list(batcher.stats.history)[before - batcher.stats.passes :]
+        assert rows.shape == (1, rt.vocab.n_vocab) and list(rt.seq_tokens(1)) == prompt
+        # 7 chunks of 4 rows, then the last 2, beside the running stream's steps (a step late for
+        # the window on a loaded machine goes in the next pass)
+        assert len(passes) >= 8 and max(p.rows for p in passes) <= 5
+        assert sum(p.seqs == 2 for p in passes) >= 4
+    with LlamaCppRuntime(tiny_pair[0], replace(TINY_SETTINGS, n_seq=2)) as exact:
+        assert Batcher(exact, chunk=4).chunk is None  # never under the exact guarantee
+
+
+def test_each_slots_controller_prices_the_passes_it_shares(contexts):
+    target, _ = contexts
+
+    def controlled(view):
+        return ControlledDrafter(GoodputController([0.08, 0.13, 0.17], 0.0, k_max=2), None, NgramDrafter())
+
+    batcher = Batcher(target)
+    slots = Slots(batcher, controlled)
+    sharing = [engine.drafter.sharing for engine in slots.engines]  # type: ignore[union-attr]
+    assert all(s is not None for s in sharing) and [s() for s in sharing] == [0] * N  # type: ignore[misc]
+    with batcher._cond:  # as after a pass of sequences 0, 1 and 3
+        batcher._last = {0, 1, 3}
+    assert [s() for s in sharing] == [2, 2, 3, 2]  # type: ignore[misc]
+    batcher.leave(1)
+    assert [s() for s in sharing] == [1, 2, 2, 1]  # type: ignore[misc]
+
+
+def test_slots_keep_the_busy_ids_consecutive_unless_a_long_prefix_is_cached(contexts):
+    target, _ = contexts
+    slots = Slots(Batcher(target), lambda view: None)
+    for engine in slots.engines:
+        engine.forget()
+    long = list(range(10, 10 + NEAR + 16))
+    assert [slots.acquire([9], reuse=False) for _ in range(N)] == [0, 1, 2, 3]
+    slots.engines[3].generate(long, GenerationSettings(max_tokens=1)).run()
+    slots.release(1)
+    slots.release(3)
+    # busy 0 and 2: a prompt sharing a few tokens with slot 3 takes 1, closing the gap
+    assert slots.acquire([*long[:5], 7]) == 1
+    slots.release(1)
+    # one sharing more than NEAR tokens with slot 3 takes it, gap or not
+    assert slots.acquire([*long, 7]) == 3
+    slots.release(3)
+    assert slots.acquire([*long, 7], reuse=False) == 1  # without reuse the prefix counts for nothing
