@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from edgespec.cli.common import engine_from, engine_options, engine_spec
+from edgespec.cli.common import engine_from, engine_options, engine_spec, progress
 from edgespec.errors import EdgespecError
 
 if TYPE_CHECKING:
@@ -108,6 +108,26 @@ def _opener(start: EngineSpec, start_path: Path, **extra: Any) -> Callable[[Path
     return open_model
 
 
+class ParallelOption(click.ParamType):
+    """--parallel: a whole number of at least 1, or "auto"."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            n = value
+        elif str(value).strip().lower() == "auto":
+            return "auto"
+        else:
+            try:
+                n = int(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is neither a whole number nor 'auto'", param, ctx)
+        if n < 1:
+            self.fail(f"{n} is below 1: at least one request runs at a time", param, ctx)
+        return n
+
+
 @click.command()
 @click.option(
     "--host",
@@ -166,12 +186,13 @@ def _opener(start: EngineSpec, start_path: Path, **extra: Any) -> Callable[[Path
 )
 @click.option(
     "--parallel",
-    type=click.IntRange(min=1),
-    default=1,
+    type=ParallelOption(),
+    default="auto",
     show_default=True,
     help="Requests generated at once: continuous batching, one context holding N sequences whose "
     "steps share the model's passes. Under --kernels exact each answer is the one it gets served "
-    "alone. --max-queue counts the running requests too.",
+    "alone. auto: 4, or fewer where the available RAM does not hold a KV cache of --ctx tokens "
+    "per sequence; 1 with --models or an ONNX drafter. --max-queue counts the running requests too.",
 )
 @click.option(
     "--models",
@@ -195,15 +216,15 @@ def serve(
     max_body_bytes: int,
     client_timeout: float,
     cache_prompt: bool,
-    parallel: int,
+    parallel: int | str,
     offered: tuple[str, ...],
     **flags: Any,
 ) -> None:
     """Serve an OpenAI-compatible HTTP API (chat and completions) on this machine.
 
-    Endpoints: /v1/chat/completions, /v1/completions, /v1/models and /health. Requests run one at a
-    time (--parallel N: N at once), first come first served; streamed answers are server-sent
-    events, as OpenAI sends them.
+    Endpoints: /v1/chat/completions, /v1/completions, /v1/models and /health. Requests run
+    first come first served, up to 4 at once as the RAM allows (--parallel N: N at once, 1: one at
+    a time); streamed answers are server-sent events, as OpenAI sends them.
     The request's `model` may be anything: the loaded target answers, unless --models offers
     several (then it picks one, and a name that fits none is a 404). Without a temperature,
     decoding is greedy; a max_tokens larger than the context has room for stops when it is full.
@@ -215,6 +236,7 @@ def serve(
       edgespec serve --port 8000 --api-key "$(openssl rand -hex 16)" --cors-origin http://localhost:3000
       edgespec serve --models local
       edgespec serve --parallel 4 --kernels exact
+      edgespec serve --parallel 1
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
           -d '{"model": "any", "messages": [{"role": "user", "content": "Hi!"}], "stream": true}'
 
@@ -235,12 +257,12 @@ def serve(
     problem = server.api_key_problem(api_key)  # before the models load: exit 2
     if problem is not None:
         raise click.BadParameter(problem, param_hint="--api-key")
-    if max_queue < parallel:
+    if isinstance(parallel, int) and max_queue < parallel:
         raise click.BadParameter(
             f"{max_queue} is fewer than the {parallel} requests --parallel runs at once",
             param_hint="--max-queue",
         )
-    if offered and parallel > 1:
+    if offered and isinstance(parallel, int) and parallel > 1:
         raise click.UsageError("--models and --parallel above 1 cannot be combined yet")
     log_level = "info" if flags["verbose"] else "warning"
     sock = bind(host, port)
@@ -250,9 +272,16 @@ def serve(
             click.echo(
                 f"warning: {url} is open to other machines without an API key (set --api-key)", err=True
             )
-        spec = dataclasses.replace(engine_spec(click_ctx, flags), parallel=parallel)
+        spec = engine_spec(click_ctx, flags)
         models = offered_models(offered) if offered else []  # before the start model loads
+        chosen = None
+        if not isinstance(parallel, int):
+            parallel, why = _auto_parallel(spec, max_queue, several=bool(offered))
+            chosen = f"--parallel auto: {parallel} ({why})"
+        spec = dataclasses.replace(spec, parallel=parallel)
         engine = engine_from(spec, cache_prompt=cache_prompt)
+        if chosen is not None:  # once the models loaded: a start-up error stays one line
+            click.echo(chosen, err=True)
         pool = ModelPool(engine, models, _opener(spec, engine.target_path, cache_prompt=cache_prompt))
         try:
             what = f"{len(pool.ids())} models ({engine.model} loaded)" if pool.several else engine.model
@@ -274,3 +303,15 @@ def serve(
             engine.close()
     finally:
         sock.close()
+
+
+def _auto_parallel(spec: EngineSpec, max_queue: int, several: bool) -> tuple[int, str]:
+    """What --parallel auto runs at once, and why (`edgespec.load.builder.auto_parallel`)."""
+    from edgespec.load.builder import AUTO_PARALLEL, auto_parallel
+
+    if several:
+        return 1, "--models switches between models, one request at a time"
+    n, why = auto_parallel(spec, min(AUTO_PARALLEL, max_queue), progress=progress)
+    if n == max_queue < AUTO_PARALLEL:
+        why = f"--max-queue {max_queue} counts the running requests too"
+    return n, why

@@ -407,6 +407,49 @@ def _remember_choice(profile: Profile, measured: str) -> None:
         save(replace(profile, costs=replace(costs, choice=f"{costs.choice}; {measured}")))
 
 
+AUTO_PARALLEL = 4
+"""The most sequences `--parallel auto` serves at once (LM Studio's default, and llama-server's)."""
+
+
+def auto_parallel(
+    spec: EngineSpec,
+    most: int = AUTO_PARALLEL,
+    available: int | None = None,
+    progress: Callable | None = None,
+) -> tuple[int, str]:
+    """How many requests `edgespec serve --parallel auto` generates at once, and why: `most`, or
+    fewer where the available RAM does not hold the weights plus a KV cache of `spec.n_ctx` tokens
+    per sequence (the target's, and a draft model's already on disk) with a fifth of it (at least
+    1 GiB) left to the rest of the machine. 1 with an ONNX drafter, which holds one sequence.
+
+    Args:
+        available: bytes of RAM available (default: psutil's `virtual_memory().available`).
+    """
+    draft = None if spec.draft is None else str(spec.draft)
+    if draft is not None and (draft.endswith(".onnx") or Path(draft).expanduser().is_dir()):
+        return 1, "an ONNX drafter holds one sequence"
+    target = resolve_model_path(spec.target, "target", progress)
+    if draft in (None, DEFAULT):
+        draft_path: Path | None = models.cached_path(models.DRAFT)
+    elif draft in ("none", "ngram"):
+        draft_path = None
+    else:
+        draft_path = resolve_model_path(draft, "draft", progress)
+    paths = [p for p in (target, draft_path) if p is not None and p.is_file()]
+    if available is None:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    usable = available - max(available // 5, 1 << 30)
+    for n in range(most, 1, -1):
+        needs = [memory_need(path, spec.n_ctx * n) for path in paths]
+        if sum(need.total for need in needs if need is not None) <= usable:
+            return n, f"the KV caches of {n} sequences of {spec.n_ctx} tokens fit the available RAM"
+    if most <= 1:
+        return 1, "at most one request at a time was asked for"
+    return 1, f"two KV caches of {spec.n_ctx} tokens do not fit the available RAM"
+
+
 def resolve_model_path(
     spec: str | os.PathLike[str] | None, role: str, progress: Callable | None = None
 ) -> Path:

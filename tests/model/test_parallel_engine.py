@@ -10,6 +10,8 @@ import pytest
 
 from edgespec.api import Engine
 from edgespec.errors import EngineBusy, SettingsError
+from edgespec.load.builder import EngineSpec, auto_parallel
+from edgespec.load.memory import memory_need
 
 CALLS = [
     ("the cat sat on the", {}),
@@ -73,3 +75,34 @@ def test_parallel_must_be_a_whole_number_of_at_least_one(tiny_pair):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(SettingsError, match="parallel must be a whole number of at least 1"):
             open_engine(tiny_pair, bad)  # type: ignore[arg-type]
+
+
+def test_parallel_auto_follows_the_available_ram_and_the_context(tiny_pair):
+    target, draft = tiny_pair
+    spec = EngineSpec(target, draft, n_ctx=256)
+    needs = [memory_need(path, 256) for path in tiny_pair]
+    weights = sum(n.weights for n in needs if n is not None)
+    kv = sum(n.kv_cache for n in needs if n is not None)  # one sequence of 256 tokens, both models
+    assert kv > 0
+    gib = 1 << 30  # below 5 GiB available, 1 GiB is kept for the rest of the machine
+    assert auto_parallel(spec, available=1 << 40) == (
+        4,
+        "the KV caches of 4 sequences of 256 tokens fit the available RAM",
+    )
+    assert auto_parallel(spec, most=2, available=1 << 40)[0] == 2
+    assert auto_parallel(spec, available=gib + weights + 3 * kv)[0] == 3
+    assert auto_parallel(spec, available=gib + weights + 3 * kv - 1)[0] == 2
+    assert auto_parallel(spec, available=gib + weights + kv) == (
+        1,
+        "two KV caches of 256 tokens do not fit the available RAM",
+    )
+    # a longer context needs more per sequence
+    assert auto_parallel(EngineSpec(target, draft, n_ctx=512), available=gib + weights + 3 * kv)[0] == 1
+    # without a draft model only the target's cache counts
+    target_kv = needs[0].kv_cache  # type: ignore[union-attr]
+    ngram = EngineSpec(target, "ngram", n_ctx=256)
+    assert auto_parallel(ngram, available=gib + needs[0].weights + 4 * target_kv)[0] == 4  # type: ignore[union-attr]
+    assert auto_parallel(EngineSpec(target, "exported.onnx"), available=1 << 40) == (
+        1,
+        "an ONNX drafter holds one sequence",
+    )

@@ -1112,6 +1112,8 @@ def served(args: list[str], env: dict[str, str]) -> Iterator[tuple[str, list[str
     reader.start()
     try:
         ready = lines.get(timeout=60)
+        if ready.startswith("--parallel auto: "):  # what it chose, before loading
+            ready = lines.get(timeout=60)
         found = re.fullmatch(r"serving .+ on (http://127\.0\.0\.1:\d+)/v1 \(.*\)\n", ready)
         assert found, ready
         yield found.group(1), stderr
@@ -1131,6 +1133,8 @@ def test_serve_command_end_to_end(tiny_pair, tmp_path):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
         assert health(base)["max_queue"] == 2
+        assert health(base)["parallel"] == 2  # --parallel auto, no more than the queue holds
+    assert stderr[0] == "--parallel auto: 2 (--max-queue 2 counts the running requests too)\n"
     assert "Traceback" not in "".join(stderr), stderr
 
 
@@ -1393,10 +1397,11 @@ def test_shutdown_while_large_bodies_arrive_answers_503_or_closes(tiny_pair, tmp
     )
     assert proc.stderr is not None
     try:
-        found = re.fullmatch(
-            r"serving target on (http://127\.0\.0\.1:\d+)/v1 \(.*\)\n", proc.stderr.readline()
-        )
-        assert found
+        line = proc.stderr.readline()
+        if line.startswith("--parallel auto: "):  # what it chose, then the ready line
+            line = proc.stderr.readline()
+        found = re.fullmatch(r"serving target on (http://127\.0\.0\.1:\d+)/v1 \(.*\)\n", line)
+        assert found, line
         url = found.group(1)
         clients = []
         for _ in range(6):

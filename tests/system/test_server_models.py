@@ -178,7 +178,8 @@ def test_serve_models_local_end_to_end(shelf, alone, tiny_pair, tmp_path):
     args = ["--target", str(shelf[ALPHA]), "--draft", "none", "--threads", "1", "--ctx", str(N_CTX)]
     args += ["--kernels", "exact", "--no-cache-prompt", "--models", "local"]
     with served(args, env) as (base, stderr):
-        assert f"serving 2 models (coder-alpha loaded) on {base}/v1" in stderr[0]
+        assert stderr[0] == "--parallel auto: 1 (--models switches between models, one request at a time)\n"
+        assert f"serving 2 models (coder-alpha loaded) on {base}/v1" in stderr[1]
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
         assert ask(client, "coder-alpha") == (alone[ALPHA], ALPHA)
         assert ask(client, "coder-beta") == (alone[BETA], BETA)
