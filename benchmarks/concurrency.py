@@ -8,7 +8,11 @@ minutes falls on every server alike. A server waits idle, its model loaded, whil
 - `edgespec-p4`: `--parallel 4`, `--profile auto` (llama.cpp's kernels: the distribution guarantee);
 - `edgespec-p4-exact`: `--parallel 4 --kernels exact` (`--profile auto`);
 - `llama-server-p4`: llama.cpp's server built from the sources llama-cpp-python 0.3.36 vendors,
-  `--parallel 4`, its defaults otherwise (no speculation), the same threads and context per slot.
+  `--parallel 4`, its defaults otherwise (no speculation), the same threads and context per slot,
+  without its prompt cache in RAM (`--cache-ram 0`).
+
+Every request says `cache_prompt: false`: each server evaluates every prompt whole, as edgespec's
+`--no-cache-prompt` does (the same prompts are sent at every level).
 
 For each level of concurrency (1, 2, 4, 8 clients) and each server, the same `--requests` chat
 requests (the first turns of Spec-Bench, greedy, `--max-tokens` each, streamed) are sent by that
@@ -87,6 +91,10 @@ def ask(url: str, prompt: str, max_tokens: int) -> dict[str, Any]:
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
+        # Every prompt is evaluated whole by every server: llama-server would otherwise take a
+        # prompt it saw at an earlier level from a slot's cache (its log: "n_past was set to 60"
+        # for a 61-token prompt), skipping the prompt processing the others do.
+        extra_body={"cache_prompt": False},
     )
     for chunk in stream:
         if chunk.usage is not None:
@@ -167,6 +175,9 @@ def main() -> None:
     parser.add_argument("--llama-server", type=Path, default=None, help="llama-server binary (peer)")
     parser.add_argument("--only", action="append", default=None, help="run only these servers")
     parser.add_argument(
+        "--levels", type=int, nargs="+", default=list(LEVELS), help="clients at once (the first: 'alone')"
+    )
+    parser.add_argument(
         "--short",
         type=int,
         default=None,
@@ -198,6 +209,7 @@ def main() -> None:
     if args.llama_server is not None:
         peer = [str(args.llama_server), "-m", str(target), "--parallel", "4", "-c", str(args.ctx * 4)]
         peer += ["-t", str(args.threads), "-tb", str(args.threads), "--host", "127.0.0.1", "--no-webui"]
+        peer += ["--cache-ram", "0"]  # no prompt cache in RAM either (see `ask`)
         configs["llama-server-p4"] = (peer, r"listening on http")
     chosen = {name: config for name, config in configs.items() if not args.only or name in args.only}
     results: dict[str, Any] = {name: [] for name in chosen}
@@ -212,7 +224,7 @@ def main() -> None:
             urls[name] = stack.enter_context(server([*command, "--port", str(port)], ready, url, log))
             ask(urls[name], "Hi", 4)  # warm-up, not counted
         names = list(chosen)
-        for turn, clients in enumerate(LEVELS):
+        for turn, clients in enumerate(args.levels):
             for name in names[turn % len(names) :] + names[: turn % len(names)]:
                 level = run_level(urls[name], prompts, args.max_tokens, clients)
                 results[name].append(level)
