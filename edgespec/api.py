@@ -419,6 +419,7 @@ class Engine:
         self._current: Generation | None = None
         self._slots = pair.slots  # None: one generation at a time, under `_lock`
         self._running: dict[Generation, int] = {}  # with slots: each running generation's slot
+        self._owners: dict[Generation, int] = {}  # and the thread that started it
         self._closed = False
         # Calls that use the model outside the lock (tokenizing, which must not wait for a running
         # generation); close() waits for them to leave before it frees the model.
@@ -659,8 +660,11 @@ class Engine:
 
     @contextlib.contextmanager
     def _every_slot(self) -> Iterator[None]:
-        """Hold every slot (waiting for the running generations to end)."""
+        """Hold every slot (waiting for the running generations to end). A thread that holds an
+        open stream would wait for itself: EngineBusy, as with one generation at a time."""
         assert self._slots is not None
+        if threading.get_ident() in self._owners.values():
+            raise EngineBusy("close the open stream before closing or resetting its engine")
         held = [self._slots.acquire(()) for _ in range(len(self._slots))]
         try:
             yield
@@ -672,6 +676,8 @@ class Engine:
         """Wait for a running generation (cancelling it) and free the models."""
         if self._closed:
             return
+        if self._slots is not None and threading.get_ident() in self._owners.values():
+            raise EngineBusy("close the open stream before closing its engine")  # before cancelling
         self.cancel()
         if self._slots is not None:
             with self._every_slot(), self._users_left:
@@ -781,11 +787,13 @@ class Engine:
             self._slots.release(slot)
             raise
         self._running[generation] = slot
+        self._owners[generation] = threading.get_ident()
         return Stream(self, generation, tools)
 
     def _release(self, generation: Generation) -> None:
         if self._slots is not None:
             slot = self._running.pop(generation, None)
+            self._owners.pop(generation, None)
             if slot is not None:
                 self._slots.release(slot)
             return

@@ -71,6 +71,23 @@ def test_streams_run_side_by_side_and_close_cancels_them(tiny_pair):
     assert not closer.is_alive() and engine.closed
 
 
+def test_closing_from_a_thread_holding_an_open_stream_is_engine_busy(tiny_pair):
+    engine = open_engine(tiny_pair, 2)
+    stream = engine.stream("the cat sat", raw=True, max_tokens=20)
+    next(stream)
+    # waiting for every slot would wait for this thread's own stream: refused, nothing cancelled
+    with pytest.raises(EngineBusy, match="close the open stream before closing its engine"):
+        engine.close()
+    with pytest.raises(EngineBusy, match="close the open stream before closing or resetting"):
+        engine.reset()
+    assert not engine.closed
+    list(stream)  # it was not cancelled: it ran to its end
+    assert stream.result is not None and stream.result.finish_reason in ("length", "stop")
+    engine.reset()
+    engine.close()
+    assert engine.closed
+
+
 def test_parallel_must_be_a_whole_number_of_at_least_one(tiny_pair):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(SettingsError, match="parallel must be a whole number of at least 1"):
