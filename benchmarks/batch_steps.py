@@ -15,6 +15,10 @@ first turn, greedy, --max-tokens tokens), within the window in which all N are d
 
 Runs are interleaved (each rep: every N under each kernel setting); nothing else may run meanwhile.
 
+--layout measures instead how the choice of sequences lays a pass out: with one KV stream per
+sequence llama.cpp puts only consecutive sequence ids in one ubatch, so a bare pass of one row
+each for sequences {0, 1} is timed against {0, 2}, and {0, 1, 2} against {0, 1, 3}, interleaved.
+
     python benchmarks/batch_steps.py --threads 2 --out benchmarks/results/batch_steps.json
 """
 
@@ -90,6 +94,27 @@ def bare_pass(engine: Any, n: int, reps: int = 5) -> float:
     return median(times)
 
 
+LAYOUTS = ((0, 1), (0, 2), (0, 1, 2), (0, 1, 3))
+
+
+def layouts(engine: Any, reps: int) -> list[dict]:
+    """Median bare-pass time of each set of sequences in LAYOUTS (one row each), interleaved."""
+    runtime = engine._slots.target.runtime
+    for seq in range(4):  # each sequence after a prompt of its own length
+        runtime.truncate_seq(seq, 0)
+        runtime.eval(list(range(1000 + seq, 1080 + 10 * seq)), "last", seq=seq)
+    times: dict[tuple[int, ...], list[float]] = {ids: [] for ids in LAYOUTS}
+    for _ in range(reps):
+        for ids in LAYOUTS:
+            held = [len(runtime.seq_tokens(s)) for s in ids]
+            t0 = time.perf_counter()
+            runtime.eval_many([(s, [5]) for s in ids], "all")
+            times[ids].append(time.perf_counter() - t0)
+            for s, n in zip(ids, held, strict=True):
+                runtime.truncate_seq(s, n)
+    return [{"sequences": list(ids), "ms": 1000 * median(t)} for ids, t in times.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -98,10 +123,22 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--short", type=int, default=200, help="prompts of at most this many characters")
+    parser.add_argument("--layout", action="store_true", help="time pass layouts only (see above)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     import edgespec
+
+    if args.layout:
+        with edgespec.Engine(draft="none", parallel=4, threads=args.threads, n_ctx=1024) as engine:
+            rows = layouts(engine, 4 * args.reps)
+        for row in rows:
+            print(f"sequences {row['sequences']}: {row['ms']:.1f} ms")
+        write_json(
+            args.out,
+            {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "layouts": rows},
+        )
+        return
 
     prompts = short_prompts(args.short, max(STREAMS) * args.reps)
     engines = {
