@@ -57,8 +57,10 @@ if TYPE_CHECKING:
 __all__ = ["BatchStats", "Batcher", "Pass", "SeqView", "Slots"]
 
 CHUNK = 32
-"""Rows of a joining prompt per shared pass, under the distribution guarantee (a pass of 32 prompt
-rows plus the others' steps takes about as long as 8 one-row steps on a 2-core CPU)."""
+"""Rows of a joining prompt per shared pass, under the distribution guarantee. On a 2-core CPU a
+pass of 32 rows takes about 15 one-row steps' time (`batch_cost.py`: 16 rows 9.4, 40 rows 18.4),
+so the running streams slow to a token per such pass while a prompt joins, instead of waiting for
+the whole of it."""
 
 WINDOW = 0.02
 """Seconds a pass waits for the sequences of the previous one (their sampling and drafting, one
@@ -298,8 +300,8 @@ class SeqView:
 
 NEAR = 64
 """Tokens of cached prefix a slot choice gives up to keep the busy sequences' ids consecutive
-(evaluating them again takes about 1.5 s on a 2-core CPU; a gap slows every step of every
-sequence by about a quarter)."""
+(evaluating them again takes 1.5-2 s on a 2-core CPU; a gap slowed every step of the sequences
+in the pass by 16-25%: `batch_steps.py --layout`)."""
 
 
 def _runs(ids: set[int]) -> int:
