@@ -94,16 +94,23 @@ def offered_models(names: Sequence[str]) -> list[LocalModel]:
     return list(out.values())
 
 
-def _opener(start: EngineSpec, start_path: Path, **extra: Any) -> Callable[[Path], Engine]:
+def _opener(
+    start: EngineSpec, start_path: Path, auto: bool = False, **extra: Any
+) -> Callable[[Path], Engine]:
     """Opens the engine for an offered model's file: the start model as the command line says,
-    any other with a drafter paired for it (`--profile auto`, or the profile given)."""
+    any other with a drafter paired for it (`--profile auto`, or the profile given). With `auto`
+    (--parallel auto), another model holds as many sequences as the start model, or fewer where
+    the RAM (the loaded model already closed) does not hold their caches."""
 
     def open_model(path: Path) -> Engine:
         if path.resolve() == start_path.resolve():
             return engine_from(start, **extra)
-        return engine_from(
-            dataclasses.replace(start, target=str(path), draft=None, profile=start.profile or "auto"), **extra
-        )
+        spec = dataclasses.replace(start, target=str(path), draft=None, profile=start.profile or "auto")
+        if auto and spec.parallel > 1:
+            from edgespec.load.builder import auto_parallel
+
+            spec = dataclasses.replace(spec, parallel=auto_parallel(spec, spec.parallel)[0])
+        return engine_from(spec, **extra)
 
     return open_model
 
@@ -192,7 +199,8 @@ class ParallelOption(click.ParamType):
     help="Requests generated at once: continuous batching, one context holding N sequences whose "
     "steps share the model's passes. Under --kernels exact each answer is the one it gets served "
     "alone. auto: 4, or fewer where the available RAM does not hold a KV cache of --ctx tokens "
-    "per sequence; 1 with --models or an ONNX drafter. --max-queue counts the running requests too.",
+    "per sequence; 1 with an ONNX drafter. --max-queue counts the running requests too. With --models, "
+    "requests for the loaded model run at once, and one for another model waits until they end.",
 )
 @click.option(
     "--models",
@@ -262,8 +270,6 @@ def serve(
             f"{max_queue} is fewer than the {parallel} requests --parallel runs at once",
             param_hint="--max-queue",
         )
-    if offered and isinstance(parallel, int) and parallel > 1:
-        raise click.UsageError("--models and --parallel above 1 cannot be combined yet")
     log_level = "info" if flags["verbose"] else "warning"
     sock = bind(host, port)
     try:
@@ -276,13 +282,17 @@ def serve(
         models = offered_models(offered) if offered else []  # before the start model loads
         chosen = None
         if not isinstance(parallel, int):
-            parallel, why = _auto_parallel(spec, max_queue, several=bool(offered))
+            parallel, why = _auto_parallel(spec, max_queue)
             chosen = f"--parallel auto: {parallel} ({why})"
         spec = dataclasses.replace(spec, parallel=parallel)
         engine = engine_from(spec, cache_prompt=cache_prompt)
         if chosen is not None:  # once the models loaded: a start-up error stays one line
             click.echo(chosen, err=True)
-        pool = ModelPool(engine, models, _opener(spec, engine.target_path, cache_prompt=cache_prompt))
+        pool = ModelPool(
+            engine,
+            models,
+            _opener(spec, engine.target_path, auto=chosen is not None, cache_prompt=cache_prompt),
+        )
         try:
             what = f"{len(pool.ids())} models ({engine.model} loaded)" if pool.several else engine.model
             ready = f"serving {what} on {url}/v1 (OpenAI-compatible API; Ctrl-C to stop)"
@@ -305,12 +315,10 @@ def serve(
         sock.close()
 
 
-def _auto_parallel(spec: EngineSpec, max_queue: int, several: bool) -> tuple[int, str]:
+def _auto_parallel(spec: EngineSpec, max_queue: int) -> tuple[int, str]:
     """What --parallel auto runs at once, and why (`edgespec.load.builder.auto_parallel`)."""
     from edgespec.load.builder import AUTO_PARALLEL, auto_parallel
 
-    if several:
-        return 1, "--models switches between models, one request at a time"
     n, why = auto_parallel(spec, min(AUTO_PARALLEL, max_queue), progress=progress)
     if n == max_queue < AUTO_PARALLEL:
         why = f"--max-queue {max_queue} counts the running requests too"

@@ -5,7 +5,9 @@ One model is in memory at a time: a laptop has room for one, and a second would 
 and the cores the first one decodes with. A request for another model waits its turn in the
 first-in first-out queue like any other; when its turn comes, the worker closes the loaded engine
 and opens the named one (pairing a drafter for it as `--profile auto` does), then runs it. A
-switch never lets a later request overtake an earlier one. A model that fails to load answers its
+switch never lets a later request overtake an earlier one. With `--parallel`, requests for the
+loaded model run beside each other, and one for another model waits until they end (the server's
+`Scheduler`): a switch never closes a model under a running request. A model that fails to load answers its
 request with a 500 naming why, and the model that was loaded before is opened again.
 
 Without `--models` there is one model, and it answers every request whatever its `model` says:
@@ -25,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgespec.errors import EdgespecError, SettingsError
+from edgespec.errors import EdgespecError
 from edgespec.server.queue import APIError
 
 if TYPE_CHECKING:
@@ -61,11 +63,6 @@ class ModelPool:
     ) -> None:
         if offered and opener is None:
             raise ValueError("offering models needs an opener")
-        if offered and engine.parallel > 1:
-            raise SettingsError(
-                "serving several models (--models) and several requests at once (--parallel) "
-                "cannot be combined yet: a switch would close the model under running requests"
-            )
         self.created = int(time.time())
         self._offered = list(offered)
         self._opener = opener

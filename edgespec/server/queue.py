@@ -103,6 +103,12 @@ class Scheduler:
     """Runs jobs first in first out, from a bounded queue: one at a time, or with `workers` > 1
     (an engine with `parallel` slots) that many at once, in the engine's shared passes.
 
+    With several models (`pool.several`), a job starts beside running ones only when its model is
+    the loaded one. A job for another model waits at the head of the queue, and the jobs behind it
+    with it, until the running ones end; then its worker switches the model. A later request
+    therefore never overtakes an earlier one, and a switch never closes a model under a running
+    request.
+
     Args:
         pool: the models jobs run on (`job.model` names one).
         max_queue: the most jobs accepted at once, the running ones included; `submit` refuses more.
@@ -194,10 +200,15 @@ class Scheduler:
             if thread.is_alive():
                 thread.join(timeout)
 
+    def _startable(self) -> bool:
+        """Under the lock: whether the job at the head of the queue may start now: its model is
+        loaded, or nothing runs and its worker may switch to it."""
+        return bool(self._waiting) and (not self.running or self._waiting[0].model == self.pool.loaded)
+
     def _work(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._waiting or self._closed)
+                self._cond.wait_for(lambda: self._closed or self._startable())
                 if not self._waiting:
                     return
                 job = self._waiting.popleft()
@@ -206,12 +217,15 @@ class Scheduler:
             with self._cond:  # before the answer goes out: its client then sees the engine free
                 self.running.remove(job)
                 self.counts[outcome] += 1
+                self._cond.notify_all()  # a job for another model may wait for the running ones
             job.push(*event)
 
     def _run(self, job: Job) -> tuple[str, tuple[str, Any]]:
         """Run one job to its end; return the counter it adds to and its last event."""
         try:
             engine = self.pool.engine_for(job.model)
+            with self._cond:  # after a switch, the jobs behind this one for the same model may start
+                self._cond.notify_all()
             if job.prepared is None or job.prepared.engine is not engine:
                 job.prepared = job.prepare(engine)
             prepared = job.prepared

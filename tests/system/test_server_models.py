@@ -26,7 +26,7 @@ from edgespec.server.pool import ModelPool
 
 from ..conftest import tiny_model_args
 from ..helpers import assert_one_line_error
-from .test_server import MESSAGES, health, live_server, request, served
+from .test_server import MESSAGES, health, live_server, request, served, wait_for
 
 N_CTX = 512
 ALPHA, BETA = "folder:coder-alpha.gguf", "folder:coder-beta.gguf"
@@ -113,6 +113,41 @@ def test_queued_requests_for_different_models_keep_their_order_and_answers(pool,
         assert now["completed"] == len(names) and now["failed"] == 0 and 1 <= now["switches"] <= len(names)
 
 
+def test_with_parallel_the_loaded_models_requests_run_at_once_and_a_switch_waits(shelf, alone):
+    def open_parallel(path: Path) -> Engine:
+        # a long context: the first two answers run until their clients leave
+        return Engine(path, "none", n_ctx=8192, threads=1, kernels="exact", cache_prompt=False, parallel=2)
+
+    opened: list[Engine] = []
+    with open_parallel(shelf[ALPHA]) as start:
+        pool = ModelPool(
+            start, registry.find_models(), lambda path: opened.append(open_parallel(path)) or opened[-1]
+        )
+        with live_server(pool) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            long = {"model": ALPHA, "messages": [{"role": "user", "content": "go on"}]}
+            streams = [client.chat.completions.create(**long, stream=True) for _ in range(2)]
+            for stream in streams:
+                next(iter(stream))
+            assert health(url)["running"] == 2  # two requests for the loaded model at once
+            with ThreadPoolExecutor(2) as clients:
+                beta = clients.submit(ask, client, BETA)
+                wait_for(lambda: health(url)["queued"] == 1, "the other model's request waiting")
+                alpha = clients.submit(ask, client, ALPHA)
+                wait_for(lambda: health(url)["queued"] == 2, "a later request behind it")
+                streams[0].close()  # a slot is free, but the switch waits for the other stream ...
+                wait_for(lambda: health(url)["running"] == 1, "one stream left")
+                now = health(url)  # ... and the later request for the loaded model does not overtake
+                assert (now["queued"], now["model"], now["switches"]) == (2, ALPHA, 0)
+                streams[1].close()
+                assert beta.result(timeout=60) == (alone[BETA], BETA)
+                assert alpha.result(timeout=60) == (alone[ALPHA], ALPHA)
+            now = health(url)
+            assert (now["switches"], now["failed"], now["running"], now["queued"]) == (2, 0, 0, 0)
+        pool.close()
+    assert all(engine.closed for engine in opened)
+
+
 def test_names_that_fit_no_offered_model_or_several(pool):
     with live_server(pool) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
@@ -178,7 +213,7 @@ def test_serve_models_local_end_to_end(shelf, alone, tiny_pair, tmp_path):
     args = ["--target", str(shelf[ALPHA]), "--draft", "none", "--threads", "1", "--ctx", str(N_CTX)]
     args += ["--kernels", "exact", "--no-cache-prompt", "--models", "local"]
     with served(args, env) as (base, stderr):
-        assert stderr[0] == "--parallel auto: 1 (--models switches between models, one request at a time)\n"
+        assert stderr[0].startswith("--parallel auto: ")  # as without --models
         assert f"serving 2 models (coder-alpha loaded) on {base}/v1" in stderr[1]
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
         assert ask(client, "coder-alpha") == (alone[ALPHA], ALPHA)

@@ -126,5 +126,3 @@ def test_parallel_flags_are_checked_before_loading(tiny_pair):
     args = ["serve", "--port", "0", *tiny_model_args(tiny_pair)]
     result = CliRunner().invoke(cli, [*args, "--parallel", "4", "--max-queue", "2"])
     assert_one_line_error(result, "2 is fewer than the 4 requests --parallel runs at once")
-    result = CliRunner().invoke(cli, [*args, "--parallel", "2", "--models", "local"])
-    assert_one_line_error(result, "--models and --parallel above 1 cannot be combined yet")
