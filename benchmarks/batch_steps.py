@@ -13,13 +13,18 @@ first turn, greedy, --max-tokens tokens), within the window in which all N are d
 - a bare pass of the same shape (`eval_many`, N sequences of one row, at the sequences' positions,
   rolled back after), timed right after in the same context: the pass's own cost.
 
-Runs are interleaved (each rep: every N under each kernel setting); nothing else may run meanwhile.
+Runs are interleaved (each rep: every N under each setting); nothing else may run meanwhile. The
+settings (--configs): `fast` (llama.cpp's kernels, flash attention off, as llama-cpp-python runs
+them), `fast-fa` (the same with flash attention on, as llama-server's "auto" runs them on a CPU),
+`exact` (the exact kernels, which run flash attention as the invariance probe measured them).
+--prompt-chars picks longer Spec-Bench prompts (the window then starts at a later position).
 
 --layout measures instead how the choice of sequences lays a pass out: with one KV stream per
 sequence llama.cpp puts only consecutive sequence ids in one ubatch, so a bare pass of one row
 each for sequences {0, 1} is timed against {0, 2}, and {0, 1, 2} against {0, 1, 3}, interleaved.
 
     python benchmarks/batch_steps.py --threads 2 --out benchmarks/results/batch_steps.json
+    python benchmarks/batch_steps.py --configs fast,fast-fa --out benchmarks/results/batch_steps_fa.json
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ from common import machine, median, write_json  # noqa: E402
 from concurrency import short_prompts  # noqa: E402
 
 STREAMS = (1, 2, 4)
+CONFIGS = {  # Engine options of each setting
+    "fast": {"kernels": "fast", "flash_attn": "off"},
+    "fast-fa": {"kernels": "fast", "flash_attn": "on"},
+    "exact": {"kernels": "exact"},
+}
 
 
 def run_streams(engine: Any, prompts: list[str], max_tokens: int) -> dict:
@@ -123,6 +133,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--short", type=int, default=200, help="prompts of at most this many characters")
+    parser.add_argument(
+        "--prompt-chars",
+        type=int,
+        default=0,
+        help="prompts of at least this many characters (and at most --short; default: any)",
+    )
+    parser.add_argument("--configs", default="fast,exact", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--ctx", type=int, default=1024, help="context tokens per sequence")
     parser.add_argument("--layout", action="store_true", help="time pass layouts only (see above)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -140,29 +158,35 @@ def main() -> None:
         )
         return
 
-    prompts = short_prompts(args.short, max(STREAMS) * args.reps)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown or not configs:
+        parser.error(f"--configs: {', '.join(unknown) or 'none given'}; choose among {', '.join(CONFIGS)}")
+    prompts = short_prompts(args.short, max(STREAMS) * args.reps, args.prompt_chars)
+    if len(prompts) < max(STREAMS) * args.reps:
+        parser.error(f"only {len(prompts)} Spec-Bench prompts of {args.prompt_chars}-{args.short} characters")
     engines = {
-        kernels: edgespec.Engine(
-            draft="none", parallel=max(STREAMS), threads=args.threads, kernels=kernels, n_ctx=1024
+        name: edgespec.Engine(
+            draft="none", parallel=max(STREAMS), threads=args.threads, n_ctx=args.ctx, **CONFIGS[name]
         )
-        for kernels in ("fast", "exact")
+        for name in configs
     }
     rows = []
     try:
         for rep in range(args.reps):
             for n in STREAMS:
-                for kernels, engine in engines.items():
+                for config, engine in engines.items():
                     chosen = prompts[rep * max(STREAMS) :][:n]
                     row = {
                         "rep": rep,
-                        "kernels": kernels,
+                        "config": config,
                         "streams": n,
                         **run_streams(engine, chosen, args.max_tokens),
                     }
                     rows.append(row)
                     r = row
                     print(
-                        f"rep {rep} {kernels:5} N={n}: {r['tokens_per_s']:.2f} tok/s, pass {r['pass_ms']:.0f}"
+                        f"rep {rep} {config:7} N={n}: {r['tokens_per_s']:.2f} tok/s, pass {r['pass_ms']:.0f}"
                         f" ms (bare {r['bare_ms']:.0f}), gap {r['gap_ms']:.1f} ms,"
                         f" in passes {r['in_passes']:.1%}",
                         flush=True,
@@ -171,14 +195,14 @@ def main() -> None:
         for engine in engines.values():
             engine.close()
     summary = []
-    for kernels in engines:
-        base = median([r["tokens_per_s"] for r in rows if r["kernels"] == kernels and r["streams"] == 1])
+    for config in engines:
+        base = median([r["tokens_per_s"] for r in rows if r["config"] == config and r["streams"] == 1])
         for n in STREAMS:
-            mine = [r for r in rows if r["kernels"] == kernels and r["streams"] == n]
+            mine = [r for r in rows if r["config"] == config and r["streams"] == n]
             rate = median([r["tokens_per_s"] for r in mine])
             summary.append(
                 {
-                    "kernels": kernels,
+                    "config": config,
                     "streams": n,
                     "tokens_per_s": rate,
                     "vs_one": rate / base,
@@ -187,11 +211,11 @@ def main() -> None:
                     },
                 }
             )
-    print("\n| kernels | streams | tokens/s | vs 1 stream | pass ms | bare pass ms | gap ms | in passes |")
+    print("\n| setting | streams | tokens/s | vs 1 stream | pass ms | bare pass ms | gap ms | in passes |")
     print("|---|---|---|---|---|---|---|---|")
     for s in summary:
         print(
-            f"| {s['kernels']} | {s['streams']} | {s['tokens_per_s']:.2f} | {s['vs_one']:.2f}× |"
+            f"| {s['config']} | {s['streams']} | {s['tokens_per_s']:.2f} | {s['vs_one']:.2f}× |"
             f" {s['pass_ms']:.0f} | {s['bare_ms']:.0f} | {s['gap_ms']:.1f} | {s['in_passes']:.1%} |"
         )
     write_json(

@@ -113,13 +113,13 @@ def ask(url: str, prompt: str, max_tokens: int) -> dict[str, Any]:
     }
 
 
-def short_prompts(chars: int, n: int) -> list[str]:
-    """`n` Spec-Bench first turns of at most `chars` characters, one category after another."""
+def short_prompts(chars: int, n: int, least: int = 0) -> list[str]:
+    """`n` Spec-Bench first turns of `least` to `chars` characters, one category after another."""
     from edgespec.bench.datasets import read_prompts
 
     by_category: dict[str, list[str]] = {}
     for p in read_prompts(BENCH_QUESTIONS):
-        if len(p.prompt) <= chars:
+        if least <= len(p.prompt) <= chars:
             by_category.setdefault(p.category, []).append(p.prompt)
     out: list[str] = []
     while len(out) < n and any(by_category.values()):

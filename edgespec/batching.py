@@ -30,11 +30,20 @@ Gathering: the caller that finds no pass running leads the next one. It waits up
 seconds for the sequences of the previous pass to send their next calls (each does its sampling
 and drafting in between), then runs what is waiting, first come first served. A sequence that
 misses the window joins the pass after.
+
+A model drafter drafts for all its sequences in one batch too: the draft context has a batcher of
+its own (`link`ed to the target's), so the sequences of one verification pass draft their first
+tokens in one draft pass, then their next ones, and so on. The sequences keep in step: a
+verification pass waits (up to `PATIENCE` seconds) for a sequence of the previous one that is
+still drafting, rather than leaving it to a pass of its own and the sequences drafting beside it
+in turn; and a draft pass does not wait for a sequence that has drafted all it will and gone on to
+its verification.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 import time
 from collections import deque
@@ -65,6 +74,15 @@ the whole of it."""
 WINDOW = 0.02
 """Seconds a pass waits for the sequences of the previous one (their sampling and drafting, one
 thread at a time under the GIL, take about a millisecond each)."""
+
+PATIENCE = 1.0
+"""Seconds a verification pass waits for a sequence of the previous one that is drafting with a
+model: a few of its passes, each a fraction of a verification pass (a sequence that drafts fewer
+tokens than the others waits for them instead of verifying alone, and drafting alone next)."""
+
+_POLL = 0.002  # seconds between looks at the linked batcher while waiting
+
+_order = itertools.count()  # orders the calls of every batcher (which came last, draft or target)
 
 
 @dataclass(eq=False)
@@ -146,6 +164,19 @@ class Batcher:
         self._running = False  # a pass is being gathered or run (its leader is at work)
         self._native = threading.Lock()  # one native call on the context at a time
         self._last: set[int] = set()
+        self._called: dict[int, int] = {}  # each sequence's latest call, in `_order`
+        self._inside: set[int] = set()  # sequences whose call is waiting or in the running pass
+        self._drafts: Batcher | None = None  # the draft model's batcher, on a target's
+        self._verifies: Batcher | None = None  # the target's batcher, on a draft model's
+
+    def link(self, draft: Batcher) -> None:
+        """Make `draft` the batcher of this target's draft model, sequence i drafting for
+        sequence i: the two keep their sequences in step (see the module)."""
+        if draft is self or draft.runtime.n_seq != self.runtime.n_seq:
+            raise ValueError(
+                "a draft batcher holds as many sequences as its target's, on a context of its own"
+            )
+        self._drafts, draft._verifies = draft, self
 
     def eval(self, seq: int, tokens: Sequence[int], logits: LogitRows) -> np.ndarray:
         """Sequence `seq`'s `Runtime.eval`: returns once a pass has evaluated its tokens (the
@@ -156,6 +187,8 @@ class Batcher:
             seq, list(tokens), logits, alone=len(tokens) > self.cap or (logits == "none" and not self.chunk)
         )
         with self._cond:
+            self._called[seq] = next(_order)
+            self._inside.add(seq)
             self._pending.append(call)
             self._cond.notify_all()
             while not call.done:
@@ -173,6 +206,7 @@ class Batcher:
                 finally:
                     self._running = False
                     self._cond.notify_all()
+            self._inside.discard(seq)
         if call.error is not None:
             raise call.error
         assert call.result is not None
@@ -197,16 +231,19 @@ class Batcher:
             self._cond.notify_all()
 
     def _gather(self) -> list[_Call]:
-        """Under the lock: wait for the previous pass's sequences (up to `window`), then take the
-        calls of the next pass, first come first served."""
+        """Under the lock: wait for the previous pass's sequences (up to `window`, or `PATIENCE`
+        while those missing are drafting), then take the calls of the next pass, first come first
+        served."""
         head = self._pending[0]
         if not head.alone:
-            deadline = time.monotonic() + self.window
-            while not self._last <= {c.seq for c in self._pending if not c.alone}:
-                left = deadline - time.monotonic()
+            start = time.monotonic()
+            while missing := self._missing():
+                drafting = self._drafts is not None and all(map(self._drafts._after(self), missing))
+                left = start + (PATIENCE if drafting else self.window) - time.monotonic()
                 if left <= 0:
                     break
-                self._cond.wait(left)
+                # nothing here hears of a call to the linked batcher: look again every _POLL
+                self._cond.wait(min(left, _POLL) if self._linked else left)
             head = self._pending[0]
         if head.alone:
             self._pending.popleft()
@@ -218,6 +255,25 @@ class Batcher:
                 rows += len(call.tokens)
                 self._pending.remove(call)
         return taken
+
+    @property
+    def _linked(self) -> bool:
+        return self._drafts is not None or self._verifies is not None
+
+    def _missing(self) -> set[int]:
+        """Under the lock: the sequences of the previous pass whose next call has not come. On a
+        draft batcher also those of the latest verification pass that draft here, and less those
+        waiting for their verification: every sequence verified together drafts together."""
+        expected = set(self._last)
+        verifies = self._verifies
+        if verifies is not None:
+            expected |= {s for s in verifies._last if s in self._called}
+            expected -= verifies._inside
+        return expected - {c.seq for c in self._pending if not c.alone}
+
+    def _after(self, other: Batcher) -> Callable[[int], bool]:
+        """Whether a sequence called this batcher after its latest call to `other`."""
+        return lambda seq: self._called.get(seq, -1) > other._called.get(seq, -1)
 
     def _run(self, taken: list[_Call]) -> None:
         """Outside the lock: one pass, its results handed to its calls."""
@@ -330,6 +386,8 @@ class Slots:
         if draft is not None and draft.runtime.n_seq != n:
             raise ValueError("the draft context must hold as many sequences as the target's")
         self.target, self.draft = target, draft
+        if draft is not None:
+            target.link(draft)
         self.engines = [
             SpeculativeEngine(SeqView(target, i), make_drafter(None if draft is None else SeqView(draft, i)))
             for i in range(n)

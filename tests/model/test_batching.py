@@ -52,15 +52,28 @@ def drafter(kind: str, view, n_vocab: int):
     return NgramDrafter() if kind == "ngram" else None
 
 
+def drafting_requests() -> list[tuple[str, str, GenerationSettings]]:
+    """One request per slot, each drafting with the model, k from 1 to N; greedy and seeded."""
+    greedy = GenerationSettings(max_tokens=40)
+    sampled = replace(greedy, sampling=SamplingSettings(temperature=0.8, top_k=40))
+    return [
+        (TEXTS[i], "model", replace(sampled if i % 2 else greedy, draft_max=i + 1, seed=i)) for i in range(N)
+    ]
+
+
 @pytest.fixture(scope="module")
 def alone(tiny_pair) -> list[list[int]]:
+    return served_alone(tiny_pair, requests())
+
+
+def served_alone(tiny_pair, asked: list[tuple[str, str, GenerationSettings]]) -> list[list[int]]:
     """Each request's tokens, served alone."""
     out = []
     with (
         LlamaCppRuntime(tiny_pair[0], TINY_SETTINGS) as target,
         LlamaCppRuntime(tiny_pair[1], TINY_SETTINGS) as draft,
     ):
-        for text, kind, settings in requests():
+        for text, kind, settings in asked:
             target.truncate(0)
             draft.truncate(0)
             prompt = target.tokenize(text, add_special=True, parse_special=False)
@@ -76,14 +89,18 @@ def contexts(tiny_pair):
         yield target, draft
 
 
-def serve_together(target, draft, cap: int | None = None):
-    """Every request at once, each in its own thread on a slot of its own kind of drafter."""
+def serve_together(target, draft, cap: int | None = None, linked: bool = True, asked=None):
+    """Every request (`requests()` unless `asked`) at once, each in its own thread on a slot of its
+    own kind of drafter."""
+    asked = requests() if asked is None else asked
     target_batcher, draft_batcher = Batcher(target, cap=cap), Batcher(draft, cap=cap)
+    if linked:
+        target_batcher.link(draft_batcher)
     views = [(SeqView(target_batcher, i), SeqView(draft_batcher, i)) for i in range(N)]
     results: dict[int, list[int]] = {}
     free = list(range(N))
     lock = threading.Condition()
-    start = threading.Barrier(len(requests()))
+    start = threading.Barrier(len(asked))
 
     def serve(index: int, text: str, kind: str, settings: GenerationSettings) -> None:
         start.wait()
@@ -102,7 +119,7 @@ def serve_together(target, draft, cap: int | None = None):
             free.append(slot)
             lock.notify_all()
 
-    threads = [threading.Thread(target=serve, args=(i, *r)) for i, r in enumerate(requests())]
+    threads = [threading.Thread(target=serve, args=(i, *r)) for i, r in enumerate(asked)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -123,6 +140,23 @@ def test_each_answer_is_the_one_served_alone(contexts, alone):
         sum(p.seconds for p in passes)
     )
     assert draft_batcher.stats.passes > 0  # the drafters drafted through their views
+
+
+def test_the_model_drafter_drafts_for_all_its_sequences_in_one_batch(tiny_pair):
+    # Under llama.cpp's own kernels a pass holds every sequence's verification (under the exact
+    # ones the tiny target's cap of 8 rows splits 2 + 3 + 4 + 5 rows, and its halves alternate).
+    settings = replace(TINY_SETTINGS, n_seq=N, kernels="fast")
+    with LlamaCppRuntime(tiny_pair[0], settings) as target, LlamaCppRuntime(tiny_pair[1], settings) as draft:
+        _, apart, _ = serve_together(target, draft, linked=False, asked=drafting_requests())
+        _, verified, drafted = serve_together(target, draft, asked=drafting_requests())
+    # Linked, the sequences keep in step: the draft passes hold every sequence still drafting (k
+    # from 1 to 4), and one verification pass waits for the longest draft instead of running
+    # without it (unlinked, the sequences drift apart into passes of their own).
+    together = [p for p in verified.stats.history if p.seqs == N]
+    assert len(together) >= verified.stats.passes / 3 and drafted.stats.widest == N
+    assert verified.stats.passes < 0.8 * apart.stats.passes
+    rounds = verified.stats.passes
+    assert drafted.stats.passes <= N * rounds  # at most k_max draft passes per verification
 
 
 def test_a_narrow_cap_splits_passes_and_changes_no_answer(contexts, alone):
