@@ -48,14 +48,17 @@ CONFIGS = {  # Engine options of each setting
 }
 
 
-def run_streams(engine: Any, prompts: list[str], max_tokens: int) -> dict:
-    """Stream every prompt at once, one thread each; the window in which all were decoding."""
+def run_streams(engine: Any, prompts: list[str], max_tokens: int, **options: Any) -> dict:
+    """Stream every prompt at once, one thread each (`options` go to `Engine.stream`); the window
+    in which all were decoding."""
     stamps: list[list[float]] = [[] for _ in prompts]
     errors: list[BaseException] = []
 
     def client(i: int) -> None:
         try:
-            for _ in engine.stream(prompts[i], max_tokens=max_tokens, temperature=0, cache_prompt=False):
+            for _ in engine.stream(
+                prompts[i], max_tokens=max_tokens, temperature=0, cache_prompt=False, **options
+            ):
                 stamps[i].append(time.perf_counter())
         except BaseException as exc:  # reported below
             errors.append(exc)
