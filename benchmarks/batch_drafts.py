@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from batch_steps import run_streams  # noqa: E402
-from common import machine, median, write_json  # noqa: E402
+from common import median, write_run  # noqa: E402
 from concurrency import short_prompts  # noqa: E402
 
 STREAMS = 4
@@ -108,15 +108,7 @@ def main() -> None:
             f"| {name} | {s['tokens_per_s']:.2f} | {s['verify_passes']:.0f} | {s['verify_seqs_mean']:.2f} |"
             f" {s['draft_passes']:.0f} | {s['draft_seqs_mean']:.2f} |"
         )
-    write_json(
-        args.out,
-        {
-            "machine": machine(),
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "rows": rows,
-            "summary": summary,
-        },
-    )
+    write_run(args.out, args, rows=rows, summary=summary)
 
 
 if __name__ == "__main__":

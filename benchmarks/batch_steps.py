@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, write_json  # noqa: E402
+from common import median, write_run  # noqa: E402
 from concurrency import short_prompts  # noqa: E402
 
 STREAMS = (1, 2, 4)
@@ -155,10 +155,7 @@ def main() -> None:
             rows = layouts(engine, 4 * args.reps)
         for row in rows:
             print(f"sequences {row['sequences']}: {row['ms']:.1f} ms")
-        write_json(
-            args.out,
-            {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "layouts": rows},
-        )
+        write_run(args.out, args, layouts=rows)
         return
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -221,15 +218,7 @@ def main() -> None:
             f"| {s['config']} | {s['streams']} | {s['tokens_per_s']:.2f} | {s['vs_one']:.2f}× |"
             f" {s['pass_ms']:.0f} | {s['bare_ms']:.0f} | {s['gap_ms']:.1f} | {s['in_passes']:.1%} |"
         )
-    write_json(
-        args.out,
-        {
-            "machine": machine(),
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "rows": rows,
-            "summary": summary,
-        },
-    )
+    write_run(args.out, args, rows=rows, summary=summary)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import signal
 import statistics
 import subprocess
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_QUESTIONS = ROOT.parent / "shared" / "bench" / "spec_bench_question.jsonl"
@@ -35,6 +36,11 @@ def write_json(path: Path, data: dict) -> None:
     from edgespec.fileio import write_text_atomic
 
     write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def write_run(path: Path, args: Any, **data: Any) -> None:
+    """Write a run's results (`write_json`) with the machine and the command line's arguments."""
+    write_json(path, {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, **data})
 
 
 def geomean(values: list[float]) -> float:

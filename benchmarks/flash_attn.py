@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, write_json  # noqa: E402
+from common import median, write_run  # noqa: E402
 
 LENGTHS = (100, 1000, 2000, 3500)
 
@@ -64,9 +64,7 @@ def main() -> None:
     finally:
         for rt in runtimes.values():
             rt.close()
-    write_json(
-        args.out, {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
-    )
+    write_run(args.out, args, rows=rows)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from typing import Any, Literal, overload
 import llama_cpp as _ll
 import numpy as np
 
+from edgespec.runtimes.native import NativeThread
+
 logger = logging.getLogger("edgespec")
 
 #: cache types by name, as ggml numbers them
@@ -138,8 +140,12 @@ class _Probe:
         self.mem = _ll.llama_get_memory(ctx)
         self.n_vocab = n_vocab
         self.batch = _ll.llama_batch_init(512, 0, 1)
+        # decoded on a thread that ends with the probe, as a runtime decodes on its own thread
+        # (`edgespec.runtimes.native`): no OpenMP team is left behind in the caller's thread
+        self.native = NativeThread("edgespec-probe")
 
     def close(self) -> None:
+        self.native.stop()
         _ll.llama_batch_free(self.batch)
         _ll.llama_free(self.ctx)
 
@@ -157,7 +163,7 @@ class _Probe:
             b.seq_id[i][0] = 0
             b.logits[i] = rows
         b.n_tokens = len(tokens)
-        status = _ll.llama_decode(self.ctx, b)
+        status = self.native.call(_ll.llama_decode, self.ctx, b)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
         if not rows:

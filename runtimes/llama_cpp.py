@@ -45,6 +45,7 @@ from edgespec.formats.gguf import check_gguf
 from edgespec.formats.vocabmap import KEY_TARGET_N_VOCAB, VocabMap
 from edgespec.runtimes.base import LogitRows, RuntimeBase, RuntimeSettings, VocabInfo
 from edgespec.runtimes.invariance import GGML_TYPES, ProbeResult, probe_or_load
+from edgespec.runtimes.native import NativeThread
 
 try:
     import llama_cpp as _ll
@@ -240,6 +241,8 @@ class LlamaCppRuntime(RuntimeBase):
         self._model = None
         self._ctx = None
         self._batch = None
+        # every llama_decode of this context on one thread (see `edgespec.runtimes.native`)
+        self._native = NativeThread(f"edgespec-native-{self.path.stem[:24]}")
         # llama.cpp stops the process on some malformed files: refuse those with a message first.
         check_gguf(self.path)
         log = _backend()
@@ -451,7 +454,7 @@ class LlamaCppRuntime(RuntimeBase):
                 batch.logits[count - 1] = True
             batch.n_tokens = count
             try:
-                status = _ll.llama_decode(self._ctx, batch)
+                status = self._native.call(_ll.llama_decode, self._ctx, batch)
                 if status != 0:
                     # llama_decode leaves the cache as it was for status 1 / -1; drop partial
                     # ubatches for the fatal codes so that n_past stays true.
@@ -547,7 +550,7 @@ class LlamaCppRuntime(RuntimeBase):
         batch.n_tokens = total
         before = [len(self._seqs[seq]) for seq in seqs]
         try:
-            status = _ll.llama_decode(self._ctx, batch)
+            status = self._native.call(_ll.llama_decode, self._ctx, batch)
             if status != 0:
                 raise RuntimeFailure(f"llama_decode failed with status {status}: {_backend().reason()}")
             for seq, (_, tokens) in zip(seqs, parts, strict=True):
@@ -594,6 +597,9 @@ class LlamaCppRuntime(RuntimeBase):
         self.truncate_seq(seq, n)
 
     def close(self) -> None:
+        native = getattr(self, "_native", None)
+        if native is not None:
+            native.stop()
         if self._batch is not None:
             _ll.llama_batch_free(self._batch)
             self._batch = None
