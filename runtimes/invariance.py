@@ -36,7 +36,7 @@ from typing import Any, Literal, overload
 import llama_cpp as _ll
 import numpy as np
 
-from edgespec.runtimes.native import NativeThread
+from edgespec.runtimes.native import NativeThread, for_layers
 
 logger = logging.getLogger("edgespec")
 
@@ -135,17 +135,16 @@ def _context(model: Any, n_ctx: int, threads: int, threads_batch: int, kv: tuple
 class _Probe:
     """One candidate's context, with helpers to decode at given positions."""
 
-    def __init__(self, ctx: Any, n_vocab: int) -> None:
+    def __init__(self, ctx: Any, n_vocab: int, native: NativeThread) -> None:
         self.ctx = ctx
         self.mem = _ll.llama_get_memory(ctx)
         self.n_vocab = n_vocab
         self.batch = _ll.llama_batch_init(512, 0, 1)
-        # decoded on a thread that ends with the probe, as a runtime decodes on its own thread
-        # (`edgespec.runtimes.native`): no OpenMP team is left behind in the caller's thread
-        self.native = NativeThread("edgespec-probe")
+        # decoded on the thread the runtime will decode on (`edgespec.runtimes.native`): no
+        # OpenMP team is left behind in the caller's thread
+        self.native = native
 
     def close(self) -> None:
-        self.native.stop()
         _ll.llama_batch_free(self.batch)
         _ll.llama_free(self.ctx)
 
@@ -230,13 +229,34 @@ def probe(
     n_vocab = int(_ll.llama_vocab_n_tokens(vocab))
     tokens = probe_tokens(n_vocab, max(CONTEXTS) + MAX_ROWS + TIMED_STEPS + 2)
     n_ctx = 1024
+    native, own = for_layers(gpu_layers)
+    try:
+        results = _probe_candidates(model, native, tokens, n_vocab, n_ctx, threads, threads_batch, candidates)
+    finally:
+        if own:
+            native.stop()
+    passing = [c for c in results if c.passed]
+    chosen = min(passing, key=lambda c: c.step_ms or 0.0) if passing else None
+    return ProbeResult(tuple(results), chosen, backend_name(gpu_layers))
+
+
+def _probe_candidates(
+    model: Any,
+    native: NativeThread,
+    tokens: Sequence[int],
+    n_vocab: int,
+    n_ctx: int,
+    threads: int,
+    threads_batch: int,
+    candidates: Sequence[tuple[str, str]],
+) -> list[CandidateResult]:
     results = []
     for kv in candidates:
         ctx = _context(model, n_ctx, threads, threads_batch, kv)
         if not ctx:
             results.append(CandidateResult(kv[0], kv[1], 0, None, "llama.cpp could not create this context"))
             continue
-        p = _Probe(ctx, n_vocab)
+        p = _Probe(ctx, n_vocab, native)
         try:
             rows = [_max_rows_at(p, tokens, n) for n in CONTEXTS]
             max_rows = min(rows)
@@ -255,9 +275,7 @@ def probe(
             results.append(CandidateResult(kv[0], kv[1], 0, None, str(exc)))
         finally:
             p.close()
-    passing = [c for c in results if c.passed]
-    chosen = min(passing, key=lambda c: c.step_ms or 0.0) if passing else None
-    return ProbeResult(tuple(results), chosen, backend_name(gpu_layers))
+    return results
 
 
 def backend_name(gpu_layers: int) -> str:

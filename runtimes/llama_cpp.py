@@ -43,9 +43,9 @@ from edgespec.errors import (
 )
 from edgespec.formats.gguf import check_gguf
 from edgespec.formats.vocabmap import KEY_TARGET_N_VOCAB, VocabMap
+from edgespec.runtimes import native as _native_threads
 from edgespec.runtimes.base import LogitRows, RuntimeBase, RuntimeSettings, VocabInfo
 from edgespec.runtimes.invariance import GGML_TYPES, ProbeResult, probe_or_load
-from edgespec.runtimes.native import NativeThread
 
 try:
     import llama_cpp as _ll
@@ -242,7 +242,7 @@ class LlamaCppRuntime(RuntimeBase):
         self._ctx = None
         self._batch = None
         # every llama_decode of this context on one thread (see `edgespec.runtimes.native`)
-        self._native = NativeThread(f"edgespec-native-{self.path.stem[:24]}")
+        self._native, self._own_native = _native_threads.for_layers(self.settings.gpu_layers)
         # llama.cpp stops the process on some malformed files: refuse those with a message first.
         check_gguf(self.path)
         log = _backend()
@@ -598,7 +598,7 @@ class LlamaCppRuntime(RuntimeBase):
 
     def close(self) -> None:
         native = getattr(self, "_native", None)
-        if native is not None:
+        if native is not None and self._own_native:
             native.stop()
         if self._batch is not None:
             _ll.llama_batch_free(self._batch)

@@ -1,5 +1,5 @@
-"""Every llama_decode of a context runs on the runtime's own thread (`edgespec.runtimes.native`),
-whichever thread asks: one OpenMP team per context, none left behind in callers' threads."""
+"""Every llama_decode runs on one thread (`edgespec.runtimes.native`), whichever thread asks: the
+contexts on the CPU share the process's CPU thread (one OpenMP team), a GPU context has its own."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 
 import edgespec.runtimes.llama_cpp as lc
 from edgespec.runtimes.llama_cpp import LlamaCppRuntime
-from edgespec.runtimes.native import NativeThread
+from edgespec.runtimes.native import NativeThread, cpu_thread, for_layers
 
 from ..conftest import TINY_SETTINGS
 
 
-def test_a_runtime_decodes_on_its_own_thread_whoever_calls(tiny_pair, monkeypatch):
+def test_cpu_contexts_decode_on_one_thread_whoever_calls(tiny_pair, monkeypatch):
     seen: list[int] = []
     decode = lc._ll.llama_decode
 
@@ -25,17 +25,31 @@ def test_a_runtime_decodes_on_its_own_thread_whoever_calls(tiny_pair, monkeypatc
         return decode(ctx, batch)
 
     monkeypatch.setattr(lc._ll, "llama_decode", recording)
-    with LlamaCppRuntime(tiny_pair[0], TINY_SETTINGS) as rt:
-        rt.eval([1, 2, 3], "last")  # from this thread
-        callers = [threading.Thread(target=rt.eval, args=([4 + i], "last")) for i in range(2)]
+    with (
+        LlamaCppRuntime(tiny_pair[0], TINY_SETTINGS) as target,
+        LlamaCppRuntime(tiny_pair[1], TINY_SETTINGS) as draft,
+    ):
+        target.eval([1, 2, 3], "last")  # from this thread
+        callers = [threading.Thread(target=rt.eval, args=([4], "last")) for rt in (target, draft)]
         for thread in callers:
             thread.start()
             thread.join()
-        native = rt._native._thread
-        assert native is not None and native.is_alive()
-        assert set(seen) == {native.ident} and threading.get_ident() not in seen
-        assert list(rt.tokens) == [1, 2, 3, 4, 5]
-    assert not native.is_alive()  # closing the runtime ends its thread (and the thread's team)
+        shared = cpu_thread()._thread
+        assert shared is not None and target._native is draft._native is cpu_thread()
+        assert set(seen) == {shared.ident}  # the invariance probe of the exact kernels too
+        assert list(target.tokens) == [1, 2, 3, 4] and list(draft.tokens) == [4]
+    assert shared.is_alive()  # the CPU thread outlives the contexts: its team is the only one
+
+
+def test_a_gpu_context_gets_a_thread_of_its_own():
+    cpu, own = for_layers(0)
+    assert cpu is cpu_thread() and not own
+    gpu, own = for_layers(-1)
+    try:
+        assert own and gpu is not cpu_thread()
+        assert gpu.call(threading.get_ident) != cpu_thread().call(threading.get_ident)
+    finally:
+        gpu.stop()
 
 
 def test_calls_run_in_order_and_their_errors_reach_the_caller():
