@@ -158,7 +158,8 @@ class ModelDrafter(DrafterBase):
     and its own next token is the continuation's first, the rest of the continuation is already
     drafted and the next step starts with it; otherwise it is dropped (the prefix match rolls the
     cache back). The backends release the GIL while they compute, so the two models run at once
-    when they sit on different devices or cores. Only greedy drafts (no sampler) run ahead: a
+    when they sit on different devices (two llama.cpp contexts on the CPU decode on one thread:
+    `edgespec.runtimes.native`). Only greedy drafts (no sampler) run ahead: a
     sampled continuation would share the generation's random generator with verification.
 
     Args:
