@@ -305,7 +305,8 @@ class Engine:
         cache_prompt: the default of the per-call option: reuse the cached prefix of the previous
             call (True), or evaluate every prompt whole, so that greedy output depends on the
             prompt alone (False; see `GenerationSettings.cache_prompt`).
-        flash_attn: "auto", "on" or "off" (without a profile).
+        flash_attn: "auto", "on" or "off" (without a profile; off, as llama-cpp-python's `Llama`:
+            on this CPU it made a step 19% slower at 2,000-3,500 tokens of context).
         draft_provider: ONNX Runtime provider for an ONNX drafter.
         verbose: let llama.cpp's log lines through.
         parallel: generations served at once (continuous batching, `edgespec.batching`): the
@@ -335,7 +336,7 @@ class Engine:
         gpu_layers: int | None = None,
         draft_gpu_layers: int | None = None,
         kernels: str | None = None,
-        flash_attn: str = "auto",
+        flash_attn: str = "off",
         draft_provider: str | None = None,
         cache_prompt: bool = True,
         verbose: bool = False,

@@ -343,7 +343,12 @@ def _engine_option_list() -> list[Any]:
             "available).",
         ),
         click.option(
-            "--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True
+            "--flash-attn",
+            type=click.Choice(["auto", "on", "off"]),
+            default="off",
+            show_default=True,
+            help="llama.cpp's flash attention, without a profile: off as llama-cpp-python runs it (on "
+            "a CPU it made decoding at long contexts slower); exact kernels always run it.",
         ),
         click.option(
             "--kernels",

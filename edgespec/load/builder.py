@@ -167,7 +167,8 @@ class EngineSpec:
         threads, draft_threads: CPU threads for the target and the draft model.
         gpu_layers, draft_gpu_layers: layers on a GPU (None: the profile's, else 0).
         kernels: "fast" or "exact" (None: the profile's, else "fast").
-        flash_attn: llama.cpp's flash attention without a profile ("auto", "on", "off").
+        flash_attn: llama.cpp's flash attention without a profile ("auto", "on", "off"; off as
+            llama-cpp-python's `Llama` and a profile run it).
         draft_provider: ONNX Runtime execution provider for an ONNX drafter.
         verbose: let llama.cpp's log lines through.
         retune: with a profile, measure this machine again even when a tuned profile exists
@@ -184,7 +185,7 @@ class EngineSpec:
     gpu_layers: int | None = None
     draft_gpu_layers: int | None = None
     kernels: str | None = None
-    flash_attn: str = "auto"
+    flash_attn: str = "off"
     draft_provider: str | None = None
     verbose: bool = False
     retune: bool = False

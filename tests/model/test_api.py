@@ -114,6 +114,12 @@ def test_options_reach_the_generation(engine):
     assert raw.prompt_tokens == 4 and raw.stats.n_drafted == 0
 
 
+def test_without_a_profile_flash_attention_is_off_as_in_llama_cpp_python(engine):
+    # On a CPU it made a step 19% slower at 2,000-3,500 tokens (benchmarks/flash_attn.py), and
+    # llama-cpp-python's Llama, the yardstick, runs it off.
+    assert engine._pair.engine.target.settings.flash_attn == "off"
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
