@@ -62,7 +62,8 @@ class GenerationSettings:
     Attributes:
         max_tokens: most tokens to generate (>= 1).
         draft_max: k, the most draft tokens proposed per step (0 disables drafting).
-        stop: strings that end generation; not included in the text.
+        stop: strings that end generation; not included in the text. One string is one stop
+            string (as in the OpenAI API), not a sequence of one-character ones.
         seed: seed for sampling; the same seed and settings give the same output. None draws a
             fresh one, recorded as `Generation.seed`. Greedy decoding does not use it.
         cache_prompt: keep what the target's cache already holds up to the longest common prefix
@@ -93,6 +94,10 @@ class GenerationSettings:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) for s in stop):
+            raise SettingsError(f"stop must be a string or a sequence of strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
         if self.max_tokens < 1:
             raise SettingsError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.draft_max < 0:

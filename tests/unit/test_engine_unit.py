@@ -483,6 +483,17 @@ def test_stop_string_never_seen_is_flushed_at_the_end():
     assert gen.text == " sat o" and gen.finish_reason == "length"
 
 
+def test_one_stop_string_is_one_stop_string_not_its_characters():
+    settings = GenerationSettings(60, 0, stop=" on the")  # type: ignore[arg-type]
+    assert settings.stop == (" on the",)
+    target = FakeRuntime(periodic(SCRIPT))
+    prompt = target.tokenize("the cat", add_special=True, parse_special=False)
+    # split into characters, " " would stop it at once
+    assert SpeculativeEngine(target).generate(prompt, settings).run().text == " sat"
+    with pytest.raises(SettingsError, match="stop must be a string or a sequence of strings"):
+        GenerationSettings(6, 0, stop=(" on", 7))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("drafter_name", ["oracle", "wrong", "ngram", "random1"])
 def test_full_context_finishes_with_length(drafter_name):
     target = FakeRuntime(periodic(SCRIPT), n_ctx=40)
