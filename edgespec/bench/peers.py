@@ -82,17 +82,25 @@ def llama_cpp_python_lookup(
     # A multiple of 256: llama.cpp rounds the context up to one, and llama-cpp-python bounds its loop
     # by that rounded size while its logits table has only the rows asked for.
     n_ctx = -(-(max(len(p.tokens) for p in prompts) + max_tokens + 16) // 256) * 256
+    from edgespec.runtimes.native import cpu_thread
+
+    # On the thread edgespec's contexts compute on, as the yardstick (`edgespec.bench.yardstick`):
+    # one OpenMP team in the process.
+    native = cpu_thread()
     # draft_model forces logits_all=True: an n_ctx x n_vocab table, so keep n_ctx to what is needed.
-    llm = llama_cpp.Llama(
-        model_path=str(target_path),
-        n_ctx=n_ctx,
-        n_threads=threads,
-        n_threads_batch=threads,
-        draft_model=LlamaPromptLookupDecoding(num_pred_tokens=k),
-        verbose=False,
+    llm = native.call(
+        lambda: llama_cpp.Llama(
+            model_path=str(target_path),
+            n_ctx=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            draft_model=LlamaPromptLookupDecoding(num_pred_tokens=k),
+            verbose=False,
+        )
     )
     runs: list[dict[str, Any]] = []
-    try:
+
+    def run_all() -> None:
         for prompt in prompts:
             llm.reset()
             out: list[int] = []
@@ -120,8 +128,11 @@ def llama_cpp_python_lookup(
                     "identical_to_target_only": out == prompt.reference,
                 }
             )
+
+    try:
+        native.call(run_all)
     finally:
-        llm.close()
+        native.call(llm.close)
     return lookup_summary(name, runs)
 
 

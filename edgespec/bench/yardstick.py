@@ -13,6 +13,14 @@ completion's usage (an end-of-generation token is not counted, though its step i
 llama-cpp-python calls the callback for every sampled token, an end-of-generation token included,
 and once more after its loop ends, so counting the calls would credit it one or two tokens more
 than it gave.
+
+Threads: llama-cpp-python computes on the thread that calls it, and libgomp keeps an OpenMP team
+for every thread that has computed; edgespec's contexts compute on the process's shared CPU thread
+(`edgespec.runtimes.native`). Called from the benchmark's own thread, the yardstick would add a
+second team in the same process, and with more threads than CPUs libgomp stops spinning at its
+barriers: both then ran about 25% slower than each alone (2-core VM, 2026-12-08: 22.4-22.5 tokens/s
+in one process against 28.6-30.0 alone, `benchmarks/yardstick_threads.py`). So the yardstick
+computes on that same thread, as a process running only llama-cpp-python would on its one.
 """
 
 from __future__ import annotations
@@ -68,10 +76,20 @@ class LlamaCppPlain:
     def __init__(self, path: str | os.PathLike[str], n_ctx: int, threads: int) -> None:
         import llama_cpp
 
+        from edgespec.runtimes.native import cpu_thread
+
         self.path = Path(path)
         self.threads = threads
-        self.llm = llama_cpp.Llama(
-            model_path=str(self.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+        #: where every call into llama.cpp runs (see the module's docstring)
+        self.native = cpu_thread()
+        self.llm = self.native.call(
+            lambda: llama_cpp.Llama(
+                model_path=str(self.path),
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
         )
 
     def complete(
@@ -104,18 +122,22 @@ class LlamaCppPlain:
             from llama_cpp import LlamaGrammar
 
             grammar = LlamaGrammar.from_json_schema(json_schema, verbose=False)
-        if not reuse:
-            self.llm.reset()
         prompt_arg: Any = list(prompt) if not isinstance(prompt, str) else prompt
-        start = time.perf_counter()
-        out = self.llm.create_completion(
-            prompt_arg,
-            max_tokens=max_tokens,
-            temperature=0.0,
-            stopping_criteria=StoppingCriteriaList([stamp]),
-            grammar=grammar,
-        )
-        end = time.perf_counter()
+
+        def run() -> tuple[Any, float, float]:
+            if not reuse:
+                self.llm.reset()
+            start = time.perf_counter()
+            out = self.llm.create_completion(
+                prompt_arg,
+                max_tokens=max_tokens,
+                temperature=0.0,
+                stopping_criteria=StoppingCriteriaList([stamp]),
+                grammar=grammar,
+            )
+            return out, start, time.perf_counter()
+
+        out, start, end = self.native.call(run)
         if not isinstance(out, dict):  # an iterator only when streaming, which is not asked for
             raise TypeError("create_completion streamed an answer that was asked for whole")
         usage = out["usage"]
@@ -135,18 +157,22 @@ class LlamaCppPlain:
         a character spans tokens)."""
         stamps: list[float] = []
         pieces: list[str] = []
-        start = time.perf_counter()
-        for chunk in self.llm.create_chat_completion(
-            messages,  # type: ignore[arg-type]
-            max_tokens=max_tokens,
-            temperature=0.0,
-            stream=True,
-        ):
-            text = chunk["choices"][0]["delta"].get("content")  # type: ignore[index, union-attr]
-            if isinstance(text, str) and text:
-                stamps.append(time.perf_counter())
-                pieces.append(text)
-        end = time.perf_counter()
+
+        def run() -> tuple[float, float]:
+            start = time.perf_counter()
+            for chunk in self.llm.create_chat_completion(
+                messages,  # type: ignore[arg-type]
+                max_tokens=max_tokens,
+                temperature=0.0,
+                stream=True,
+            ):
+                text = chunk["choices"][0]["delta"].get("content")  # type: ignore[index, union-attr]
+                if isinstance(text, str) and text:
+                    stamps.append(time.perf_counter())
+                    pieces.append(text)
+            return start, time.perf_counter()
+
+        start, end = self.native.call(run)
         return PlainResult(
             text="".join(pieces),
             n_prompt=int(self.llm.n_tokens),
@@ -159,4 +185,4 @@ class LlamaCppPlain:
     def close(self) -> None:
         close = getattr(self.llm, "close", None)
         if close is not None:
-            close()
+            self.native.call(close)

@@ -87,3 +87,32 @@ def test_ctrl_c_waits_for_the_call_to_finish():
     finally:
         timer.cancel()
         native.stop()
+
+
+def test_the_yardstick_decodes_on_edgespecs_cpu_thread(tiny_pair, monkeypatch):
+    """llama-cpp-python in the benchmark's process computes on the thread edgespec's contexts use:
+    one OpenMP team, not a second one that makes both decode about 25% slower
+    (`benchmarks/yardstick_threads.py`)."""
+    import llama_cpp.llama_cpp as native_api
+
+    from edgespec.bench.yardstick import LlamaCppPlain
+
+    seen: list[int] = []
+    decode = native_api.llama_decode
+
+    def recording(ctx, batch):
+        seen.append(threading.get_ident())
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(native_api, "llama_decode", recording)
+    with LlamaCppRuntime(tiny_pair[0], TINY_SETTINGS) as target:
+        target.eval([1, 2, 3], "last")
+        plain = LlamaCppPlain(tiny_pair[0], 256, 1)
+        try:
+            result = plain.complete([1, 2, 3], 4)
+            chat = plain.chat([{"role": "user", "content": "hi"}], 3)
+        finally:
+            plain.close()
+    shared = cpu_thread()._thread
+    assert shared is not None and set(seen) == {shared.ident}
+    assert len(seen) > 3 and result.n_generated >= 1 and chat.t_total > 0
