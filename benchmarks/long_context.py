@@ -7,7 +7,8 @@ source, cut to length), each decoded greedily for --max-tokens tokens by:
 - `llama.cpp`: llama-cpp-python's `create_completion`, default context parameters (the yardstick);
 - `edgespec`: `Engine()` as users run it (`--profile auto`, llama.cpp's kernels);
 - `edgespec target-only`: the same engine with draft_max = 0;
-interleaved (A B C, A B C, ...), the whole prompt evaluated every time. Then a 6-turn chat that
+interleaved (A B C, C B A, ...: odd repetitions in reverse order, as odd chat turns), the
+whole prompt evaluated every time. Then a 6-turn chat that
 grows to about 3,500 tokens (each user turn adds a ~500-token piece of source and a question):
 `Engine.chat` against `Llama.create_chat_completion`, turn by turn, each keeping its own prefix
 cache as a chat app would. Reported: decode tokens/s and time to first token, and their ratios.
@@ -76,9 +77,10 @@ def main() -> None:
     for length in lengths:
         tokens = prompt_of_length(engine, plain, text_tokens, length)
         for rep in range(args.repeat):
-            res = plain.complete(tokens, args.max_tokens)
-            records.append(
-                {
+
+            def run_plain(rep: int = rep, tokens: list[int] = tokens, length: int = length) -> dict[str, Any]:
+                res = plain.complete(tokens, args.max_tokens)
+                return {
                     "length": length,
                     "prompt_tokens": len(tokens),
                     "repeat": rep,
@@ -87,25 +89,33 @@ def main() -> None:
                     "ttft": res.t_first,
                     "text": res.text,
                 }
-            )
-            configs = [("edgespec", None)] + ([] if args.no_target_only else [("edgespec target-only", 0)])
-            for config, draft_max in configs:
+
+            def run_edgespec(
+                config: str,
+                draft_max: int | None,
+                rep: int = rep,
+                tokens: list[int] = tokens,
+                length: int = length,
+            ) -> dict[str, Any]:
                 options: dict[str, Any] = {"max_tokens": args.max_tokens, "cache_prompt": False}
                 if draft_max is not None:
                     options["draft_max"] = draft_max
                 result = engine.generate(tokens, **options)
-                records.append(
-                    {
-                        "length": length,
-                        "prompt_tokens": len(tokens),
-                        "repeat": rep,
-                        "config": config,
-                        "tokens_per_second": result.stats.tokens_per_second,
-                        "ttft": result.stats.t_prompt,
-                        "tau": result.stats.tokens_per_step,
-                        "text": result.text,
-                    }
-                )
+                return {
+                    "length": length,
+                    "prompt_tokens": len(tokens),
+                    "repeat": rep,
+                    "config": config,
+                    "tokens_per_second": result.stats.tokens_per_second,
+                    "ttft": result.stats.t_prompt,
+                    "tau": result.stats.tokens_per_step,
+                    "text": result.text,
+                }
+
+            configs = [("edgespec", None)] + ([] if args.no_target_only else [("edgespec target-only", 0)])
+            runs = [run_plain] + [lambda c=c, k=k: run_edgespec(c, k) for c, k in configs]
+            # Odd repetitions run in reverse order, so that neither side always follows the other.
+            records += [run() for run in (runs if rep % 2 == 0 else runs[::-1])]
             print(
                 f"{length} ({len(tokens)} tok) rep {rep}: "
                 + "  ".join(
@@ -129,10 +139,14 @@ def main() -> None:
             "content": f"Here is more of the code:\n```python\n{piece}\n```\n{QUESTION}",
         }
         theirs.append(message)
-        res = plain.chat(theirs, args.max_tokens)
-        theirs.append({"role": "assistant", "content": res.text})
         mine.append(message)
-        result = engine.chat(mine, max_tokens=args.max_tokens)
+        if turn % 2 == 0:  # alternate which side goes first
+            res = plain.chat(theirs, args.max_tokens)
+            result = engine.chat(mine, max_tokens=args.max_tokens)
+        else:
+            result = engine.chat(mine, max_tokens=args.max_tokens)
+            res = plain.chat(theirs, args.max_tokens)
+        theirs.append({"role": "assistant", "content": res.text})
         mine.append({"role": "assistant", "content": result.text})
         chat_records.append(
             {

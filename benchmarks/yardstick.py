@@ -178,25 +178,30 @@ def main() -> None:
     records: list[dict[str, Any]] = []
     for i, item in enumerate(prompts):
         tokens = engine.tokenize(item["prompt"])
-        runs: list[tuple[str, dict[str, Any]]] = []
-        res = plain.complete(tokens, args.max_tokens)
-        runs.append(
-            (
-                "llama.cpp",
-                {
-                    "text": res.text,
-                    "tokens_per_second": res.tokens_per_second,
-                    "ttft": res.t_first,
-                    "n_generated": res.n_generated,
-                },
-            )
-        )
-        runs.append(("edgespec", edgespec_run(engine, tokens, None)))
+
+        def plain_run(tokens: list[int] = tokens) -> dict[str, Any]:
+            res = plain.complete(tokens, args.max_tokens)
+            return {
+                "text": res.text,
+                "tokens_per_second": res.tokens_per_second,
+                "ttft": res.t_first,
+                "n_generated": res.n_generated,
+            }
+
+        in_process: list[tuple[str, Any]] = [
+            ("llama.cpp", plain_run),
+            ("edgespec", lambda tokens=tokens: edgespec_run(engine, tokens, None)),
+        ]
         if not args.no_target_only:
-            runs.append(("edgespec target-only", edgespec_run(engine, tokens, 0)))
+            in_process.append(("edgespec target-only", lambda tokens=tokens: edgespec_run(engine, tokens, 0)))
         if exact is not None:
-            runs.append(("edgespec exact", edgespec_run(exact, tokens, None)))
-            runs.append(("edgespec exact target-only", edgespec_run(exact, tokens, 0)))
+            in_process.append(("edgespec exact", lambda tokens=tokens: edgespec_run(exact, tokens, None)))
+            in_process.append(
+                ("edgespec exact target-only", lambda tokens=tokens: edgespec_run(exact, tokens, 0))
+            )
+        # Odd prompts run the configurations in reverse order, so that none always follows another.
+        done = {name: run() for name, run in (in_process if i % 2 == 0 else in_process[::-1])}
+        runs: list[tuple[str, dict[str, Any]]] = [(name, done[name]) for name, _ in in_process]
         if binary is not None:
             from edgespec.chat import render_chat
 
