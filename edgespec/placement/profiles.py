@@ -62,7 +62,15 @@ _COSTS_KEYS = (
     "acceptance_model",
     "acceptance_ngram",
     "choice",
+    "method",
 )
+
+#: how `edgespec profile tune` measures costs. 2: since every llama_decode of a process runs on
+#: one native thread (`edgespec.runtimes.native`). Before, a tune on a CPU with few cores could time
+#: its passes beside an idle OpenMP team, whose throttled barriers slowed multi-row passes most: on a
+#: 2-core VM (2026-12-08) such a tune had T(16) = 12.3·T(1), a new one 9.1·T(1), and the default
+#: then never drafted. A saved tune from an earlier method is measured again on its next use.
+COSTS_METHOD = 2
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,8 @@ class TunedCosts:
         t_draft_ms: one model-draft token (ms).
         acceptance_model, acceptance_ngram: per-position acceptance estimates in [0, 1].
         choice: why this drafter was measured and what tuning concluded, in words ("" if unsaid).
+        method: how they were measured (`COSTS_METHOD` when tuning writes them; 1 when a file
+            does not say).
     """
 
     machine: str
@@ -144,6 +154,7 @@ class TunedCosts:
     acceptance_model: tuple[float, ...] = ()
     acceptance_ngram: tuple[float, ...] = ()
     choice: str = ""
+    method: int = COSTS_METHOD
 
 
 @dataclass(frozen=True)
@@ -381,6 +392,7 @@ def _costs(r: TomlReader, table: dict[str, Any]) -> TunedCosts:
         ),
         acceptance_ngram=_ngram_priors(r, table.get("acceptance_ngram", [])),
         choice=r.string(table.get("choice", ""), "costs.choice"),
+        method=r.integer(table.get("method", 1), "costs.method", 1),
     )
 
 

@@ -218,7 +218,7 @@ def save(profile: Profile) -> Path:
 
 def find_tuned(base: Profile, hw: Hardware, target_path: Path, draft_path: Path | None) -> Profile | None:
     """The saved tuned profile for this base, machine and pair, if there is one that still matches."""
-    from edgespec.placement.profiles import read_profile, user_profile_dir
+    from edgespec.placement.profiles import COSTS_METHOD, read_profile, user_profile_dir
 
     path = user_profile_dir() / f"{tuned_name(base, hw, target_path, draft_path)}.toml"
     if not path.exists():
@@ -230,5 +230,13 @@ def find_tuned(base: Profile, hw: Hardware, target_path: Path, draft_path: Path 
         return None
     costs = profile.costs
     if costs is None or costs.machine != hw.fingerprint() or costs.target != model_id(target_path):
+        return None
+    if costs.method < COSTS_METHOD:
+        logging.getLogger("edgespec").info(
+            "measuring %s again: its costs were measured by an earlier method (%d, now %d)",
+            path.name,
+            costs.method,
+            COSTS_METHOD,
+        )
         return None
     return profile

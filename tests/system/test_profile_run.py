@@ -182,3 +182,26 @@ def test_bench_auto_config_matches_target_only(config_dir, tiny_pair, tmp_path):
     assert len(auto) == 2 and all(r["identical_to_target_only"] for r in auto)
     assert all(set(r["sources"]) == {"model", "ngram", "none"} for r in auto)
     assert data["settings"]["auto_profile"]["costs"]["t_verify_ms"]
+
+
+def test_a_tune_measured_by_an_earlier_method_is_measured_again(config_dir, tiny_pair):
+    """Costs from an earlier tuning method (a file without `method`, as edgespec wrote them before
+    every pass ran on one native thread) are not trusted: the next run tunes again and saves the
+    new method; a current tune is used as it is."""
+    from edgespec.placement.profiles import COSTS_METHOD
+
+    runner = CliRunner()
+    tuned = runner.invoke(cli, ["profile", "tune", "--profile", "cpu-only", *pair_args(tiny_pair)[:-2]])
+    assert tuned.exit_code == 0, tuned.output
+    (saved,) = user_profile_dir().glob("tuned-cpu-only-*.toml")
+    text = saved.read_text()
+    assert f"method = {COSTS_METHOD}" in text and read_profile(saved).costs.method == COSTS_METHOD
+    saved.write_text(text.replace(f"method = {COSTS_METHOD}\n", ""))
+    assert read_profile(saved).costs.method == 1
+    args = ["run", *pair_args(tiny_pair), "--profile", "cpu-only", "--max-tokens", "4", "hi"]
+    again = runner.invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert "on this machine" in again.stderr  # measured again
+    assert read_profile(saved).costs.method == COSTS_METHOD
+    kept = runner.invoke(cli, args)
+    assert kept.exit_code == 0 and "on this machine" not in kept.stderr
