@@ -18,8 +18,8 @@ Threads: llama-cpp-python computes on the thread that calls it, and libgomp keep
 for every thread that has computed; edgespec's contexts compute on the process's shared CPU thread
 (`edgespec.runtimes.native`). Called from the benchmark's own thread, the yardstick would add a
 second team in the same process, and with more threads than CPUs libgomp stops spinning at its
-barriers: both then ran about 25% slower than each alone (2-core VM, 2026-12-08: 22.4-22.5 tokens/s
-in one process against 28.6-30.0 alone, `benchmarks/yardstick_threads.py`). So the yardstick
+barriers: both then ran about 25% slower than each alone (2-core VM, 2026-12-08: 22.9 and 23.0
+tokens/s in one process against 30.4 and 29.5 alone, `benchmarks/yardstick_threads.py`). So the yardstick
 computes on that same thread, as a process running only llama-cpp-python would on its one.
 """
 
